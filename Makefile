@@ -1,0 +1,35 @@
+# protloc: two entry points, both self-installing into .venv.
+#   make demo   -- build the reference world and run the main job on it
+#   make test   -- lint + the test suite
+# GPU users: make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+# (any CUDA build of torch works; the default below is the CPU wheel).
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= runs/demo
+STAMP := $(VENV)/.protloc-installed
+
+.PHONY: demo test install lint clean-demo
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	# torch first, pinned, so the dependency range below never pulls a CUDA build.
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/protloc demo --out $(DEMO_OUT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests scripts benchmarks
+
+test: lint
+	$(VENV)/bin/python -m pytest
+
+clean-demo:
+	rm -rf $(DEMO_OUT)
