@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from protloc.cli import main
+from protloc.config import apply_overrides
+from protloc.data.io import CropStore, read_table, write_table, write_tiff
+from protloc.data.prepare import PrepareConfig, parse_fractions, prepare
+from protloc.data.sequences import read_fasta, write_fasta
+from protloc.errors import ConfigError, InputError
+
+SEQS = {
+    "P1": "MKTAYIAKQRQISFVKSHFSRQ",
+    "P2": "MPKKKRKVEDPLLGGSAAAWKL",
+    "P3": "MLSRAVCGTSRQLAPVLGYLGSRQKHSLPDLPYDY",
+}
+
+
+def _fov(rng: np.random.Generator, size: int, *, nuclear: bool) -> np.ndarray:
+    """A 2-channel (nucleus, protein) uint16 image with a grid of disk nuclei."""
+    yy, xx = np.mgrid[:size, :size]
+    nuc = np.zeros((size, size), np.float32)
+    step = 40
+    for cy in range(step // 2 + 5, size - 10, step):
+        for cx in range(step // 2 + 5, size - 10, step):
+            r = rng.uniform(9, 13)
+            nuc[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1.0
+    inside = nuc > 0
+    prot = np.where(inside, 1.0, 0.2) if nuclear else np.where(inside, 0.1, 1.0)
+    noise = rng.normal(0, 0.02, size=(2, size, size))
+    img = np.stack([nuc * 3000 + 200, prot * 2000 + 100]) + noise * 1000
+    return np.clip(img, 0, 65535).astype(np.uint16)
+
+
+@pytest.fixture()
+def fov_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in SEQS:
+        for k in range(3):
+            fid = f"{p}_F{k}"
+            img = _fov(rng, 300, nuclear=p == "P2")
+            write_tiff(tmp_path / "fovs" / f"{fid}_proj.tif", img, axes="CYX")
+            rows.append({"fov_id": fid, "protein_id": p, "path": f"fovs/{fid}_proj.tif", "label": "x",
+                         "downsample": 1})
+    # one raw-scale z-stack (ZCYX), binned 2x by prepare
+    stack = np.stack([_fov(rng, 600, nuclear=False)] * 3)
+    write_tiff(tmp_path / "fovs" / "P1_Z_stack.tif", stack, axes="ZCYX")
+    rows.append({"fov_id": "P1_Z", "protein_id": "P1", "path": "fovs/P1_Z_stack.tif", "label": "x",
+                 "downsample": 2})
+    write_table(pd.DataFrame(rows), tmp_path / "fovs.csv")
+    write_fasta(tmp_path / "seqs.fasta", SEQS)
+    return tmp_path
+
+
+def _cfg(**kw) -> PrepareConfig:
+    return apply_overrides(PrepareConfig(), ["params.celle_size=128", *[f"{k}={v}" for k, v in kw.items()]])
+
+
+def test_prepare_end_to_end(fov_dir):
+    out = fov_dir / "out"
+    summary = prepare(fov_dir / "fovs.csv", out, config=_cfg(), sequences=fov_dir / "seqs.fasta", progress=False)
+    cyto = CropStore.open(out / "cytoself.zarr")
+    celle = CropStore.open(out / "celle.zarr")
+    assert len(cyto) == summary["cytoself_crops"] > 0
+    assert len(celle) == summary["celle_crops"] > 0
+    assert cyto.size == 100 and celle.size == 128
+    assert set(cyto.channels) == {"protein", "nucleus", "nucleus_distance"}
+    d = cyto.read(np.arange(len(cyto)))
+    assert d["protein"].min() >= 0 and d["protein"].max() <= 1
+    assert d["nucleus_distance"].min() >= -1 and d["nucleus_distance"].max() <= 1
+    # crops are centred on a nucleus: the centre pixel is inside (positive distance)
+    assert (d["nucleus_distance"][:, 50, 50] > 0).all()
+    t = celle.read(np.arange(len(celle)), channels=["threshold"])["threshold"]
+    assert t.dtype == np.uint8 and set(np.unique(t)) <= {0, 1}
+    # the z-stack was binned 2x (600 -> 300) and gave crops too
+    assert (cyto.obs["fov_id"] == "P1_Z").sum() > 0
+    # splits: cytoself by FOV (one split per FOV), CELL-E by protein (one split per protein)
+    assert (cyto.obs.groupby("fov_id")["split"].nunique() == 1).all()
+    assert (celle.obs.groupby("protein_id")["split"].nunique() == 1).all()
+    prot = read_table(out / "proteins.csv")
+    assert list(prot["protein_id"]) == list(SEQS)
+    assert read_fasta(out / "sequences.fasta") == SEQS
+    assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
+
+
+def test_prepare_workers_identical(fov_dir):
+    a = prepare(fov_dir / "fovs.csv", fov_dir / "a", config=_cfg(), sequences=fov_dir / "seqs.fasta",
+                progress=False)
+    b = prepare(fov_dir / "fovs.csv", fov_dir / "b", config=_cfg(), sequences=fov_dir / "seqs.fasta",
+                workers=2, progress=False)
+    assert a == b
+    sa, sb = CropStore.open(fov_dir / "a" / "cytoself.zarr"), CropStore.open(fov_dir / "b" / "cytoself.zarr")
+    np.testing.assert_array_equal(sa["protein"][:], sb["protein"][:])
+    pd.testing.assert_frame_equal(sa.obs, sb.obs)
+
+
+def test_prepare_without_sequences_skips_celle(fov_dir):
+    out = fov_dir / "out"
+    s = prepare(fov_dir / "fovs.csv", out, config=_cfg(), progress=False)
+    assert s["celle_crops"] == 0 and not (out / "celle.zarr").exists()
+
+
+def test_prepare_homology_split(fov_dir):
+    out = fov_dir / "out"
+    cfg = _cfg(**{"celle_split.by": "homology", "celle_split.identity": 0.9, "celle_split.backend": "python"})
+    prepare(fov_dir / "fovs.csv", out, config=cfg, sequences=fov_dir / "seqs.fasta", progress=False)
+    obs = CropStore.open(out / "celle.zarr").obs
+    assert (obs.groupby("protein_id")["split"].nunique() == 1).all()
+
+
+def test_prepare_errors_name_culprit_and_keep_outputs(fov_dir):
+    out = fov_dir / "out"
+    prepare(fov_dir / "fovs.csv", out, config=_cfg(), sequences=fov_dir / "seqs.fasta", progress=False)
+    before = (out / "cytoself.csv").read_bytes()
+    with pytest.raises(InputError, match="already exists"):
+        prepare(fov_dir / "fovs.csv", out, config=_cfg(), progress=False)
+    # a sequence missing from the FASTA
+    write_fasta(fov_dir / "short.fasta", {"P1": SEQS["P1"]})
+    with pytest.raises(InputError, match="no sequence for protein 'P2'"):
+        prepare(fov_dir / "fovs.csv", out, config=_cfg(), sequences=fov_dir / "short.fasta", overwrite=True,
+                progress=False)
+    # a corrupt TIFF: the run fails, naming the file, and the old output is intact
+    (fov_dir / "fovs" / "P3_F1_proj.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(InputError, match="P3_F1_proj.tif"):
+        prepare(fov_dir / "fovs.csv", out, config=_cfg(), sequences=fov_dir / "seqs.fasta", overwrite=True,
+                progress=False)
+    assert (out / "cytoself.csv").read_bytes() == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out")]
+
+
+def test_fov_table_errors(fov_dir):
+    df = read_table(fov_dir / "fovs.csv")
+    df.loc[2, "path"] = "fovs/missing.tif"
+    write_table(df, fov_dir / "bad.csv")
+    with pytest.raises(InputError, match=r"bad\.csv.*row 2.*missing\.tif"):
+        prepare(fov_dir / "bad.csv", fov_dir / "o", config=_cfg(), progress=False)
+    df = read_table(fov_dir / "fovs.csv").drop(columns=["protein_id"])
+    write_table(df, fov_dir / "bad2.csv")
+    with pytest.raises(InputError, match="protein_id"):
+        prepare(fov_dir / "bad2.csv", fov_dir / "o", config=_cfg(), progress=False)
+
+
+def test_parse_fractions():
+    assert parse_fractions("paper", kind="cytoself") == {"train": 0.8, "val": 0.1, "test": 0.1}
+    assert parse_fractions("paper", kind="celle") == {"train": 0.8, "val": 0.2}
+    assert parse_fractions("reference", kind="cytoself")["train"] == 0.82
+    assert parse_fractions("train=0.5,val=0.5", kind="celle") == {"train": 0.5, "val": 0.5}
+    with pytest.raises(ConfigError):
+        parse_fractions("train=0.5,val=0.4", kind="celle")
+    with pytest.raises(ConfigError):
+        parse_fractions("reference", kind="celle")
+
+
+def test_cli_prepare(fov_dir, capsys):
+    rc = main(["-q", "prepare", "--fovs", str(fov_dir / "fovs.csv"), "--out", str(fov_dir / "cli"),
+               "--sequences", str(fov_dir / "seqs.fasta"), "--set", "params.celle_size=128"])
+    assert rc == 0
+    assert "cytoself_crops" in capsys.readouterr().out
+    rc = main(["-q", "prepare", "--fovs", str(fov_dir / "fovs.csv"), "--out", str(fov_dir / "cli2"),
+               "--set", "params.sigmaa=1"])
+    assert rc == 2
+    assert "params.sigmaa" in capsys.readouterr().err
