@@ -64,6 +64,7 @@ def _add_world(subparsers) -> None:
         "world",
         help="the reference cell world (embedded default data with known truth)",
         description="Generate OpenCell-like fields of view whose ground truth is known.",
+        epilog="example:\n  protloc world make --out runs/world --proteins 100 --fovs 4",
         formatter_class=_Formatter,
     )
     wsub = p.add_subparsers(dest="world_command", metavar="COMMAND", required=True)

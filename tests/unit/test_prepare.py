@@ -7,7 +7,7 @@ import pytest
 from protloc.cli import main
 from protloc.config import apply_overrides
 from protloc.data.io import CropStore, read_table, write_table, write_tiff
-from protloc.data.prepare import PrepareConfig, parse_fractions, prepare
+from protloc.data.prepare import PrepareConfig, parse_fractions, prepare, spread_order
 from protloc.data.sequences import read_fasta, write_fasta
 from protloc.errors import ConfigError, InputError
 
@@ -73,6 +73,8 @@ def test_prepare_end_to_end(fov_dir):
     assert d["nucleus_distance"].min() >= -1 and d["nucleus_distance"].max() <= 1
     # crops are centred on a nucleus: the centre pixel is inside (positive distance)
     assert (d["nucleus_distance"][:, 50, 50] > 0).all()
+    assert d["protein"].dtype == np.float16  # default store_dtype
+    assert (celle.obs.groupby("fov_id").size() <= 4).all()  # celle_max_crops_per_fov
     t = celle.read(np.arange(len(celle)), channels=["threshold"])["threshold"]
     assert t.dtype == np.uint8 and set(np.unique(t)) <= {0, 1}
     # the z-stack was binned 2x (600 -> 300) and gave crops too
@@ -163,3 +165,26 @@ def test_cli_prepare(fov_dir, capsys):
                "--set", "params.sigmaa=1"])
     assert rc == 2
     assert "params.sigmaa" in capsys.readouterr().err
+
+
+def test_spread_order_is_a_spread_permutation():
+    centres = np.array([[10, 10, 1], [12, 11, 2], [90, 90, 3], [50, 52, 4], [88, 12, 5]])
+    order = spread_order(centres, (100, 100))
+    assert sorted(order.tolist()) == list(range(5))
+    assert order[0] == 3  # nearest the image centre first
+    assert set(order[1:3].tolist()) == {0, 2}  # then the two far corners, not the near neighbour of 0
+    assert order[-1] == 1
+    assert len(spread_order(np.zeros((0, 3)), (10, 10))) == 0
+
+
+def test_caps_and_stratified_fov_split(fov_dir):
+    out = fov_dir / "out"
+    cfg = _cfg(**{"cytoself_max_crops_per_fov": 2, "celle": "false", "cytoself_split.stratify": "true",
+                  "store_dtype": "float32"})
+    prepare(fov_dir / "fovs.csv", out, config=cfg, sequences=fov_dir / "seqs.fasta", progress=False)
+    store = CropStore.open(out / "cytoself.zarr")
+    assert (store.obs.groupby("fov_id").size() <= 2).all()
+    assert store["protein"].dtype == np.float32
+    # stratified: every protein with >= 3 fields of view is in all three splits
+    assert (store.obs.groupby("protein_id")["split"].nunique() == 3).all()
+    assert not (out / "celle.zarr").exists()

@@ -1,0 +1,51 @@
+"""The command line end to end on a tiny reference world."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protloc.cli import build_parser, main
+from protloc.data.io import CropStore, read_table
+
+
+@pytest.mark.parametrize("argv", [[], ["world"], ["world", "make"], ["prepare"], ["demo"]])
+def test_help_has_example(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "example" in out
+
+
+def test_every_subcommand_documented():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"demo", "world", "prepare"} <= set(sub.choices)
+
+
+def test_world_then_prepare(tmp_path, capsys):
+    world = tmp_path / "world"
+    rc = main(["-q", "world", "make", "--out", str(world), "--proteins", "4", "--fovs", "2", "--size", "256",
+               "--seed", "3"])
+    assert rc == 0
+    meta = json.loads((world / "world.json").read_text())
+    assert meta["seed"] == 3
+    fovs = read_table(world / "fovs.csv")
+    assert len(fovs) == 8
+    # the engineered constructs are in the sequences but have no fields of view
+    proteins = read_table(world / "proteins.csv")
+    assert proteins["protein_id"].str.startswith("GFP").any()
+    rc = main(["-q", "prepare", "--fovs", str(world / "fovs.csv"), "--sequences", str(world / "sequences.fasta"),
+               "--out", str(tmp_path / "prep"), "--set", "params.celle_size=128"])
+    assert rc == 0
+    store = CropStore.open(tmp_path / "prep" / "cytoself.zarr")
+    assert len(store) > 0
+    assert set(store.obs["protein_id"]) <= set(fovs["protein_id"])
+    # the existing output is refused, with one line and exit status 2
+    capsys.readouterr()
+    rc = main(["-q", "world", "make", "--out", str(world), "--proteins", "2", "--fovs", "1", "--size", "256"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists" in err[0]
