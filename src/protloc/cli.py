@@ -194,6 +194,220 @@ def _add_demo(subparsers) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+# --------------------------------------------------------------------------------------------- train
+def _cmd_train_cytoself(args: argparse.Namespace) -> int:
+    from protloc.config import load_config
+    from protloc.train.cytoself import TrainCytoselfConfig, train_cytoself
+
+    base = TrainCytoselfConfig.paper() if args.preset == "paper" else TrainCytoselfConfig.tiny()
+    overrides = list(args.set or [])
+    if args.store is not None:
+        overrides.append(f"data.store={args.store}")
+    cfg = load_config(TrainCytoselfConfig, base=base, path=args.config, overrides=overrides)
+    summary = train_cytoself(cfg, run_dir=args.out, resume=args.resume, progress=not args.quiet)
+    _print_table("train cytoself", summary)
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (cytoself)",
+        description="Train a model with an explicit, resumable, step-counted loop (Hugging Face Accelerate).",
+        epilog="example:\n  protloc train cytoself --store runs/prepared/cytoself.zarr --out runs/cytoself",
+        formatter_class=_Formatter,
+    )
+    tsub = p.add_subparsers(dest="train_command", metavar="MODEL", required=True)
+    c = _sub(
+        tsub,
+        "cytoself",
+        help="cytoself: VQ-VAE-2 with split quantization and protein-ID heads",
+        description=(
+            "Train cytoself on a crop store from `protloc prepare`: Adam 4e-4, random rotations/flips, lr x0.1 after "
+            "4 validation checks without improvement, stop after 12 (paper); checkpoints in OUT/best and OUT/last "
+            "(model.safetensors + config.json + trainer_state.pt), metrics in OUT/metrics.jsonl. "
+            "Multi-GPU: `accelerate launch -m protloc train cytoself ...`."
+        ),
+        example="""
+        protloc train cytoself --store runs/prepared/cytoself.zarr --out runs/cytoself --set schedule.max_steps=500
+        protloc train cytoself --preset paper --config configs/cytoself/paper.yaml --store prep/cytoself.zarr --out run
+        protloc train cytoself --store prep/cytoself.zarr --out run --resume
+        """,
+    )
+    c.add_argument("--store", type=Path, default=None, help="crop store (OUT/cytoself.zarr of protloc prepare)")
+    c.add_argument("--out", required=True, type=Path, help="run folder")
+    c.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="starting configuration")
+    c.add_argument("--config", type=Path, default=None, help="YAML file applied on top of the preset")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. schedule.max_steps=200")
+    c.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    c.set_defaults(func=_cmd_train_cytoself)
+
+
+# --------------------------------------------------------------------------------------------- embed
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from protloc.eval.embed import embed
+
+    path = embed(
+        args.checkpoint,
+        args.store,
+        args.out,
+        split=args.split,
+        batch_size=args.batch_size,
+        include_local=args.include_local,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"embeddings written to {path}")
+    return 0
+
+
+def _add_embed(subparsers) -> None:
+    p = _sub(
+        subparsers,
+        "embed",
+        help="cytoself localization encodings of every crop -> AnnData (.h5ad)",
+        description=(
+            "Encode crops with a trained cytoself model (eval mode): obsm['global'] (flattened global representation, "
+            "the atlas input), obsm['global_indices'] and obsm['local_indices'] (code indices, for feature spectra), "
+            "optionally obsm['local']. obs carries protein_id, fov_id, split and label. Memory stays bounded."
+        ),
+        example="protloc embed --checkpoint runs/cytoself --store runs/prepared/cytoself.zarr --out runs/emb.h5ad",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="run folder (uses best/) or checkpoint folder")
+    p.add_argument("--store", required=True, type=Path, help="crop store")
+    p.add_argument("--out", required=True, type=Path, help="output .h5ad")
+    p.add_argument("--split", default=None, help="only this split (train/val/test)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--include-local", action="store_true", help="also store the full local representation")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_embed)
+
+
+def _cmd_atlas(args: argparse.Namespace) -> int:
+    from protloc.workflows import run_atlas
+
+    result = run_atlas(
+        args.embeddings, args.out, split=None if args.split == "all" else args.split, label_key=args.label_key,
+        complexes=args.complexes, store=args.store, seed=args.seed,
+    )
+    cs = result["clustering_score"]
+    knn = result.get("knn", {}).get("features", {})
+    _print_table("atlas", {
+        "crops": result["n_crops"], "proteins": result["n_proteins"],
+        "clustering score (localization)": _fmt(cs.get("localization")),
+        "clustering score (complexes)": _fmt(cs.get("complex")),
+        "k-NN macro-F1": _fmt(knn.get("macro_f1")),
+    })
+    print(f"atlas written to {args.out}")
+    return 0
+
+
+def _add_atlas(subparsers) -> None:
+    p = _sub(
+        subparsers,
+        "atlas",
+        help="UMAP localization atlas + clustering score + k-NN macro-F1",
+        description=(
+            "UMAP (umap-learn, paper defaults: euclidean, 15 neighbours, min_dist 0.1) of the global encodings of one "
+            "split, coloured by localization: atlas.png and a self-contained interactive atlas.html (hover: protein, "
+            "label, crop). Scores: the paper's clustering score (spread of class centres over the median within-class "
+            "radius in the UMAP) for localization classes and, with --complexes, protein complexes; leave-protein-out "
+            "k-NN localization macro-F1 on the encodings."
+        ),
+        example="protloc atlas --embeddings runs/emb.h5ad --store runs/prepared/cytoself.zarr --out runs/atlas",
+    )
+    p.add_argument("--embeddings", required=True, type=Path, help=".h5ad from protloc embed")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--split", default="test", help="split to map, or 'all'")
+    p.add_argument("--label-key", default="label", help="obs column of localization labels")
+    p.add_argument("--complexes", type=Path, default=None, help="CSV/TSV with protein_id, complex")
+    p.add_argument("--store", type=Path, default=None, help="crop store, for hover thumbnails")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_atlas)
+
+
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    from protloc.workflows import run_spectrum
+
+    summary = run_spectrum(
+        args.embeddings, args.out, split=None if args.split == "all" else args.split, label_key=args.label_key,
+        queries=args.query or [], n_clusters=args.clusters, level=args.level,
+    )
+    _print_table("spectrum", {k: v for k, v in summary.items() if k != "queries"})
+    for q, r in summary["queries"].items():
+        print(f"  {q} (label {r['label'] or '?'}): closest family {r['best_family']} (r = {r['r']:.3f})")
+    print(f"spectra written to {args.out}")
+    return 0
+
+
+def _add_spectrum(subparsers) -> None:
+    p = _sub(
+        subparsers,
+        "spectrum",
+        help="feature spectra, biclustering, localization-family correlation",
+        description=(
+            "Histogram of local code indices per protein (feature spectrum), Pearson correlation between code "
+            "profiles, hierarchical biclustering and top-level feature clusters (paper Fig. 4); for --query proteins, "
+            "their spectrum and its correlation with each localization family's consensus (Fig. 4e)."
+        ),
+        example="protloc spectrum --embeddings runs/emb.h5ad --out runs/spectrum --query GFP_NLS --query TOP1",
+    )
+    p.add_argument("--embeddings", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--split", default="all", help="crops of one split, or 'all'")
+    p.add_argument("--label-key", default="label")
+    p.add_argument("--query", action="append", metavar="PROTEIN", help="protein to profile (repeatable)")
+    p.add_argument("--clusters", type=int, default=11, help="top-level feature clusters")
+    p.add_argument("--level", choices=["local", "global"], default="local")
+    p.set_defaults(func=_cmd_spectrum)
+
+
+def _cmd_interpret(args: argparse.Namespace) -> int:
+    from protloc.workflows import run_interpret
+
+    summary = run_interpret(
+        args.checkpoint, args.store, args.out, protein=args.protein, top=args.top, n_crops=args.crops,
+        split=args.split, level=args.level,
+    )
+    _print_table("feature zeroing", summary)
+    return 0
+
+
+def _add_interpret(subparsers) -> None:
+    p = _sub(
+        subparsers,
+        "interpret",
+        help="feature zeroing: what a protein's strongest codes draw (paper Fig. 5)",
+        description=(
+            "Zero each of a protein's most frequent codes before decoding and map the difference to the full "
+            "reconstruction (in red over the crop)."
+        ),
+        example="protloc interpret --checkpoint runs/cytoself --store runs/prepared/cytoself.zarr --protein NPM1 "
+        "--out runs/interpret",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--protein", required=True)
+    p.add_argument("--top", type=int, default=3, help="codes to zero")
+    p.add_argument("--crops", type=int, default=4, help="crops to show")
+    p.add_argument("--split", default=None)
+    p.add_argument("--level", choices=["local", "global"], default="local")
+    p.set_defaults(func=_cmd_interpret)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "n/a" if f != f else f"{f:.3f}"
+
+
 # ------------------------------------------------------------------------------------------- helpers
 def _print_table(title: str, summary: dict) -> None:
     width = max((len(str(k)) for k in summary), default=0)
@@ -219,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_world(sub)
     _add_prepare(sub)
+    _add_train(sub)
+    _add_embed(sub)
+    _add_atlas(sub)
+    _add_spectrum(sub)
+    _add_interpret(sub)
     return parser
 
 

@@ -1,0 +1,526 @@
+"""PyTorch datasets over crop stores, read lazily from Zarr.
+
+:class:`CropDataset` serves the crops of one split of a :class:`~protloc.data.io.CropStore` as
+``{"image": float32 [C, S, S], "label": int64, "index": int64}``. Nothing is preloaded: crops are
+read from the Zarr arrays when asked for, so the full OpenCell set (1.1 M crops, 44 GB per channel
+as float32) trains on a machine with a few GB of memory.
+
+Reading one crop at a time from a chunked Zarr array is slow: every read decompresses the whole
+chunk (64 crops by default) to keep one. Two things fix that:
+
+- :meth:`CropDataset.__getitems__` (which :class:`torch.utils.data.DataLoader` calls with a whole
+  batch of indices) reads the batch sorted, with one Zarr call per chunk it touches, and can keep the
+  last few decompressed chunks in a small cache (``cache_chunks``);
+- :class:`CropBatchSampler` orders an epoch "chunk-shuffled": the chunks are shuffled, then crops are
+  shuffled within a window of ``window`` consecutive chunks of that order, so a batch touches a few
+  chunks instead of ``batch_size`` of them and each chunk is decompressed about once per epoch.
+
+Augmentation draws one of the 8 elements of the dihedral group D4 (4 rotations x optional flip) per
+crop from a hash of ``(seed, epoch, crop_index)``, so an epoch is reproducible whatever the order,
+batching or number of worker processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from protloc.data.io import CropStore
+from protloc.errors import InputError
+
+__all__ = [
+    "CropBatchSampler",
+    "CropDataset",
+    "apply_d4",
+    "d4_codes",
+    "make_label_map",
+]
+
+logger = logging.getLogger(__name__)
+
+ShuffleMode = Literal["chunks", "random", "none"]
+
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_MIX1 = _U64(0xBF58476D1CE4E5B9)
+_MIX2 = _U64(0x94D049BB133111EB)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on a uint64 array (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> _U64(30))) * _MIX1
+        z = (z ^ (z >> _U64(27))) * _MIX2
+        return z ^ (z >> _U64(31))
+
+
+def _as_u64(value: int) -> np.ndarray:
+    return np.asarray(int(value) % (1 << 64), dtype=np.uint64)
+
+
+def d4_codes(seed: int, epoch: int, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Draw one dihedral-group element (0..7) per crop, reproducibly.
+
+    The draw is a hash of ``(seed, epoch, index)``, i.e. an independent per-item random number that
+    does not depend on the order the crops are read in, on the batch or on the worker process.
+
+    Parameters
+    ----------
+    seed
+        Run seed.
+    epoch
+        Pass over the data (a new draw each epoch).
+    indices
+        Crop indices (store positions).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``int64`` codes in ``0..7``: ``code & 3`` quarter turns after a left-right flip when
+        ``code >= 4`` (see :func:`apply_d4`).
+    """
+    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    h = _splitmix64(_as_u64(seed))
+    h = _splitmix64(h ^ _as_u64(epoch))
+    h = _splitmix64(h ^ idx)
+    # The top bits of SplitMix64 are the best mixed; 3 of them give a uniform 0..7.
+    return (h >> _U64(61)).astype(np.int64)
+
+
+def apply_d4(images: np.ndarray, codes: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Apply one D4 element per image (flip left-right when ``code >= 4``, then ``code % 4`` quarter turns).
+
+    Parameters
+    ----------
+    images
+        ``[N, C, S, S]`` (square crops: a quarter turn keeps the shape).
+    codes
+        ``N`` codes in ``0..7`` (see :func:`d4_codes`).
+
+    Returns
+    -------
+    numpy.ndarray
+        A new contiguous ``[N, C, S, S]`` array. All 8 codes give distinct images for a generic crop.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"apply_d4 needs [N, C, S, S] square crops, got shape {images.shape}")
+    if codes.shape != (images.shape[0],):
+        raise ValueError(f"need one code per image: {codes.shape} codes for {images.shape[0]} images")
+    out = np.empty_like(images)
+    # Grouping by code keeps this vectorised: at most 8 array operations per batch.
+    for code in np.unique(codes):
+        sel = codes == code
+        block = images[sel]
+        if code >= 4:
+            block = block[..., ::-1]
+        out[sel] = np.rot90(block, int(code) % 4, axes=(-2, -1))
+    return out
+
+
+def make_label_map(obs: pd.DataFrame, *, split: str | None = "train") -> dict[str, int]:
+    """Map the protein ids of one split to class indices ``0..n-1`` (sorted ids).
+
+    Parameters
+    ----------
+    obs
+        A crop table with ``protein_id`` (and ``split`` unless ``split`` is ``None``) columns.
+    split
+        The split whose proteins are the classes (``"train"``); ``None`` takes every row.
+
+    Returns
+    -------
+    dict of str to int
+
+    Raises
+    ------
+    InputError
+        If a column is missing or the split has no rows.
+    """
+    if "protein_id" not in obs.columns:
+        raise InputError("the crop table has no 'protein_id' column to build class labels from")
+    rows = obs
+    if split is not None:
+        if "split" not in obs.columns:
+            raise InputError("the crop table has no 'split' column; re-run `protloc prepare` with a split")
+        rows = obs[obs["split"].astype(str) == split]
+        if rows.empty:
+            found = sorted(obs["split"].dropna().astype(str).unique().tolist())
+            raise InputError(f"no crops in split {split!r} to build class labels from (splits present: {found})")
+    ids = sorted(rows["protein_id"].dropna().astype(str).unique().tolist())
+    return {pid: i for i, pid in enumerate(ids)}
+
+
+class CropDataset(Dataset):
+    """The crops of one split of a crop store, read lazily, optionally D4-augmented.
+
+    Parameters
+    ----------
+    store
+        A :class:`~protloc.data.io.CropStore` or the path of one (``name.zarr``).
+    split
+        Keep the rows whose ``split`` column equals this (``"train"``, ``"val"``, ``"test"``);
+        ``None`` keeps every crop.
+    channels
+        Store channels stacked into ``image``, in this order (e.g. ``("protein", "nucleus_distance")``).
+    label_map
+        ``protein_id`` -> class index; proteins not in it (and every crop when ``None``) get label -1.
+    augment
+        Apply a uniformly drawn element of D4 (all 8: 4 rotations x flip) to each crop, drawn from
+        ``(seed, epoch, crop_index)`` (see :meth:`set_epoch`).
+    seed
+        Augmentation seed.
+    cache_chunks
+        Keep up to this many decompressed Zarr chunks per channel in memory (per process). Pays off
+        with :class:`CropBatchSampler`'s chunk-shuffled order (use at least its ``window``); 0 reads
+        only the crops asked for, chunk by chunk.
+
+    Raises
+    ------
+    InputError
+        If the store lacks one of ``channels``, has no ``split`` column, or the split has no rows.
+
+    Notes
+    -----
+    Items are ``{"image": float32 tensor [C, S, S], "label": int64 tensor, "index": int64 tensor}``
+    (``index`` = the crop's row in the store). Float16 stores are cast to float32.
+
+    The Zarr arrays are opened on first use in each process (and re-opened when the process id
+    changes), so the dataset can be handed to :class:`~torch.utils.data.DataLoader` workers.
+    """
+
+    def __init__(
+        self,
+        store: CropStore | str | os.PathLike,
+        *,
+        split: str | None,
+        channels: Sequence[str],
+        label_map: Mapping[str, int] | None,
+        augment: bool = False,
+        seed: int = 0,
+        cache_chunks: int = 0,
+    ) -> None:
+        opened = store if isinstance(store, CropStore) else CropStore.open(store)
+        self.store_path: Path = opened.path
+        self.channels: tuple[str, ...] = tuple(str(c) for c in channels)
+        if not self.channels:
+            raise InputError("no channels requested", path=self.store_path)
+        missing = [c for c in self.channels if c not in opened.channels]
+        if missing:
+            raise InputError(
+                f"channel(s) {missing} missing from the crop store (it has {opened.channels})", path=self.store_path
+            )
+        if len(set(self.channels)) != len(self.channels):
+            raise InputError(f"channels repeat a name: {list(self.channels)}", path=self.store_path)
+        obs = opened.obs
+        if split is None:
+            rows = np.arange(len(obs), dtype=np.int64)
+        else:
+            if "split" not in obs.columns:
+                raise InputError(
+                    "the crop table has no 'split' column; re-run `protloc prepare` with a split",
+                    path=self.store_path,
+                )
+            split_col = obs["split"].astype(str).to_numpy()
+            rows = np.flatnonzero(split_col == split).astype(np.int64)
+            if rows.size == 0:
+                found = sorted(set(obs["split"].dropna().astype(str)))
+                raise InputError(
+                    f"no crops in split {split!r} (splits present: {found}); re-run `protloc prepare` "
+                    f"with a split that fills it",
+                    path=self.store_path,
+                )
+        self.split = split
+        # Positions are rows of the store; crop_index equals the row (CropStore.open checks it).
+        self.crop_index: np.ndarray = rows
+        self.label_map: dict[str, int] | None = (
+            None if label_map is None else {str(k): int(v) for k, v in label_map.items()}
+        )
+        labels = np.full(rows.size, -1, dtype=np.int64)
+        if self.label_map is not None:
+            if "protein_id" not in obs.columns:
+                raise InputError("the crop table has no 'protein_id' column for labels", path=self.store_path)
+            pids = obs["protein_id"].astype(str).to_numpy()[rows]
+            labels = np.fromiter((self.label_map.get(p, -1) for p in pids), dtype=np.int64, count=rows.size)
+        self.labels: np.ndarray = labels
+        self.size = opened.size
+        self.n_store = len(opened)
+        first = opened[self.channels[0]]
+        self.chunk_size = int(first.chunks[0])
+        self.augment = bool(augment)
+        self.seed = int(seed)
+        self.epoch = 0
+        if cache_chunks < 0:
+            raise ValueError(f"cache_chunks must be >= 0, got {cache_chunks}")
+        self.cache_chunks = int(cache_chunks)
+        # The opened store's arrays serve this process; other processes open their own.
+        self._pid: int | None = os.getpid()
+        self._arrays: dict[str, Any] | None = {c: opened[c] for c in self.channels}
+        self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    # -- lazy, per-process access ------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # Zarr handles and decompressed chunks stay in the process that made them.
+        state["_arrays"] = None
+        state["_pid"] = None
+        state["_cache"] = OrderedDict()
+        return state
+
+    def _zarr_arrays(self) -> dict[str, Any]:
+        pid = os.getpid()
+        if self._arrays is None or self._pid != pid:
+            import zarr
+
+            try:
+                group = zarr.open_group(str(self.store_path), mode="r")
+                self._arrays = {c: group[c] for c in self.channels}
+            except Exception as exc:  # zarr raises version-specific types
+                raise InputError(f"cannot open the crop store ({exc})", path=self.store_path) from exc
+            self._cache = OrderedDict()
+            self._pid = pid
+        return self._arrays
+
+    # -- Dataset API --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.crop_index.size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draw of pass ``epoch`` over the data."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self)
+        if not -n <= int(i) < n:
+            raise IndexError(f"item {i} out of range for a dataset of {n} crops")
+        batch = self.read_batch([int(i) % n])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, items: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """Batched fetch used by :class:`~torch.utils.data.DataLoader` (one Zarr read per chunk).
+
+        Returns one dict per item, as ``__getitem__`` would, so any ``collate_fn`` works.
+        """
+        batch = self.read_batch(items)
+        return [
+            {"image": batch["image"][j], "label": batch["label"][j], "index": batch["index"][j]}
+            for j in range(len(batch["index"]))
+        ]
+
+    def read_batch(self, items: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Read several items at once, already stacked.
+
+        Parameters
+        ----------
+        items
+            Dataset positions (``0..len-1``), any order, repeats allowed.
+
+        Returns
+        -------
+        dict
+            ``"image"`` float32 ``[B, C, S, S]``, ``"label"`` int64 ``[B]``, ``"index"`` int64 ``[B]``
+            (crop indices in the store), in the order of ``items``.
+        """
+        pos = np.asarray(items, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if pos.size and (pos.min() < 0 or pos.max() >= n):
+            raise IndexError(f"item out of range for a dataset of {n} crops")
+        crops = self.crop_index[pos]
+        uniq, inverse = np.unique(crops, return_inverse=True)
+        s = self.size
+        image = np.empty((uniq.size, len(self.channels), s, s), dtype=np.float32)
+        for c, name in enumerate(self.channels):
+            image[:, c] = self._read_sorted(name, uniq)
+        image = image[inverse.reshape(-1)]
+        if self.augment and image.shape[0]:
+            image = apply_d4(image, d4_codes(self.seed, self.epoch, crops))
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "label": torch.from_numpy(self.labels[pos]),
+            "index": torch.from_numpy(crops.copy()),
+        }
+
+    def _read_sorted(self, name: str, uniq: np.ndarray) -> np.ndarray:
+        """Read sorted, unique crop indices of one channel: one Zarr call per chunk touched."""
+        arr = self._zarr_arrays()[name]
+        out = np.empty((uniq.size, self.size, self.size), dtype=arr.dtype)
+        if uniq.size == 0:
+            return out
+        chunk = self.chunk_size
+        chunk_ids = uniq // chunk
+        # Boundaries of runs of equal chunk id in the sorted indices.
+        starts = np.flatnonzero(np.r_[True, chunk_ids[1:] != chunk_ids[:-1]])
+        stops = np.r_[starts[1:], uniq.size]
+        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+            cid = int(chunk_ids[a])
+            if self.cache_chunks:
+                block = self._cached_chunk(name, arr, cid)
+                out[a:b] = block[uniq[a:b] - cid * chunk]
+            else:
+                # The chunk is decompressed whole anyway; slicing only the span needed saves the copy.
+                lo, hi = int(uniq[a]), int(uniq[b - 1]) + 1
+                block = np.asarray(arr[lo:hi])
+                out[a:b] = block[uniq[a:b] - lo]
+        return out
+
+    def _cached_chunk(self, name: str, arr: Any, cid: int) -> np.ndarray:
+        key = (name, cid)
+        block = self._cache.get(key)
+        if block is not None:
+            self._cache.move_to_end(key)
+            return block
+        lo = cid * self.chunk_size
+        block = np.asarray(arr[lo : min(lo + self.chunk_size, self.n_store)])
+        self._cache[key] = block
+        while len(self._cache) > self.cache_chunks * len(self.channels):
+            self._cache.popitem(last=False)
+        return block
+
+    def subset(self, keep: Sequence[int] | np.ndarray) -> CropDataset:
+        """A dataset over some of this one's items (same store, channels, labels and augmentation).
+
+        Parameters
+        ----------
+        keep
+            A boolean mask of length ``len(self)`` or dataset positions.
+        """
+        sel = np.asarray(keep)
+        if sel.dtype == np.bool_:
+            if sel.shape != (len(self),):
+                raise ValueError(f"mask of shape {sel.shape} does not match {len(self)} items")
+            sel = np.flatnonzero(sel)
+        sel = np.unique(sel.astype(np.int64))
+        if sel.size and (sel[0] < 0 or sel[-1] >= len(self)):
+            raise IndexError(f"subset position out of range for a dataset of {len(self)} crops")
+        new = copy.copy(self)
+        new.crop_index = self.crop_index[sel]
+        new.labels = self.labels[sel]
+        # The Zarr handles may be shared; the chunk cache must not be (it is mutated on reads).
+        new._cache = OrderedDict()
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"CropDataset({str(self.store_path)!r}, split={self.split!r}, n={len(self)}, "
+            f"channels={list(self.channels)}, augment={self.augment})"
+        )
+
+
+class CropBatchSampler(Sampler[list[int]]):
+    """Batches of dataset positions in a reproducible, Zarr-friendly order.
+
+    Parameters
+    ----------
+    dataset
+        The :class:`CropDataset` to sample (its crop indices and chunk size set the grouping).
+    batch_size
+        Items per batch.
+    shuffle
+        ``"chunks"`` (default): shuffle the chunks, then shuffle crops within windows of ``window``
+        consecutive chunks of that order; ``"random"``: a uniform permutation (one chunk read per
+        crop); ``"none"``: store order (validation, embedding).
+    window
+        Chunks mixed together in ``"chunks"`` mode. Larger windows mix proteins better (a chunk
+        holds neighbouring crops, often of one protein) at the cost of ``window`` cached chunks.
+    drop_last
+        Drop the last incomplete batch of each epoch.
+    seed
+        Order seed; the order of epoch ``e`` depends only on ``(seed, e)``.
+    num_replicas, rank
+        For data-parallel training: this process takes every ``num_replicas``-th batch starting at
+        ``rank``; every process gets the same number of batches.
+
+    Notes
+    -----
+    :meth:`set_epoch` selects the epoch; ``start_batch`` makes the next iteration begin at that batch
+    of the epoch, which is how a resumed run continues with the data it had not yet seen.
+    """
+
+    def __init__(
+        self,
+        dataset: CropDataset,
+        batch_size: int,
+        *,
+        shuffle: ShuffleMode = "chunks",
+        window: int = 16,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if shuffle not in ("chunks", "random", "none"):
+            raise ValueError(f"shuffle must be 'chunks', 'random' or 'none', got {shuffle!r}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
+        self.crop_index = np.asarray(dataset.crop_index, dtype=np.int64)
+        self.chunk_size = int(dataset.chunk_size)
+        self.batch_size = int(batch_size)
+        self.shuffle: ShuffleMode = shuffle
+        self.window = int(window)
+        self.drop_last = bool(drop_last)
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select epoch ``epoch``; the next iteration starts at its batch ``start_batch`` (of this rank)."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def _order(self) -> np.ndarray:
+        n = self.crop_index.size
+        if self.shuffle == "none":
+            return np.arange(n, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.shuffle == "random":
+            return rng.permutation(n).astype(np.int64)
+        chunk_of = self.crop_index // self.chunk_size
+        # Positions are sorted by crop index, so each chunk's members form one contiguous run.
+        chunk_ids, first = np.unique(chunk_of, return_index=True)
+        bounds = np.r_[first, n]
+        perm = rng.permutation(chunk_ids.size)
+        parts = []
+        for w in range(0, perm.size, self.window):
+            members = np.concatenate([np.arange(bounds[c], bounds[c + 1]) for c in perm[w : w + self.window]])
+            parts.append(rng.permutation(members))
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+    def _batches_total(self) -> int:
+        n = self.crop_index.size
+        full = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        # Equal share per rank, so that data-parallel processes step together.
+        return (full // self.num_replicas) * self.num_replicas
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank (not counting ``start_batch``)."""
+        return self._batches_total() // self.num_replicas
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self._order()
+        total = self._batches_total()
+        start, self.start_batch = self.start_batch, 0
+        mine = range(self.rank, total, self.num_replicas)
+        for b in list(mine)[start:]:
+            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()

@@ -1,0 +1,226 @@
+"""``protloc embed``: cytoself localization encodings of every crop, into AnnData (``.h5ad``).
+
+The model runs in eval mode under ``torch.inference_mode`` (the reference extracts embeddings in
+train mode, so the same crop's encoding depends on its batch). Crops are read from the crop store and
+written to the ``.h5ad`` file batch by batch, so memory stays bounded whatever the number of crops:
+the AnnData skeleton (``obs``, ``uns``) is written first, then the ``obsm`` arrays are created as
+chunked HDF5 datasets in AnnData's on-disk encoding and filled in place. The file is built under a
+temporary name and renamed when complete.
+
+``obsm`` keys:
+
+- ``global``: flattened global (VQ2) quantized representation, ``[N, C2 * H2 * W2]`` (9216 for the
+  paper model), float32 -- what the paper's UMAP atlas uses;
+- ``global_indices``: VQ2 code indices ``[N, split * H2 * W2]`` (144), int16;
+- ``local_indices``: VQ1 code indices ``[N, H1 * W1]`` (625), int16 -- feature spectra;
+- ``local`` (only with ``include_local=True``): flattened local quantized representation
+  ``[N, C1 * H1 * W1]`` (40000), float32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from protloc._fs import atomic_path, check_overwrite
+from protloc.config import config_to_dict
+from protloc.data.io import CropStore
+from protloc.errors import InputError
+from protloc.models.cytoself import Cytoself, CytoselfConfig
+from protloc.train.checkpoint import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["embed", "load_cytoself", "read_obsm"]
+
+
+def load_cytoself(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu") -> Cytoself:
+    """Load a trained cytoself model (strictly) and put it in eval mode.
+
+    Parameters
+    ----------
+    checkpoint
+        A checkpoint folder (``model.safetensors`` + ``config.json``) or a run folder holding
+        ``best/`` (preferred) or ``last/``.
+    device
+        Torch device.
+    """
+    path = Path(checkpoint)
+    if not (path / "model.safetensors").is_file():
+        for sub in ("best", "last"):
+            if (path / sub / "model.safetensors").is_file():
+                path = path / sub
+                break
+        else:
+            raise InputError("no model.safetensors here, nor in best/ or last/", path=checkpoint)
+    model, _, _ = load_checkpoint(path, model_cls=Cytoself, config_cls=CytoselfConfig, map_location="cpu")
+    return model.to(device).eval()
+
+
+def _create_obsm(f: h5py.File, key: str, shape: tuple[int, int], dtype: Any, rows_per_chunk: int) -> h5py.Dataset:
+    grp = f["obsm"]
+    chunks = (max(1, min(rows_per_chunk, shape[0])), shape[1]) if shape[0] > 0 else None
+    ds = grp.create_dataset(key, shape=shape, dtype=dtype, chunks=chunks)
+    # AnnData's on-disk encoding of a dense array, so anndata.read_h5ad() picks it up
+    ds.attrs["encoding-type"] = "array"
+    ds.attrs["encoding-version"] = "0.2.0"
+    return ds
+
+
+def embed(
+    checkpoint: str | os.PathLike,
+    store: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    split: str | None = None,
+    batch_size: int = 256,
+    include_local: bool = False,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Embed every crop of a crop store with a trained cytoself model.
+
+    Parameters
+    ----------
+    checkpoint
+        Checkpoint or run folder (see :func:`load_cytoself`).
+    store
+        Crop store written by ``protloc prepare`` (``cytoself.zarr``).
+    out
+        Output ``.h5ad`` path (written atomically).
+    split
+        Only crops of this split (``train``/``val``/``test``); ``None`` = all.
+    batch_size
+        Crops per forward pass; memory use is proportional to it, not to the store size.
+    include_local
+        Also store the full local representation (40000 floats per crop for the paper model).
+    device
+        Torch device (default: CUDA when available, else CPU).
+    overwrite
+        Replace an existing output.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+    """
+    out = check_overwrite(out, overwrite=overwrite)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_cytoself(checkpoint, device=dev)
+    cfg = model.config
+    crops = CropStore.open(store)
+    missing = [c for c in cfg.channels if c not in crops.channels]
+    if missing:
+        raise InputError(
+            f"the model needs channel(s) {missing}; the store has {crops.channels}", path=crops.path
+        )
+    if crops.size != cfg.input_size:
+        raise InputError(f"crops are {crops.size} px but the model was trained on {cfg.input_size} px", path=crops.path)
+    obs = crops.obs
+    rows = np.arange(len(obs)) if split is None else np.flatnonzero(obs["split"].astype(str).to_numpy() == split)
+    if len(rows) == 0:
+        raise InputError(f"no crops in split {split!r}", path=crops.path)
+    sub = obs.iloc[rows].reset_index(drop=True)
+    sub.index = sub["crop_index"].astype(str).to_numpy()
+    for col in sub.columns:
+        if sub[col].dtype == object:
+            sub[col] = sub[col].astype(str)
+
+    # one probe batch fixes the output shapes
+    with torch.inference_mode():
+        probe = _batch(crops, rows[:1], cfg.channels, dev)
+        enc = model.encode(probe)
+    shapes = {
+        "global": (int(np.prod(enc.q2.shape[1:])), np.float32),
+        "global_indices": (int(np.prod(enc.idx2.shape[1:])), np.int16),
+        "local_indices": (int(np.prod(enc.idx1.shape[1:])), np.int16),
+    }
+    if include_local:
+        shapes["local"] = (int(np.prod(enc.q1.shape[1:])), np.float32)
+    uns = {
+        "cytoself": {
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "store": str(Path(crops.path).resolve()),
+            "split": split or "all",
+            "codebook_size1": int(cfg.codebook_size1),
+            "codebook_size2": int(cfg.codebook_size2),
+            "global_shape": list(enc.q2.shape[1:]),
+            "global_indices_shape": list(enc.idx2.shape[1:]),
+            "local_shape": list(enc.q1.shape[1:]),
+            "local_indices_shape": list(enc.idx1.shape[1:]),
+            "config": json.dumps(config_to_dict(cfg)),
+        }
+    }
+    adata = ad.AnnData(obs=sub, uns=uns)
+    n = len(rows)
+    with atomic_path(out) as tmp:
+        adata.write_h5ad(tmp)
+        with h5py.File(tmp, "r+") as f:
+            dsets = {k: _create_obsm(f, k, (n, d), dt, batch_size) for k, (d, dt) in shapes.items()}
+            bar = tqdm(total=n, desc="embed", unit="crop", disable=not progress)
+            with torch.inference_mode():
+                for start in range(0, n, batch_size):
+                    idx = rows[start : start + batch_size]
+                    enc = model.encode(_batch(crops, idx, cfg.channels, dev))
+                    stop = start + len(idx)
+                    dsets["global"][start:stop] = enc.q2.flatten(1).float().cpu().numpy()
+                    dsets["global_indices"][start:stop] = enc.idx2.flatten(1).cpu().numpy().astype(np.int16)
+                    dsets["local_indices"][start:stop] = enc.idx1.flatten(1).cpu().numpy().astype(np.int16)
+                    if include_local:
+                        dsets["local"][start:stop] = enc.q1.flatten(1).float().cpu().numpy()
+                    bar.update(len(idx))
+            bar.close()
+    logger.info("embedded %d crops into %s", n, out)
+    return Path(out)
+
+
+def _batch(store: CropStore, rows: np.ndarray, channels: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    data = store.read(rows, channels=list(channels))
+    x = np.stack([np.asarray(data[c], dtype=np.float32) for c in channels], axis=1)
+    return torch.from_numpy(x).to(device)
+
+
+def read_obsm(path: str | os.PathLike, key: str, *, rows: np.ndarray | None = None) -> np.ndarray:
+    """Read (some rows of) one ``obsm`` array of an ``.h5ad`` file without loading the rest.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    key
+        ``obsm`` key, e.g. ``"global"``.
+    rows
+        Sorted row indices; ``None`` reads all rows.
+    """
+    p = Path(path)
+    with h5py.File(p, "r") as f:
+        if "obsm" not in f or key not in f["obsm"]:
+            raise InputError(f"no obsm[{key!r}] in this file", path=p)
+        ds = f["obsm"][key]
+        if rows is None:
+            return ds[:]
+        rows = np.asarray(rows)
+        if len(rows) and np.any(np.diff(rows) <= 0):
+            order = np.argsort(rows)
+            out = np.empty((len(rows), ds.shape[1]), dtype=ds.dtype)
+            out[order] = ds[rows[order]]
+            return out
+        return ds[rows]
+
+
+def obs_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read only the ``obs`` table of an ``.h5ad`` file."""
+    return ad.read_h5ad(path, backed="r").obs.copy()
