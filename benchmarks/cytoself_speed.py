@@ -9,7 +9,8 @@ For each preset, in a fresh subprocess (so peak resident memory does not mix bet
   forward pass, of forward + backward of ``model.loss``, of decoder1 alone, and of ``encode``;
 - training images/s: ``model.loss(batch)["loss"].backward()`` + Adam (lr 4e-4) at ``--batch`` (32), timed
   over a few steps after warm-up (the wide preset: two steps of about 15 TFLOP, no warm-up);
-- embedding images/s: eval-mode ``model.encode`` at ``--embed-batch``;
+- embedding images/s: eval-mode ``model.encode`` at ``--embed-batch`` with BatchNorm folded
+  (``fuse_for_inference``, as ``protloc embed`` runs it);
 - achieved GFLOP/s and its share of ``--peak-gflops`` (default 190: a stated fp32 peak for the 2-core
   machine these numbers were taken on), and peak RSS (``ru_maxrss``).
 
@@ -132,7 +133,9 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     model.zero_grad(set_to_none=True)
 
     x = _batch(cfg, args.embed_batch, device, seed=2)["image"]
-    model.eval()
+    # what `protloc embed` runs: eval mode, BatchNorm folded into the convolutions, no autograd
+    model.fuse_for_inference()
+    torch.set_grad_enabled(False)
     model.encode(x)  # warm-up
     times = []
     for _ in range(args.embed_steps):

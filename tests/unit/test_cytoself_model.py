@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -272,3 +273,21 @@ def test_stochastic_depth_trains_and_eval_is_deterministic():
     x = _batch(cfg, n=2)["image"]
     a, b = model.encode(x), model.encode(x)
     assert torch.equal(a.z2, b.z2)
+
+
+def test_fuse_for_inference_keeps_encodings():
+    cfg = CytoselfConfig.tiny(num_classes=5)
+    model = _model(cfg)
+    model.loss(_batch(cfg, n=4))  # non-trivial BatchNorm running statistics
+    model.eval()
+    x = _batch(cfg, n=3)["image"]
+    a = model.encode(x)
+    ra = model.decode(a.q1, a.q2)
+    fused = copy.deepcopy(model).fuse_for_inference()
+    b = fused.encode(x)
+    assert torch.equal(a.idx1, b.idx1) and torch.equal(a.idx2, b.idx2)
+    torch.testing.assert_close(a.z2, b.z2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ra, fused.decode(b.q1, b.q2), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        fused.train()

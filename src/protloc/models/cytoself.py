@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protloc.errors import ConfigError, InputError
-from protloc.nn.blocks import MBConvEncoder, ResidualDecoder, conv_output_size
+from protloc.nn.blocks import MBConvEncoder, ResidualDecoder, conv_output_size, fuse_batchnorm_
 from protloc.nn.quantize import VectorQuantizer, VQOutput
 
 __all__ = [
@@ -495,6 +495,25 @@ class Cytoself(nn.Module):
     def decode_indices(self, idx1: Tensor, idx2: Tensor) -> Tensor:
         """Decode stored code indices ``idx1`` ``[B, 1, g1, g1]`` and ``idx2`` ``[B, split, g2, g2]`` to images."""
         return self.decode(self.vq1.lookup(idx1), self.vq2.lookup(idx2))
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> Cytoself:
+        """Fold BatchNorm layers into their convolutions for faster eval-mode inference (in place).
+
+        Encodings and decodings are unchanged up to float rounding; the model can no longer be trained
+        (``train()`` raises). Used by ``protloc embed``.
+        """
+        self.eval()
+        fuse_batchnorm_(self)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        self._inference_only = True
+        return self
+
+    def train(self, mode: bool = True) -> Cytoself:
+        if mode and getattr(self, "_inference_only", False):
+            raise RuntimeError("this model was fused for inference (fuse_for_inference); reload it to train")
+        return super().train(mode)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> CytoselfEncoding:
