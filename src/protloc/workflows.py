@@ -40,6 +40,11 @@ def _save_fig(fig, path: Path, *, dpi: int = 120) -> Path:
     return path
 
 
+def _safe_name(name: str) -> str:
+    """A file-name-safe version of a protein id."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.integer):
         return int(o)
@@ -228,7 +233,7 @@ def run_spectrum(
     for q in queries:
         if q not in spectra.index:
             raise InputError(f"protein {q!r} has no crops in these embeddings", path=embeddings)
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in q)
+        safe = _safe_name(q)
         _save_fig(plot_feature_spectrum(spectra, q, order), out / f"spectrum_{safe}.png")
         if consensus is not None and len(consensus):
             corr = family_correlation(q, consensus, spectra=spectra, labels=labels)
@@ -286,7 +291,7 @@ def run_interpret(
     pick = np.sort(np.argsort(-usage, kind="stable")[:n_crops])
     result = feature_zeroing(model, x[pick], codes, level=level)
     fig = plot_feature_zeroing(x[pick, 0].cpu().numpy(), result, title=f"{protein}: {level} codes {codes}")
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in protein)
+    safe = _safe_name(protein)
     _save_fig(fig, out / f"feature_zeroing_{safe}.png")
     summary = {
         "protein": protein,

@@ -8,8 +8,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import pytest
-import torch
 
 from protloc.cli import main
 from protloc.data.io import CropStore
@@ -40,13 +38,6 @@ def _blob_store(path: Path) -> Path:
                  pd.DataFrame(rows))
     return path
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_cytoself_commands(tmp_path, capsys):

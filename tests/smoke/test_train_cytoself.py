@@ -44,15 +44,6 @@ def _make_store(path: Path, *, splits: tuple[str, ...] = ("train", "train", "tra
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
-    # waiting on each other made steps 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
