@@ -1,0 +1,956 @@
+"""Training CELL-E's image tokenizers: one explicit VQGAN loop (``protloc train vqgan --kind ...``).
+
+CELL-E trains two VQGANs before its transformer (paper Sec. 4.2-4.3, S.3.4-S.3.5): one on the nucleus
+reference images (``kind="nucleus"``) and one on the protein images binarized at their mean
+(``kind="threshold"``). The protocol, from the paper and the taming-transformers recipe it used:
+
+- reconstruction loss only (mean-squared error, S.3.4) for the first ``loss.disc_start`` steps (paper:
+  50,000, about 7 epochs), then a PatchGAN discriminator with the hinge loss, whose generator term is
+  scaled by taming's adaptive weight times ``loss.disc_weight``; plus the codebook / commitment loss;
+- Adam with learning rate 4.5e-6 (S.3.4) and betas (0.5, 0.9) (taming), one optimizer for the
+  autoencoder and one for the discriminator;
+- random flips of the training crops (S.3.6: "random cropping and random flips, just as was performed
+  when training the VQGAN models"); none in validation.
+
+Each step makes one autoencoder update, then (from ``disc_start`` on) one discriminator update on the
+same batch, the discriminator seeing the reconstruction of that step (detached). Validation (eval
+mode, every ``schedule.eval_every`` steps) reports the reconstruction MSE, the codebook perplexity and
+the dead codes (codes no validation image uses) and, for the threshold tokenizer, the pixel accuracy
+of the binarized reconstruction and the nucleus-proportion accuracy (paper Table S.2: 0.87-0.88 and
+0.99 for the paper's VQGAN). ``best/`` keeps the lowest validation reconstruction loss.
+
+A run folder holds::
+
+    config.yaml      the resolved TrainVQGANConfig
+    metrics.jsonl    {"step", "split": "train" | "val", losses, perplexity, dead codes, accuracies, ...}
+    last/  best/     checkpoints (model.safetensors + config.json; last/ also trainer_state.pt with both
+                     optimizers, the discriminator weights, step, data position and RNG states)
+
+``resume=True`` continues from ``last/`` and sees the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from protloc.config import save_config
+from protloc.data.datasets import CropBatchSampler, CropDataset, d4_codes
+from protloc.data.io import CropStore
+from protloc.data.preprocess import threshold_mean
+from protloc.errors import ConfigError, InputError
+from protloc.models.vqgan import (
+    VQGAN,
+    PatchDiscriminator,
+    PerceptualLoss,
+    VQGANConfig,
+    adaptive_weight,
+    hinge_d_loss,
+    vanilla_d_loss,
+)
+from protloc.train.checkpoint import (
+    TRAINER_FILE,
+    load_checkpoint_config,
+    load_model_weights,
+    load_trainer_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from protloc.train.loop import MetricsLogger, infinite_loader, make_accelerator, seed_everything
+
+__all__ = [
+    "TrainVQGANConfig",
+    "VQGANCrops",
+    "VQGANDataConfig",
+    "VQGANLossConfig",
+    "VQGANOptimConfig",
+    "VQGANScheduleConfig",
+    "nucleus_mask",
+    "threshold_metrics",
+    "train_vqgan",
+]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+Kind = Literal["nucleus", "threshold"]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VQGANDataConfig:
+    """Which crops, at which size, in which batches.
+
+    Attributes
+    ----------
+    store
+        The CELL-E crop store of ``protloc prepare`` (``OUT/celle.zarr``: ``nucleus`` and ``protein`` in
+        [0, 1], ``threshold`` uint8, 256 x 256), with ``train`` and ``val`` rows in its ``split`` column.
+    image_size
+        Side of the images the VQGAN sees; must equal ``model.image_size``. Smaller than the store's
+        crops: the crops are area-averaged down to it and, for the threshold tokenizer, the target is
+        recomputed as ``pixel >= mean`` of the resized protein crop (paper Sec. 4.3), so it stays a
+        binary mean-threshold image. At the store's size the stored ``threshold`` channel is used.
+    batch_size
+        Crops per optimizer step (per process). The paper does not state its batch size.
+    num_workers
+        DataLoader worker processes (0: read in the training process).
+    augment
+        Random horizontal and vertical flips of the training crops (paper S.3.4-S.3.6).
+    shuffle, chunk_window
+        Training order: ``"chunks"`` (chunk-shuffled, fast Zarr reads) or ``"random"``; chunks mixed
+        per window (see :class:`~protloc.data.datasets.CropBatchSampler`).
+    train_split, val_split
+        Values of the ``split`` column used for training and validation.
+    """
+
+    store: str = ""
+    image_size: int = 256
+    batch_size: int = 8
+    num_workers: int = 0
+    augment: bool = True
+    shuffle: Literal["chunks", "random"] = "chunks"
+    chunk_window: int = 16
+    train_split: str = "train"
+    val_split: str = "val"
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 1, f"data.image_size must be >= 1, got {self.image_size}")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.chunk_window >= 1, f"data.chunk_window must be >= 1, got {self.chunk_window}")
+        _check(self.shuffle in ("chunks", "random"), f"data.shuffle must be 'chunks' or 'random', got {self.shuffle!r}")
+        _check(self.train_split != self.val_split, "data.train_split and data.val_split must differ")
+
+
+@dataclass(frozen=True)
+class VQGANLossConfig:
+    """Loss terms (taming's ``VQLPIPSWithDiscriminator``, with the paper's MSE reconstruction).
+
+    Attributes
+    ----------
+    reconstruction
+        ``"mse"`` (paper S.3.4: "initially trained solely using mean-squared error") or ``"l1"`` (taming).
+    codebook_weight
+        Weight of the quantizer loss (codebook + beta x commitment; taming: 1).
+    disc_start
+        Steps of reconstruction-only training before the discriminator is switched on (paper: 50,000).
+    disc_weight
+        Multiplier of the adaptive generator weight (taming's VQGAN configs: 0.8).
+    disc_loss
+        ``"hinge"`` (taming's VQGAN) or ``"vanilla"`` (non-saturating softplus).
+    disc_channels, disc_layers
+        PatchGAN width and depth (taming: 64, 3).
+    adaptive_weight_max
+        Upper clamp of the adaptive weight (taming: 1e4).
+    perceptual_weights
+        Path of local LPIPS weights (torchvision ``vgg16().features`` keys + LPIPS ``lin<k>.model.1.weight``
+        keys, one ``.safetensors`` / ``.pt`` file; see :class:`~protloc.models.vqgan.PerceptualLoss`).
+        Empty: no perceptual term (the paper reports only MSE). Nothing is ever downloaded.
+    perceptual_weight
+        Weight of the LPIPS term when ``perceptual_weights`` is set (taming: 1).
+    """
+
+    reconstruction: Literal["mse", "l1"] = "mse"
+    codebook_weight: float = 1.0
+    disc_start: int = 50_000
+    disc_weight: float = 0.8
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    disc_channels: int = 64
+    disc_layers: int = 3
+    adaptive_weight_max: float = 1e4
+    perceptual_weights: str = ""
+    perceptual_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.reconstruction in ("mse", "l1"),
+            f"loss.reconstruction must be 'mse' or 'l1', got {self.reconstruction!r}",
+        )
+        _check(
+            self.disc_loss in ("hinge", "vanilla"),
+            f"loss.disc_loss must be 'hinge' or 'vanilla', got {self.disc_loss!r}",
+        )
+        _check(self.codebook_weight >= 0, f"loss.codebook_weight must be >= 0, got {self.codebook_weight}")
+        _check(self.disc_start >= 0, f"loss.disc_start must be >= 0, got {self.disc_start}")
+        _check(self.disc_weight >= 0, f"loss.disc_weight must be >= 0, got {self.disc_weight}")
+        _check(self.disc_channels >= 1, f"loss.disc_channels must be >= 1, got {self.disc_channels}")
+        _check(self.disc_layers >= 1, f"loss.disc_layers must be >= 1, got {self.disc_layers}")
+        _check(self.adaptive_weight_max > 0, f"loss.adaptive_weight_max must be > 0, got {self.adaptive_weight_max}")
+        _check(self.perceptual_weight >= 0, f"loss.perceptual_weight must be >= 0, got {self.perceptual_weight}")
+
+
+@dataclass(frozen=True)
+class VQGANOptimConfig:
+    """Two Adam optimizers, autoencoder and discriminator (paper S.3.4: lr 4.5e-6; taming: betas (0.5, 0.9)).
+
+    Attributes
+    ----------
+    lr
+        Learning rate of both optimizers.
+    betas
+        Adam's moment decay rates.
+    scale_lr
+        Multiply ``lr`` by ``batch_size x processes`` (what taming's ``main.py`` does with its
+        ``base_learning_rate``; the paper's 4.5e-6 may be that base value). Off by default: ``lr`` is
+        the learning rate Adam uses.
+    grad_clip
+        Clip each network's gradient norm to this value (0: no clipping, as in taming).
+    """
+
+    lr: float = 4.5e-6
+    betas: tuple[float, float] = (0.5, 0.9)
+    scale_lr: bool = False
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two values in [0, 1), got {self.betas}",
+        )
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class VQGANScheduleConfig:
+    """Step budget, validation and logging.
+
+    Attributes
+    ----------
+    max_steps
+        Optimizer steps to train for. The paper trained "until convergence" (344 epochs for the nucleus
+        VQGAN, 371 for the threshold one, with 50,000 steps ~ 7 epochs); the paper preset's 2,450,000
+        is 343 of those epochs.
+    eval_every
+        Validate every this many steps (0: once per pass over the training split); also at the end.
+    eval_batches
+        Validate on this many batches (the first ones of the split, in store order); 0 = the whole split.
+    log_every
+        Log averaged training metrics every this many steps; the training ``dead_codes`` count codes
+        unused over those steps' batches.
+    """
+
+    max_steps: int = 2_450_000
+    eval_every: int = 5000
+    eval_batches: int = 0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, f"schedule.max_steps must be >= 1, got {self.max_steps}")
+        _check(self.eval_every >= 0, f"schedule.eval_every must be >= 0, got {self.eval_every}")
+        _check(self.eval_batches >= 0, f"schedule.eval_batches must be >= 0, got {self.eval_batches}")
+        _check(self.log_every >= 1, f"schedule.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass(frozen=True)
+class TrainVQGANConfig:
+    """Everything :func:`train_vqgan` needs. Presets: :meth:`paper`, :meth:`tiny`.
+
+    Attributes
+    ----------
+    kind
+        ``"nucleus"`` (Phase 1, the nucleus reference images) or ``"threshold"`` (Phase 2, the protein
+        images binarized at their mean), paper Sec. 4.1.
+    model, data, loss, optim, schedule
+        See :class:`~protloc.models.vqgan.VQGANConfig`, :class:`VQGANDataConfig`,
+        :class:`VQGANLossConfig`, :class:`VQGANOptimConfig`, :class:`VQGANScheduleConfig`.
+    mixed_precision
+        ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only; CPU runs fall back to float32).
+    seed
+        Seeds initialisation, data order and augmentation.
+    save_every
+        Write ``last/`` every this many steps (0: at every validation); also at the end.
+    """
+
+    kind: Kind = "nucleus"
+    model: VQGANConfig = field(default_factory=VQGANConfig.paper)
+    data: VQGANDataConfig = field(default_factory=VQGANDataConfig)
+    loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
+    optim: VQGANOptimConfig = field(default_factory=VQGANOptimConfig)
+    schedule: VQGANScheduleConfig = field(default_factory=VQGANScheduleConfig)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    save_every: int = 5000
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("nucleus", "threshold"), f"kind must be 'nucleus' or 'threshold', got {self.kind!r}")
+        _check(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}")
+        _check(
+            self.mixed_precision in ("no", "bf16", "fp16"),
+            f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}",
+        )
+        _check(
+            self.data.image_size == self.model.image_size,
+            f"data.image_size ({self.data.image_size}) differs from model.image_size ({self.model.image_size}); "
+            "set both (e.g. --set data.image_size=64 --set model.image_size=64)",
+        )
+        _check(self.model.in_channels == 1, f"model.in_channels must be 1 (grey images), got {self.model.in_channels}")
+
+    @classmethod
+    def paper(cls, store: str = "", kind: Kind = "nucleus") -> TrainVQGANConfig:
+        """The paper's protocol (S.3.4-S.3.5): the f16 VQGAN at 256 px, MSE only for 50,000 steps, then the
+        hinge PatchGAN, Adam 4.5e-6, about 343 epochs."""
+        return cls(kind=kind, data=VQGANDataConfig(store=store, num_workers=4))
+
+    @classmethod
+    def tiny(cls, store: str = "", kind: Kind = "nucleus") -> TrainVQGANConfig:
+        """A CPU demo: the tiny VQGAN at 64 px (8 x 8 tokens), batch 16, Adam 2e-4, the discriminator
+        from step 600 (32 wide), 1,500 steps.
+
+        The paper's 4.5e-6 is for hundreds of epochs on GPUs; a few thousand CPU steps need a larger
+        learning rate.
+        """
+        return cls(
+            kind=kind,
+            model=VQGANConfig.tiny(),
+            data=VQGANDataConfig(store=store, image_size=64, batch_size=16),
+            loss=VQGANLossConfig(disc_start=600, disc_channels=32),
+            optim=VQGANOptimConfig(lr=2e-4),
+            schedule=VQGANScheduleConfig(max_steps=1500, eval_every=250, eval_batches=0, log_every=10),
+            save_every=0,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+
+class VQGANCrops(Dataset):
+    """Single-channel images for a tokenizer, from a CELL-E crop store (lazy Zarr reads).
+
+    Items are ``{"image": float32 [1, S, S], "index": int64}`` plus ``"nucleus"`` ``[1, S, S]`` when
+    ``with_nucleus`` (the reference image, for the nucleus-proportion metric of the threshold tokenizer).
+
+    Parameters
+    ----------
+    store
+        The crop store (``OUT/celle.zarr``).
+    split
+        ``split`` column value to keep.
+    kind
+        ``"nucleus"``: the ``nucleus`` channel; ``"threshold"``: the mean-thresholded protein image.
+    image_size
+        Output side; crops larger than that are area-averaged down, and the threshold image is then
+        recomputed as ``pixel >= mean`` of the resized ``protein`` crop (paper Sec. 4.3; the stored
+        ``threshold`` channel is used when no resizing happens).
+    augment
+        Flip each crop horizontally and / or vertically, drawn from a hash of ``(seed, epoch, crop)``
+        like :func:`~protloc.data.datasets.d4_codes` (reproducible whatever the order or workers).
+    seed
+        Augmentation seed.
+    with_nucleus
+        Also return the (resized, flipped alike) nucleus crop.
+    cache_chunks
+        Decompressed Zarr chunks kept per channel (see :class:`~protloc.data.datasets.CropDataset`).
+
+    Raises
+    ------
+    InputError
+        If the store lacks a needed channel or the split, or ``image_size`` exceeds the crop size.
+    """
+
+    def __init__(
+        self,
+        store: CropStore | str | os.PathLike,
+        *,
+        split: str,
+        kind: Kind,
+        image_size: int,
+        augment: bool = False,
+        seed: int = 0,
+        with_nucleus: bool = False,
+        cache_chunks: int = 0,
+    ) -> None:
+        opened = store if isinstance(store, CropStore) else CropStore.open(store)
+        if image_size > opened.size:
+            raise InputError(
+                f"data.image_size {image_size} is larger than the store's {opened.size}x{opened.size} crops",
+                path=opened.path,
+            )
+        self.kind = kind
+        self.image_size = int(image_size)
+        self.resize = self.image_size != opened.size
+        source = "nucleus" if kind == "nucleus" else ("protein" if self.resize else "threshold")
+        channels = [source]
+        if with_nucleus and source != "nucleus":
+            channels.append("nucleus")
+        self.with_nucleus = bool(with_nucleus)
+        self.base = CropDataset(opened, split=split, channels=channels, label_map=None, cache_chunks=cache_chunks)
+        self.augment = bool(augment)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    @property
+    def crop_index(self) -> np.ndarray:
+        """Store rows of the items (for :class:`~protloc.data.datasets.CropBatchSampler`)."""
+        return self.base.crop_index
+
+    @property
+    def chunk_size(self) -> int:
+        """Crops per Zarr chunk of the store."""
+        return self.base.chunk_size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draw of pass ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        n = len(self)
+        if not -n <= int(i) < n:
+            raise IndexError(f"item {i} out of range for a dataset of {n} crops")
+        batch = self.read_batch([int(i) % n])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Tensor]]:
+        """Batched fetch used by :class:`~torch.utils.data.DataLoader` (one Zarr read per chunk)."""
+        batch = self.read_batch(items)
+        return [{k: v[j] for k, v in batch.items()} for j in range(len(batch["index"]))]
+
+    def read_batch(self, items: Sequence[int] | np.ndarray) -> dict[str, Tensor]:
+        """Read, resize, threshold and flip several items; see the class docstring for the keys."""
+        raw = self.base.read_batch(items)
+        crops = raw["index"]
+        stack = raw["image"]  # [B, C, 256, 256] float32, channels as in self.base.channels
+        if self.resize:
+            # Area averaging (adaptive average pooling): the mean of each output pixel's footprint.
+            stack = F.interpolate(stack, size=(self.image_size, self.image_size), mode="area")
+        image = stack[:, :1]
+        if self.kind == "threshold":
+            if self.resize:
+                image = torch.from_numpy(threshold_mean(image.numpy()).astype(np.float32))
+            else:
+                image = (image > 0).float()  # the stored uint8 {0, 1} channel
+        out = {"image": image}
+        if self.with_nucleus:
+            out["nucleus"] = stack[:, :1] if self.kind == "nucleus" else stack[:, 1:2]
+        if self.augment and len(crops):
+            # Two bits of the per-crop hash: bit 0 = left-right flip, bit 1 = up-down flip.
+            codes = torch.from_numpy(d4_codes(self.seed, self.epoch, crops.numpy()))
+            flip_h = (codes & 1).bool().view(-1, 1, 1, 1)
+            flip_v = (codes & 2).bool().view(-1, 1, 1, 1)
+            for key, value in out.items():
+                value = torch.where(flip_h, value.flip(-1), value)
+                out[key] = torch.where(flip_v, value.flip(-2), value)
+        out = {k: v.contiguous() for k, v in out.items()}
+        out["index"] = crops
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def nucleus_mask(nucleus: Tensor) -> Tensor:
+    """Nucleus mask of reference crops ``[B, 1, S, S]``: ``pixel >= mean`` of each crop (bool).
+
+    The paper segments the nucleus channel with Cellpose (S.3.7); a mean threshold is a cheap, model-free
+    stand-in that marks the bright nuclei of a crop (the same rule as the protein threshold, Sec. 4.3).
+    """
+    return nucleus >= nucleus.mean(dim=(-2, -1), keepdim=True)
+
+
+def threshold_metrics(reconstruction: Tensor, target: Tensor, nucleus: Tensor) -> dict[str, Tensor]:
+    """Per-image accuracies of a threshold-image reconstruction (paper S.3.7, Table S.2).
+
+    Parameters
+    ----------
+    reconstruction
+        ``[B, 1, S, S]`` decoder output; binarized at 0.5.
+    target
+        ``[B, 1, S, S]`` {0, 1} threshold image.
+    nucleus
+        ``[B, 1, S, S]`` nucleus reference crops (masked with :func:`nucleus_mask`).
+
+    Returns
+    -------
+    dict
+        ``pixel_accuracy`` ``[B]``: fraction of pixels where the binarized reconstruction equals the
+        target (1 - pixel MAE); ``nucleus_proportion_accuracy`` ``[B]``: ``1 - |p_rec - p_target|``, ``p``
+        = fraction of an image's threshold pixels inside the nucleus mask (0 for an empty image).
+    """
+    pred = (reconstruction >= 0.5).float()
+    tgt = (target >= 0.5).float()
+    mask = nucleus_mask(nucleus).float()
+    pixel = (pred == tgt).float().mean(dim=(1, 2, 3))
+
+    def proportion(x: Tensor) -> Tensor:
+        return (x * mask).sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3)).clamp_min(1.0)
+
+    return {"pixel_accuracy": pixel, "nucleus_proportion_accuracy": 1.0 - (proportion(pred) - proportion(tgt)).abs()}
+
+
+def _rec_loss(kind: str, reconstruction: Tensor, target: Tensor) -> Tensor:
+    if kind == "mse":
+        return F.mse_loss(reconstruction, target)
+    return F.l1_loss(reconstruction, target)
+
+
+@torch.no_grad()
+def _evaluate(
+    model: VQGAN,
+    loader: DataLoader,
+    accelerator: Any,
+    *,
+    cfg: TrainVQGANConfig,
+    perceptual: PerceptualLoss | None,
+) -> dict[str, float]:
+    """Validation means over images (eval mode) and code statistics over the whole pass."""
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    sums: dict[str, Tensor] = {}
+    usage = torch.zeros(model.config.n_embed, dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(key: str, per_image: Tensor) -> None:
+        sums[key] = sums.get(key, 0.0) + per_image.detach().double().sum()
+
+    try:
+        for i, batch in enumerate(loader):
+            if cfg.schedule.eval_batches and i >= cfg.schedule.eval_batches:
+                break
+            x = batch["image"].to(device)
+            with accelerator.autocast():
+                out = model(x)
+            rec = out.reconstruction.float()
+            n = x.shape[0]
+            err = rec - x
+            add("rec_mse", err.pow(2).mean(dim=(1, 2, 3)))
+            add("rec_l1", err.abs().mean(dim=(1, 2, 3)))
+            add("vq_loss", out.vq.loss.detach().expand(n))
+            if perceptual is not None:
+                add("perceptual", perceptual(rec, x))
+            if cfg.kind == "threshold":
+                for key, value in threshold_metrics(rec, x, batch["nucleus"].to(device)).items():
+                    add(key, value)
+            usage += out.vq.usage.double()
+            count += n
+    finally:
+        model.train(was_training)
+    keys = list(sums)
+    if accelerator.num_processes > 1:
+        packed = accelerator.reduce(torch.cat([torch.stack([sums[k] for k in keys]), count[None], usage]), "sum")
+        sums = {k: packed[i] for i, k in enumerate(keys)}
+        count, usage = packed[len(keys)], packed[len(keys) + 1 :]
+    total = float(count)
+    if total == 0:
+        raise RuntimeError("validation saw no crops")
+    val = {k: float(sums[k]) / total for k in keys}
+    val["rec_loss"] = val["rec_mse"] if cfg.loss.reconstruction == "mse" else val["rec_l1"]
+    val["perplexity"] = float(model.quantize.perplexity_from_usage(usage))
+    val["dead_codes"] = int((usage == 0).sum())
+    val["codes_used"] = model.config.n_embed - val["dead_codes"]
+    return val
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------------
+
+
+def _open_store(cfg: TrainVQGANConfig) -> CropStore:
+    if not cfg.data.store:
+        raise ConfigError("data.store is not set: give the CELL-E crop store from `protloc prepare` (OUT/celle.zarr)")
+    store = CropStore.open(cfg.data.store)
+    needed = ["nucleus"] if cfg.kind == "nucleus" else ["nucleus", "protein", "threshold"]
+    missing = [c for c in needed if c not in store.channels]
+    if missing:
+        raise InputError(
+            f"the store lacks channel(s) {missing} for the {cfg.kind} tokenizer (it has {store.channels}); "
+            "use the CELL-E store (celle.zarr) of `protloc prepare`",
+            path=store.path,
+        )
+    if cfg.data.image_size > store.size:
+        raise InputError(
+            f"data.image_size {cfg.data.image_size} is larger than the store's {store.size}x{store.size} crops",
+            path=store.path,
+        )
+    if "split" not in store.obs.columns:
+        raise InputError(
+            "the crop table has no 'split' column; re-run `protloc prepare` with a train/val split", path=store.path
+        )
+    splits = set(store.obs["split"].astype(str))
+    for wanted in (cfg.data.train_split, cfg.data.val_split):
+        if wanted not in splits:
+            raise InputError(
+                f"the store has no {wanted!r} rows (splits present: {sorted(splits)}); training and validation "
+                "need both: re-run `protloc prepare` with a split",
+                path=store.path,
+            )
+    return store
+
+
+def _load_perceptual(cfg: TrainVQGANConfig) -> PerceptualLoss | None:
+    if not cfg.loss.perceptual_weights:
+        return None
+    return PerceptualLoss.from_file(cfg.loss.perceptual_weights)
+
+
+def _clip(accelerator: Any, params: Any, max_norm: float) -> None:
+    if max_norm > 0:
+        accelerator.clip_grad_norm_(params, max_norm)
+
+
+def train_vqgan(
+    cfg: TrainVQGANConfig,
+    *,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a CELL-E image tokenizer (VQGAN) on a CELL-E crop store.
+
+    Parameters
+    ----------
+    cfg
+        The training configuration (``cfg.data.store`` must be set; ``cfg.kind`` picks the images).
+    run_dir
+        Output folder (``config.yaml``, ``metrics.jsonl``, ``last/``, ``best/``).
+    resume
+        Continue the run in ``run_dir`` from ``last/`` (weights, discriminator, both optimizers, step,
+        RNG, data position). ``cfg.schedule.max_steps`` may be raised; the model and kind must be the run's.
+    progress
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    dict
+        ``steps``, ``steps_this_run``, ``epochs`` (fractional passes over the training split),
+        ``best_val_loss`` (validation reconstruction loss), ``best_step``, ``images_per_s`` (training
+        throughput of this call, validation excluded), ``images_seen``, ``last_val`` (the last
+        validation record), ``run_dir``.
+
+    Raises
+    ------
+    InputError
+        If the store is missing, lacks channels or a split, its crops are smaller than
+        ``data.image_size``, ``run_dir`` already holds a run (without ``resume``) or holds none to resume.
+    ConfigError
+        If ``data.store`` is unset, the perceptual weights cannot be loaded, or ``resume`` meets a
+        different model or kind.
+    """
+    run = Path(run_dir)
+    last_dir, best_dir = run / "last", run / "best"
+    if resume:
+        if not (last_dir / TRAINER_FILE).is_file():
+            raise InputError("nothing to resume: no last/ checkpoint with trainer state", path=run)
+    elif last_dir.exists():
+        raise InputError("the run folder already holds a run (last/); resume it or choose another folder", path=run)
+    store = _open_store(cfg)
+    if resume:
+        saved, saved_extra = load_checkpoint_config(last_dir, config_cls=VQGANConfig, model_cls=VQGAN)
+        if saved != cfg.model:
+            changed = [
+                f.name for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(cfg.model, f.name)
+            ]
+            raise ConfigError(f"cannot resume {run} with a different model: model.{', model.'.join(changed)} changed")
+        if saved_extra.get("kind") != cfg.kind:
+            raise ConfigError(
+                f"cannot resume {run}: it trains the {saved_extra.get('kind')!r} tokenizer, not {cfg.kind!r}"
+            )
+    perceptual = _load_perceptual(cfg)
+    dcfg, lcfg, ocfg, scfg = cfg.data, cfg.loss, cfg.optim, cfg.schedule
+
+    accelerator = make_accelerator(cfg.mixed_precision)
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+    seed_everything(cfg.seed)
+
+    # ---- data ----------------------------------------------------------------------------------
+    cache = dcfg.chunk_window + 1
+    train_ds = VQGANCrops(
+        store,
+        split=dcfg.train_split,
+        kind=cfg.kind,
+        image_size=dcfg.image_size,
+        augment=dcfg.augment,
+        seed=cfg.seed,
+        cache_chunks=cache,
+    )
+    val_ds = VQGANCrops(
+        store,
+        split=dcfg.val_split,
+        kind=cfg.kind,
+        image_size=dcfg.image_size,
+        with_nucleus=cfg.kind == "threshold",
+        cache_chunks=cache,
+    )
+    sampler = CropBatchSampler(
+        train_ds.base,
+        dcfg.batch_size,
+        shuffle=dcfg.shuffle,
+        window=dcfg.chunk_window,
+        drop_last=True,  # a last batch of 1 would give the discriminator's BatchNorm one sample
+        seed=cfg.seed,
+        num_replicas=world,
+        rank=rank,
+    )
+    steps_per_epoch = len(sampler)
+    if steps_per_epoch == 0:
+        raise InputError(
+            f"the training split has {len(train_ds)} crops, fewer than one batch of {dcfg.batch_size} per process",
+            path=store.path,
+        )
+    val_sampler = CropBatchSampler(
+        val_ds.base, dcfg.batch_size, shuffle="none", seed=cfg.seed, num_replicas=world, rank=rank
+    )
+    pin = accelerator.device.type == "cuda"
+    # A private generator: creating an iterator must not move the global RNG (resume reproducibility).
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(
+        train_ds, batch_sampler=sampler, num_workers=dcfg.num_workers, pin_memory=pin, generator=loader_gen
+    )
+    val_loader = DataLoader(
+        val_ds,
+        batch_sampler=val_sampler,
+        num_workers=dcfg.num_workers,
+        pin_memory=pin,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    eval_every = scfg.eval_every or steps_per_epoch
+
+    # ---- models, optimizers, state -------------------------------------------------------------
+    model = VQGAN(cfg.model)
+    disc = PatchDiscriminator(in_channels=cfg.model.in_channels, channels=lcfg.disc_channels, layers=lcfg.disc_layers)
+    lr = ocfg.lr * (dcfg.batch_size * world if ocfg.scale_lr else 1)
+    opt_ae = torch.optim.Adam(model.parameters(), lr=lr, betas=ocfg.betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=ocfg.betas)
+    if perceptual is not None:
+        perceptual = perceptual.to(accelerator.device)
+    d_loss_fn = hinge_d_loss if lcfg.disc_loss == "hinge" else vanilla_d_loss
+    step = epoch = batch_in_epoch = images_seen = 0
+    best_val, best_step = math.inf, -1
+    metrics = MetricsLogger(run / METRICS_FILE)
+    if resume:
+        load_model_weights(last_dir, model, strict=True)
+        state = load_trainer_state(last_dir)
+        disc.load_state_dict(state["discriminator"], strict=True)
+        opt_ae.load_state_dict(state["opt_ae"])
+        opt_d.load_state_dict(state["opt_disc"])
+        step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        images_seen = int(state.get("images_seen", 0))
+        best_val, best_step = float(state["best_val_loss"]), int(state["best_step"])
+        if main:
+            dropped = metrics.drop_after(step)
+            if dropped:
+                logger.info(
+                    "dropped %d metric records logged after step %d (lost with the interruption)", dropped, step
+                )
+        restore_rng_state(state["rng"])
+        logger.info("resumed %s at step %d (epoch %d, batch %d)", run, step, epoch, batch_in_epoch)
+    if batch_in_epoch >= steps_per_epoch:
+        epoch, batch_in_epoch = epoch + 1, 0
+    for group in (*opt_ae.param_groups, *opt_d.param_groups):
+        group["lr"] = lr
+    wrapped, wrapped_disc, opt_ae, opt_d = accelerator.prepare(model, disc, opt_ae, opt_d)
+    start_step = step
+    last_val: dict[str, Any] = {}
+
+    def trainer_state() -> dict[str, Any]:
+        return {
+            "opt_ae": opt_ae.state_dict(),
+            "opt_disc": opt_d.state_dict(),
+            "discriminator": {k: v.detach().cpu().clone() for k, v in disc.state_dict().items()},
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "images_seen": images_seen,
+            "best_val_loss": best_val,
+            "best_step": best_step,
+        }
+
+    def extra(**more: Any) -> dict[str, Any]:
+        return {"kind": cfg.kind, "step": step, "image_size": dcfg.image_size, **more}
+
+    def save_last() -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            save_checkpoint(last_dir, model=model, config=cfg.model, trainer_state=trainer_state(), extra=extra())
+
+    def set_epoch(e: int, start: int) -> None:
+        sampler.set_epoch(e, start)
+        train_ds.set_epoch(e)
+
+    # ---- loop ----------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    max_steps = scfg.max_steps
+    bar = tqdm(
+        total=max_steps,
+        initial=step,
+        desc=f"vqgan-{cfg.kind}",
+        unit="step",
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
+    window: dict[str, float] = {}
+    window_usage = torch.zeros(cfg.model.n_embed, dtype=torch.long, device=accelerator.device)
+    window_steps, window_gan_steps, window_images, window_time = 0, 0, 0, 0.0
+    train_time, train_images = 0.0, 0
+    saved_at = step if resume else -1
+    wrapped.train()
+    wrapped_disc.train()
+    try:
+        if step >= max_steps:
+            logger.info("the run already reached max_steps=%d; nothing to train", max_steps)
+        else:
+            t_last = time.perf_counter()
+            for ep, index, batch in infinite_loader(loader, set_epoch, start_epoch=epoch, start_batch=batch_in_epoch):
+                x = batch["image"].to(accelerator.device, non_blocking=pin)
+                gan = step >= lcfg.disc_start  # taming's adopt_weight: no GAN term before disc_start
+
+                # -- autoencoder update: reconstruction + codebook (+ perceptual) (+ adaptive GAN term)
+                with accelerator.autocast():
+                    out = wrapped(x)
+                    rec = out.reconstruction
+                    rec_loss = _rec_loss(lcfg.reconstruction, rec.float(), x)
+                    if perceptual is not None:
+                        rec_loss = rec_loss + lcfg.perceptual_weight * perceptual(rec.float(), x).mean()
+                    loss = rec_loss + lcfg.codebook_weight * out.vq.loss
+                    logs = {"rec_loss": rec_loss.detach(), "vq_loss": out.vq.loss.detach()}
+                    if gan:
+                        g_loss = -wrapped_disc(rec).float().mean()
+                        d_weight = lcfg.disc_weight * adaptive_weight(
+                            rec_loss, g_loss, model.last_layer, max_weight=lcfg.adaptive_weight_max
+                        )
+                        loss = loss + d_weight * g_loss
+                        logs.update(g_loss=g_loss.detach(), d_weight=d_weight)
+                opt_ae.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                _clip(accelerator, wrapped.parameters(), ocfg.grad_clip)
+                opt_ae.step()
+                logs["loss"] = loss.detach()
+
+                # -- discriminator update on the same batch (real vs this step's reconstruction)
+                if gan:
+                    with accelerator.autocast():
+                        logits_real = wrapped_disc(x).float()
+                        logits_fake = wrapped_disc(rec.detach()).float()
+                        d_loss = d_loss_fn(logits_real, logits_fake)
+                    opt_d.zero_grad(set_to_none=True)
+                    accelerator.backward(d_loss)
+                    _clip(accelerator, wrapped_disc.parameters(), ocfg.grad_clip)
+                    opt_d.step()
+                    logs.update(
+                        d_loss=d_loss.detach(),
+                        logits_real=logits_real.detach().mean(),
+                        logits_fake=logits_fake.detach().mean(),
+                    )
+
+                step += 1
+                epoch, batch_in_epoch = ep, index + 1
+                n_img = int(x.shape[0]) * world
+                images_seen += n_img
+                for key, value in logs.items():
+                    window[key] = window.get(key, 0.0) + float(value)
+                window_usage += out.vq.usage
+                window_steps += 1
+                window_gan_steps += int(gan)
+                window_images += n_img
+                now = time.perf_counter()
+                window_time += now - t_last
+                train_time += now - t_last
+                train_images += n_img
+                bar.update(1)
+
+                if step % scfg.log_every == 0:
+                    # GAN terms are averaged over the steps that had them.
+                    gan_keys = ("g_loss", "d_weight", "d_loss", "logits_real", "logits_fake")
+                    means = {k: v / (window_gan_steps if k in gan_keys else window_steps) for k, v in window.items()}
+                    if not math.isfinite(means["loss"]):
+                        logger.warning("training loss is %s at step %d", means["loss"], step)
+                    if main:
+                        metrics.log(
+                            step,
+                            "train",
+                            means,
+                            perplexity=model.quantize.perplexity_from_usage(window_usage),
+                            dead_codes=int((window_usage == 0).sum()),
+                            gan=gan,
+                            lr=opt_ae.param_groups[0]["lr"],
+                            epoch=epoch + batch_in_epoch / steps_per_epoch,
+                            images_per_s=window_images / max(window_time, 1e-9),
+                        )
+                    bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
+                    window, window_steps, window_gan_steps, window_images, window_time = {}, 0, 0, 0, 0.0
+                    window_usage.zero_()
+
+                last_step = step >= max_steps
+                evaluated = False
+                if step % eval_every == 0 or last_step:
+                    val = _evaluate(model, val_loader, accelerator, cfg=cfg, perceptual=perceptual)
+                    evaluated = True
+                    improved = val["rec_loss"] < best_val
+                    if improved:
+                        best_val, best_step = val["rec_loss"], step
+                        accelerator.wait_for_everyone()
+                        if main:
+                            save_checkpoint(best_dir, model=model, config=cfg.model, extra=extra(val=val))
+                    last_val = {"step": step, **val}
+                    if main:
+                        metrics.log(step, "val", val, best_rec_loss=best_val, improved=improved)
+                    bar.set_postfix(loss=f"{float(logs['loss']):.4g}", val=f"{val['rec_loss']:.4g}", refresh=False)
+                if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and evaluated):
+                    save_last()
+                    saved_at = step
+                if last_step:
+                    break
+                t_last = time.perf_counter()
+        if saved_at != step:
+            save_last()
+    finally:
+        bar.close()
+        metrics.close()
+
+    summary = {
+        "steps": step,
+        "steps_this_run": step - start_step,
+        "epochs": epoch + batch_in_epoch / steps_per_epoch,
+        "best_val_loss": best_val,
+        "best_step": best_step,
+        "images_per_s": train_images / train_time if train_time > 0 else 0.0,
+        "images_seen": images_seen,
+        "last_val": last_val,
+        "run_dir": str(run),
+    }
+    logger.info(
+        "trained the %s tokenizer for %d steps (%.3g images/s); best validation reconstruction loss %.5g at step %d",
+        cfg.kind,
+        step,
+        summary["images_per_s"],
+        best_val,
+        best_step,
+    )
+    return summary
