@@ -18,6 +18,17 @@ from protloc.errors import InputError
 __all__ = ["atomic_path", "atomic_dir", "atomic_write_text", "check_overwrite"]
 
 
+def _umask() -> int:
+    # mkstemp/mkdtemp create private (0600/0700) entries; outputs should get the ordinary permissions
+    # the user's umask gives new files. Reading the umask means setting it, so set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def check_overwrite(path: str | os.PathLike, *, overwrite: bool) -> Path:
     """Refuse to replace an existing output unless ``overwrite`` is set.
 
@@ -42,6 +53,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -61,6 +74,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

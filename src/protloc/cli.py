@@ -290,7 +290,7 @@ def _cmd_atlas(args: argparse.Namespace) -> int:
 
     result = run_atlas(
         args.embeddings, args.out, split=None if args.split == "all" else args.split, label_key=args.label_key,
-        complexes=args.complexes, store=args.store, seed=args.seed,
+        complexes=args.complexes, store=args.store, seed=args.seed, max_thumbnails=args.thumbnails,
     )
     cs = result["clustering_score"]
     knn = result.get("knn", {}).get("features", {})
@@ -324,6 +324,7 @@ def _add_atlas(subparsers) -> None:
     p.add_argument("--label-key", default="label", help="obs column of localization labels")
     p.add_argument("--complexes", type=Path, default=None, help="CSV/TSV with protein_id, complex")
     p.add_argument("--store", type=Path, default=None, help="crop store, for hover thumbnails")
+    p.add_argument("--thumbnails", type=int, default=600, help="at most this many hover thumbnails")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_atlas)
 

@@ -93,7 +93,8 @@ def run_atlas(
     label_key: str = "label",
     complexes: str | os.PathLike | Mapping[str, str] | None = None,
     store: str | os.PathLike | None = None,
-    max_thumbnails: int = 1500,
+    max_thumbnails: int = 600,
+    thumbnail_size: int = 64,
     seed: int = 0,
 ) -> dict[str, Any]:
     """UMAP localization atlas, clustering scores and k-NN macro-F1 of one split (paper Fig. 2, 6).
@@ -117,7 +118,10 @@ def run_atlas(
     store
         The crop store the embeddings came from, for hover thumbnails.
     max_thumbnails
-        At most this many crops get a thumbnail (spread evenly over the points).
+        At most this many crops get a thumbnail (spread evenly over the points); each adds a few kB
+        to the HTML file.
+    thumbnail_size
+        Thumbnail side in pixels.
     seed
         UMAP random state.
     """
@@ -131,7 +135,7 @@ def run_atlas(
     _save_fig(fig, out / "atlas.png", dpi=130)
     thumbs = _thumbnails(store, adata.obs, max_thumbnails) if store is not None else None
     atlas_html(coords, adata.obs, path=out / "atlas.html", color=label_key, thumbnails=thumbs,
-               title=f"protloc cytoself atlas ({split or 'all'} crops)")
+               thumbnail_size=thumbnail_size, title=f"protloc cytoself atlas ({split or 'all'} crops)")
     table = adata.obs[[c for c in ("crop_index", "protein_id", "fov_id", "split", label_key) if c in adata.obs]].copy()
     table["umap1"], table["umap2"] = coords[:, 0], coords[:, 1]
     with atomic_path(out / "umap.csv") as tmp:

@@ -61,3 +61,18 @@ def test_yaml_unknown_key_names_file(tmp_path):
         load_config(Run, path=p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(Run, path=tmp_path / "missing.yaml")
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from protloc._fs import atomic_dir, atomic_write_text
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    p = atomic_write_text(tmp_path / "a.txt", "x")
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "f").write_text("y")
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask
