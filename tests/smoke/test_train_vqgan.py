@@ -88,7 +88,8 @@ def test_train_resume_and_checkpoints(store, tmp_path, kind, image_size):
     assert [r["step"] for r in val] == [2, 3]
     for r in val:
         assert all(math.isfinite(r[k]) for k in ("rec_mse", "rec_l1", "vq_loss", "perplexity"))
-        assert r["dead_codes"] + r["codes_used"] == 128 and r["rec_loss"] == r["rec_mse"]
+        assert r["dead_codes"] + r["codes_used"] == 128
+        assert r["rec_loss"] == pytest.approx(4 * r["rec_mse"], rel=1e-4)  # MSE in the model's [-1, 1] units
         if kind == "threshold":
             assert 0 <= r["pixel_accuracy"] <= 1 and 0 <= r["nucleus_proportion_accuracy"] <= 1
         else:
@@ -179,6 +180,18 @@ def test_bad_inputs_are_explained(store, tmp_path):
         train_vqgan(lpips, run_dir=tmp_path / "d", progress=False)
     with pytest.raises(InputError, match="nothing to resume"):
         train_vqgan(cfg, run_dir=tmp_path / "e", resume=True, progress=False)
+
+
+def test_vq_weightings():
+    from protloc.nn.quantize import VQOutput
+    from protloc.train.vqgan import VQGANLossConfig, _vq_loss
+
+    one = torch.tensor(1.0)
+    vq = VQOutput(one, one, torch.tensor(2.0 + 0.25 * 3.0), torch.tensor(2.0), torch.tensor(3.0), one, one)
+    assert float(_vq_loss("vqvae", vq, 0.25)) == 2.0 + 0.25 * 3.0  # codebook + beta commitment (VQ-VAE)
+    assert float(_vq_loss("taming", vq, 0.25)) == 0.25 * 2.0 + 3.0  # taming's legacy weighting
+    with pytest.raises(ConfigError, match="loss.vq_weighting must be 'vqvae' or 'taming'"):
+        VQGANLossConfig(vq_weighting="both")
 
 
 @pytest.mark.parametrize("name", ["tiny", "paper"])

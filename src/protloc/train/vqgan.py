@@ -13,11 +13,16 @@ reference images (``kind="nucleus"``) and one on the protein images binarized at
   when training the VQGAN models"); none in validation.
 
 Each step makes one autoencoder update, then (from ``disc_start`` on) one discriminator update on the
-same batch, the discriminator seeing the reconstruction of that step (detached). Validation (eval
-mode, every ``schedule.eval_every`` steps) reports the reconstruction MSE, the codebook perplexity and
-the dead codes (codes no validation image uses) and, for the threshold tokenizer, the pixel accuracy
-of the binarized reconstruction and the nucleus-proportion accuracy (paper Table S.2: 0.87-0.88 and
-0.99 for the paper's VQGAN). ``best/`` keeps the lowest validation reconstruction loss.
+same batch, the discriminator seeing the reconstruction of that step (detached). As in taming, the
+losses and the discriminator work on images in [-1, 1] (:meth:`~protloc.models.vqgan.VQGAN.normalize`
+of the [0, 1] crops), so an MSE ``rec_loss`` is 4 x the MSE in [0, 1] units.
+
+Validation (eval mode, every ``schedule.eval_every`` steps) reports ``rec_loss`` (the training
+reconstruction loss), ``rec_mse`` / ``rec_l1`` in the crops' [0, 1] units, the codebook ``perplexity``
+and ``dead_codes`` (codes no validation image uses) and, for the threshold tokenizer, the
+``pixel_accuracy`` of the reconstruction binarized at 0.5 and the ``nucleus_proportion_accuracy``
+(paper S.3.7, Table S.2: 0.87-0.88 and 0.99 for the paper's VQGAN; see :func:`threshold_metrics`).
+``best/`` keeps the lowest validation ``rec_loss``.
 
 A run folder holds::
 
@@ -61,6 +66,7 @@ from protloc.models.vqgan import (
     hinge_d_loss,
     vanilla_d_loss,
 )
+from protloc.nn.quantize import VQOutput
 from protloc.train.checkpoint import (
     TRAINER_FILE,
     load_checkpoint_config,
@@ -154,7 +160,14 @@ class VQGANLossConfig:
     reconstruction
         ``"mse"`` (paper S.3.4: "initially trained solely using mean-squared error") or ``"l1"`` (taming).
     codebook_weight
-        Weight of the quantizer loss (codebook + beta x commitment; taming: 1).
+        Weight of the quantizer loss (taming: 1).
+    vq_weighting
+        How the quantizer loss combines its two terms (beta = ``model.commitment_cost``): ``"vqvae"``,
+        ``codebook + beta x commitment``, as the VQGAN paper writes it (Esser et al. 2021, Eq. 4) and
+        VQ-VAE defines it; ``"taming"``, ``beta x codebook + commitment``, what taming's code computes by
+        default (``legacy=True``), which the paper's runs probably used. The latter holds the encoder
+        outputs 4x more firmly to their codes; on the dim, sparse nucleus crops of a short run it
+        collapsed the encoder to one or two codes, where ``"vqvae"`` used 90-100 of 128.
     disc_start
         Steps of reconstruction-only training before the discriminator is switched on (paper: 50,000).
     disc_weight
@@ -175,6 +188,7 @@ class VQGANLossConfig:
 
     reconstruction: Literal["mse", "l1"] = "mse"
     codebook_weight: float = 1.0
+    vq_weighting: Literal["vqvae", "taming"] = "vqvae"
     disc_start: int = 50_000
     disc_weight: float = 0.8
     disc_loss: Literal["hinge", "vanilla"] = "hinge"
@@ -192,6 +206,10 @@ class VQGANLossConfig:
         _check(
             self.disc_loss in ("hinge", "vanilla"),
             f"loss.disc_loss must be 'hinge' or 'vanilla', got {self.disc_loss!r}",
+        )
+        _check(
+            self.vq_weighting in ("vqvae", "taming"),
+            f"loss.vq_weighting must be 'vqvae' or 'taming', got {self.vq_weighting!r}",
         )
         _check(self.codebook_weight >= 0, f"loss.codebook_weight must be >= 0, got {self.codebook_weight}")
         _check(self.disc_start >= 0, f"loss.disc_start must be >= 0, got {self.disc_start}")
@@ -508,6 +526,13 @@ def threshold_metrics(reconstruction: Tensor, target: Tensor, nucleus: Tensor) -
     return {"pixel_accuracy": pixel, "nucleus_proportion_accuracy": 1.0 - (proportion(pred) - proportion(tgt)).abs()}
 
 
+def _vq_loss(weighting: str, vq: VQOutput, beta: float) -> Tensor:
+    """The quantizer loss: VQ-VAE's ``codebook + beta commitment`` or taming's ``beta codebook + commitment``."""
+    if weighting == "vqvae":
+        return vq.loss
+    return beta * vq.codebook_loss + vq.commitment_loss
+
+
 def _rec_loss(kind: str, reconstruction: Tensor, target: Tensor) -> Tensor:
     if kind == "mse":
         return F.mse_loss(reconstruction, target)
@@ -529,6 +554,7 @@ def _evaluate(
     device = accelerator.device
     sums: dict[str, Tensor] = {}
     usage = torch.zeros(model.config.n_embed, dtype=torch.float64, device=device)
+    beta = model.config.commitment_cost
     count = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(key: str, per_image: Tensor) -> None:
@@ -543,10 +569,12 @@ def _evaluate(
                 out = model(x)
             rec = out.reconstruction.float()
             n = x.shape[0]
-            err = rec - x
+            err = rec - x  # data units
             add("rec_mse", err.pow(2).mean(dim=(1, 2, 3)))
             add("rec_l1", err.abs().mean(dim=(1, 2, 3)))
-            add("vq_loss", out.vq.loss.detach().expand(n))
+            err = model.normalize(rec) - model.normalize(x)  # the model's units: the training loss
+            add("rec_loss", (err.pow(2) if cfg.loss.reconstruction == "mse" else err.abs()).mean(dim=(1, 2, 3)))
+            add("vq_loss", _vq_loss(cfg.loss.vq_weighting, out.vq, beta).detach().expand(n))
             if perceptual is not None:
                 add("perceptual", perceptual(rec, x))
             if cfg.kind == "threshold":
@@ -565,7 +593,6 @@ def _evaluate(
     if total == 0:
         raise RuntimeError("validation saw no crops")
     val = {k: float(sums[k]) / total for k in keys}
-    val["rec_loss"] = val["rec_mse"] if cfg.loss.reconstruction == "mse" else val["rec_l1"]
     val["perplexity"] = float(model.quantize.perplexity_from_usage(usage))
     val["dead_codes"] = int((usage == 0).sum())
     val["codes_used"] = model.config.n_embed - val["dead_codes"]
@@ -612,7 +639,7 @@ def _open_store(cfg: TrainVQGANConfig) -> CropStore:
 def _load_perceptual(cfg: TrainVQGANConfig) -> PerceptualLoss | None:
     if not cfg.loss.perceptual_weights:
         return None
-    return PerceptualLoss.from_file(cfg.loss.perceptual_weights)
+    return PerceptualLoss.from_file(cfg.loss.perceptual_weights, input_range=cfg.model.value_range)
 
 
 def _clip(accelerator: Any, params: Any, max_norm: float) -> None:
@@ -835,13 +862,16 @@ def train_vqgan(
                 with accelerator.autocast():
                     out = wrapped(x)
                     rec = out.reconstruction
-                    rec_loss = _rec_loss(lcfg.reconstruction, rec.float(), x)
+                    # Losses in the model's [-1, 1] units, as taming computes them (see VQGAN's notes).
+                    real, fake = model.normalize(x), model.normalize(rec.float())
+                    rec_loss = _rec_loss(lcfg.reconstruction, fake, real)
                     if perceptual is not None:
                         rec_loss = rec_loss + lcfg.perceptual_weight * perceptual(rec.float(), x).mean()
-                    loss = rec_loss + lcfg.codebook_weight * out.vq.loss
-                    logs = {"rec_loss": rec_loss.detach(), "vq_loss": out.vq.loss.detach()}
+                    vq_loss = _vq_loss(lcfg.vq_weighting, out.vq, cfg.model.commitment_cost)
+                    loss = rec_loss + lcfg.codebook_weight * vq_loss
+                    logs = {"rec_loss": rec_loss.detach(), "vq_loss": vq_loss.detach()}
                     if gan:
-                        g_loss = -wrapped_disc(rec).float().mean()
+                        g_loss = -wrapped_disc(fake).float().mean()
                         d_weight = lcfg.disc_weight * adaptive_weight(
                             rec_loss, g_loss, model.last_layer, max_weight=lcfg.adaptive_weight_max
                         )
@@ -856,8 +886,8 @@ def train_vqgan(
                 # -- discriminator update on the same batch (real vs this step's reconstruction)
                 if gan:
                     with accelerator.autocast():
-                        logits_real = wrapped_disc(x).float()
-                        logits_fake = wrapped_disc(rec.detach()).float()
+                        logits_real = wrapped_disc(real).float()
+                        logits_fake = wrapped_disc(fake.detach()).float()
                         d_loss = d_loss_fn(logits_real, logits_fake)
                     opt_d.zero_grad(set_to_none=True)
                     accelerator.backward(d_loss)
