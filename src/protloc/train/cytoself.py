@@ -49,7 +49,17 @@ from protloc.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from protloc.train.loop import MetricsLogger, PlateauController, infinite_loader, make_accelerator, seed_everything
+from protloc.train.loop import (
+    MetricsLogger,
+    PlateauController,
+    check_adam_options,
+    infinite_loader,
+    make_accelerator,
+    seed_everything,
+)
+from protloc.train.loop import (
+    check_config as _check,
+)
 
 __all__ = [
     "CytoselfDataConfig",
@@ -63,11 +73,6 @@ logger = logging.getLogger(__name__)
 
 LABEL_MAP_FILE = "label_map.json"
 METRICS_FILE = "metrics.jsonl"
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -139,13 +144,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            f"optim.betas must be two values in [0, 1), got {self.betas}",
-        )
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        check_adam_options(self.lr, self.betas, self.grad_clip)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from protloc._fs import atomic_path
+from protloc.errors import ConfigError
 
 __all__ = [
     "MetricsLogger",
@@ -369,3 +370,19 @@ def infinite_loader(
         if not yielded and first == 0:
             raise RuntimeError("the data loader yielded no batch in a whole epoch")
         epoch, first = epoch + 1, 0
+
+
+def check_config(condition: bool, message: str) -> None:
+    """Raise :class:`~protloc.errors.ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_adam_options(lr: float, betas: tuple[float, ...], grad_clip: float) -> None:
+    """Validate the Adam settings shared by every training configuration (``optim.*``)."""
+    check_config(lr > 0, f"optim.lr must be > 0, got {lr}")
+    check_config(
+        len(betas) == 2 and all(0 <= b < 1 for b in betas),
+        f"optim.betas must be two values in [0, 1), got {betas}",
+    )
+    check_config(grad_clip >= 0, f"optim.grad_clip must be >= 0, got {grad_clip}")

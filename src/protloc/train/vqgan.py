@@ -75,7 +75,16 @@ from protloc.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from protloc.train.loop import MetricsLogger, infinite_loader, make_accelerator, seed_everything
+from protloc.train.loop import (
+    MetricsLogger,
+    check_adam_options,
+    infinite_loader,
+    make_accelerator,
+    seed_everything,
+)
+from protloc.train.loop import (
+    check_config as _check,
+)
 
 __all__ = [
     "TrainVQGANConfig",
@@ -93,11 +102,6 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 Kind = Literal["nucleus", "threshold"]
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,12 +249,7 @@ class VQGANOptimConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            f"optim.betas must be two values in [0, 1), got {self.betas}",
-        )
-        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        check_adam_options(self.lr, self.betas, self.grad_clip)
 
 
 @dataclass(frozen=True)
