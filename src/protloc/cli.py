@@ -209,10 +209,57 @@ def _cmd_train_cytoself(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_vqgan(args: argparse.Namespace) -> int:
+    from protloc.config import load_config
+    from protloc.train.vqgan import TrainVQGANConfig, train_vqgan
+
+    preset = TrainVQGANConfig.paper if args.preset == "paper" else TrainVQGANConfig.tiny
+    overrides = list(args.set or [])
+    if args.store is not None:
+        overrides.append(f"data.store={args.store}")
+    if args.kind is not None:
+        overrides.append(f"kind={args.kind}")
+    cfg = load_config(TrainVQGANConfig, base=preset(), path=args.config, overrides=overrides)
+    summary = train_vqgan(cfg, run_dir=args.out, resume=args.resume, progress=not args.quiet)
+    _print_table(f"train vqgan ({cfg.kind})", {k: v for k, v in summary.items() if k != "last_val"})
+    _print_table("last validation", summary["last_val"])
+    return 0
+
+
+def _cmd_train_celle(args: argparse.Namespace) -> int:
+    from protloc.config import load_config
+    from protloc.train.celle import TrainCelleConfig, train_celle
+
+    preset = TrainCelleConfig.paper if args.preset == "paper" else TrainCelleConfig.tiny
+    overrides = list(args.set or [])
+    for key, value in (
+        ("data.store", args.store),
+        ("data.sequences", args.sequences),
+        ("tokenizers.nucleus", args.nucleus_vqgan),
+        ("tokenizers.threshold", args.threshold_vqgan),
+    ):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(TrainCelleConfig, base=preset(), path=args.config, overrides=overrides)
+    summary = train_celle(cfg, run_dir=args.out, resume=args.resume, progress=not args.quiet)
+    _print_table("train celle", {k: v for k, v in summary.items() if k != "last_val"})
+    _print_table("last validation", summary["last_val"])
+    return 0
+
+
+def _common_train_args(p: argparse.ArgumentParser, store_help: str) -> None:
+    p.add_argument("--store", type=Path, default=None, help=store_help)
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="starting configuration")
+    p.add_argument("--config", type=Path, default=None, help="YAML file applied on top of the preset")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. schedule.max_steps=200")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+
+
 def _add_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train a model (cytoself)",
+        help="train a model (cytoself, CELL-E's VQGAN tokenizers, CELL-E)",
         description="Train a model with an explicit, resumable, step-counted loop (Hugging Face Accelerate).",
         epilog="example:\n  protloc train cytoself --store runs/prepared/cytoself.zarr --out runs/cytoself",
         formatter_class=_Formatter,
@@ -234,13 +281,56 @@ def _add_train(subparsers) -> None:
         protloc train cytoself --store prep/cytoself.zarr --out run --resume
         """,
     )
-    c.add_argument("--store", type=Path, default=None, help="crop store (OUT/cytoself.zarr of protloc prepare)")
-    c.add_argument("--out", required=True, type=Path, help="run folder")
-    c.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="starting configuration")
-    c.add_argument("--config", type=Path, default=None, help="YAML file applied on top of the preset")
-    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. schedule.max_steps=200")
-    c.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    _common_train_args(c, "crop store (OUT/cytoself.zarr of protloc prepare)")
     c.set_defaults(func=_cmd_train_cytoself)
+
+    v = _sub(
+        tsub,
+        "vqgan",
+        help="CELL-E's image tokenizers: a VQGAN for nucleus or for protein-threshold images",
+        description=(
+            "Train a CELL-E image tokenizer (taming-style VQGAN) on the CELL-E crop store of `protloc prepare`: "
+            "--kind nucleus (Phase 1) or --kind threshold (Phase 2, protein images binarized at their mean). "
+            "MSE reconstruction, then a PatchGAN hinge loss from loss.disc_start with the adaptive weight; Adam "
+            "4.5e-6 in the paper preset. Logs codebook perplexity and dead codes; for threshold images the "
+            "pixel and nucleus-proportion accuracy of the reconstructions (the paper's ceiling). "
+            "Multi-GPU: `accelerate launch -m protloc train vqgan ...`."
+        ),
+        example="""
+        protloc train vqgan --kind nucleus --store runs/demo/prepared/celle.zarr --out runs/vq_nucleus
+        protloc train vqgan --kind threshold --store runs/demo/prepared/celle.zarr --out runs/vq_threshold
+        protloc train vqgan --kind nucleus --preset paper --store prep/celle.zarr --out vq --set data.batch_size=16
+        """,
+    )
+    _common_train_args(v, "CELL-E crop store (OUT/celle.zarr of protloc prepare)")
+    v.add_argument(
+        "--kind", choices=["nucleus", "threshold"], default=None, help="tokenizer (default: the config's)"
+    )
+    v.set_defaults(func=_cmd_train_vqgan)
+
+    e = _sub(
+        tsub,
+        "celle",
+        help="CELL-E: transformer from sequence + nucleus tokens to protein-threshold tokens",
+        description=(
+            "Train the CELL-E transformer with two frozen VQGAN tokenizers (`protloc train vqgan`) on the CELL-E "
+            "crop store: [BOS + residues | nucleus tokens | threshold tokens], weighted cross-entropy 1/9, 1/9, "
+            "8/9, Adam 3e-4 (paper); --set model.mode=masked trains the non-autoregressive (CELL-E 2) variant; "
+            "--set data.text=none trains the 'no sequence' ablation. Validation losses per segment in "
+            "OUT/metrics.jsonl. Multi-GPU: `accelerate launch -m protloc train celle ...`."
+        ),
+        example="""
+        protloc train celle --store runs/demo/prepared/celle.zarr --nucleus-vqgan runs/vq_nucleus \\
+            --threshold-vqgan runs/vq_threshold --out runs/celle
+        protloc train celle --preset paper --store prep/celle.zarr --nucleus-vqgan vqn --threshold-vqgan vqt \\
+            --out celle --set model.embedder=esm2 --set embedder.path=/models/esm2_t12.pt --set model.text_dim=480
+        """,
+    )
+    _common_train_args(e, "CELL-E crop store (OUT/celle.zarr of protloc prepare)")
+    e.add_argument("--sequences", type=Path, default=None, help="FASTA or table (default: beside the store)")
+    e.add_argument("--nucleus-vqgan", type=Path, default=None, help="nucleus tokenizer run or checkpoint folder")
+    e.add_argument("--threshold-vqgan", type=Path, default=None, help="threshold tokenizer run or checkpoint folder")
+    e.set_defaults(func=_cmd_train_celle)
 
 
 # --------------------------------------------------------------------------------------------- embed

@@ -37,9 +37,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from protloc.data.io import CropStore
-from protloc.errors import InputError
+from protloc.data.sequences import crop_is_full_end, crop_sequence
+from protloc.errors import ConfigError, InputError
 
 __all__ = [
+    "CelleDataset",
     "CropBatchSampler",
     "CropDataset",
     "apply_d4",
@@ -97,6 +99,20 @@ def d4_codes(seed: int, epoch: int, indices: Sequence[int] | np.ndarray) -> np.n
     h = _splitmix64(h ^ idx)
     # The top bits of SplitMix64 are the best mixed; 3 of them give a uniform 0..7.
     return (h >> _U64(61)).astype(np.int64)
+
+
+def hash_uniform(seed: int, epoch: int, indices: Sequence[int] | np.ndarray, *, salt: int) -> np.ndarray:
+    """Per-item uniform numbers in [0, 1) from a hash of ``(seed, epoch, index, salt)``.
+
+    Like :func:`d4_codes`, independent of read order, batching and worker processes; ``salt`` gives
+    independent streams for independent choices (crop offsets, flips, sequence windows).
+    """
+    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    h = _splitmix64(_as_u64(seed) ^ _splitmix64(_as_u64(salt)))
+    h = _splitmix64(h ^ _as_u64(epoch))
+    h = _splitmix64(h ^ idx)
+    # 53 top bits -> a float64 in [0, 1) with full mantissa precision.
+    return (h >> _U64(11)).astype(np.float64) / float(1 << 53)
 
 
 def apply_d4(images: np.ndarray, codes: np.ndarray | Sequence[int]) -> np.ndarray:
@@ -524,3 +540,223 @@ class CropBatchSampler(Sampler[list[int]]):
         mine = range(self.rank, total, self.num_replicas)
         for b in list(mine)[start:]:
             yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# CELL-E: paired nucleus / protein images with the protein's sequence
+# --------------------------------------------------------------------------------------------------
+
+_SALT_CROP_Y, _SALT_CROP_X, _SALT_FLIP, _SALT_WINDOW = 11, 12, 13, 14
+
+
+class CelleDataset(Dataset):
+    """Paired nucleus and protein-threshold images with the protein's sequence (CELL-E, paper S.3.6).
+
+    Reads a CELL-E crop store of ``protloc prepare`` (``celle.zarr``: ``nucleus`` and ``protein`` in
+    [0, 1], ``threshold`` uint8, one protein per crop) lazily, like :class:`CropDataset`.
+
+    Items are ``{"nucleus": float32 [1, S, S], "threshold": float32 [1, S, S] in {0, 1}, "sequence":
+    str, "add_end": bool, "seq_start": int64, "protein_id": str, "index": int64, "view": int64}`` (+
+    ``"protein"`` ``[1, S, S]`` with ``with_protein``), ``S = image_size``. ``(index, view)`` identifies
+    the images exactly (``view`` encodes the flips and the crop offset).
+
+    Parameters
+    ----------
+    store
+        The CELL-E crop store (or its path).
+    split
+        ``split`` column value to keep (``None``: all crops).
+    sequences
+        ``protein_id`` -> amino-acid sequence (validated); every protein of the split needs one.
+    image_size
+        Output side. The (optionally cropped) images are area-averaged down to it.
+    crop_size
+        Side of the square window cut from each stored crop before resizing (0: the whole crop).
+        Training cuts it at a random offset (paper S.3.6: "random cropping"), evaluation at the centre.
+    augment
+        Training mode: random crop offsets, random horizontal / vertical flips applied identically to
+        both images (paper S.3.4, S.3.6), random sequence windows. Off: centre crop, no flip, the
+        N-terminal window -- deterministic evaluation (the reference draws random windows there).
+    max_residues
+        Sequence window length (paper: 1000). Longer sequences are cropped to a window; the end
+        token is kept only when the window reaches the C-terminus and fits (paper S.3.6).
+    eval_window
+        Window of long sequences without ``augment``: ``"start"`` (N-terminal), ``"center"`` or ``"end"``.
+    seed
+        Augmentation seed; every random choice is a hash of ``(seed, epoch, crop)``, so a pass is
+        reproducible whatever the order, batching or number of workers (see :meth:`set_epoch`).
+    with_protein
+        Also return the (cropped, resized, flipped) protein intensity image.
+    cache_chunks
+        Decompressed Zarr chunks kept per channel (see :class:`CropDataset`).
+
+    Notes
+    -----
+    When the images are neither cropped nor resized the stored ``threshold`` channel is used;
+    otherwise the threshold is recomputed as ``pixel >= mean`` of the final protein image, so it stays
+    the paper's mean-threshold image (Sec. 4.3) at the size the model sees.
+
+    Raises
+    ------
+    InputError
+        If the store lacks a channel, the split or ``protein_id`` column, a protein has no sequence,
+        or ``crop_size`` / ``image_size`` do not fit the stored crops.
+    """
+
+    def __init__(
+        self,
+        store: CropStore | str | os.PathLike,
+        *,
+        split: str | None,
+        sequences: Mapping[str, str],
+        image_size: int,
+        crop_size: int = 0,
+        augment: bool = False,
+        max_residues: int = 1000,
+        eval_window: str = "start",
+        seed: int = 0,
+        with_protein: bool = False,
+        cache_chunks: int = 0,
+    ) -> None:
+        opened = store if isinstance(store, CropStore) else CropStore.open(store)
+        self.crop_size = int(crop_size) or opened.size
+        if not 1 <= self.crop_size <= opened.size:
+            raise InputError(
+                f"crop_size {crop_size} must be between 1 and the store's crop size {opened.size}", path=opened.path
+            )
+        if not 1 <= int(image_size) <= self.crop_size:
+            raise InputError(
+                f"image_size {image_size} must be between 1 and the crop size {self.crop_size}", path=opened.path
+            )
+        if max_residues < 1:
+            raise ConfigError(f"max_residues must be >= 1, got {max_residues}")
+        if eval_window not in ("start", "center", "end"):
+            raise ConfigError(f"eval_window must be 'start', 'center' or 'end', got {eval_window!r}")
+        self.image_size = int(image_size)
+        self.resample = self.crop_size != opened.size or self.image_size != opened.size
+        channels = ["nucleus", "protein" if (self.resample or with_protein) else "threshold"]
+        if with_protein and not self.resample:
+            channels.append("threshold")
+        self.base = CropDataset(opened, split=split, channels=channels, label_map=None, cache_chunks=cache_chunks)
+        if "protein_id" not in opened.obs.columns:
+            raise InputError("the crop table has no 'protein_id' column", path=opened.path)
+        pids = opened.obs["protein_id"].astype(str).to_numpy()[self.base.crop_index]
+        missing = sorted(set(pids) - set(map(str, sequences)))
+        if missing:
+            row = int(self.base.crop_index[np.flatnonzero(pids == missing[0])[0]])
+            raise InputError(
+                f"no sequence for protein {missing[0]!r} ({len(missing)} protein(s) of split {split!r} lack one); "
+                "give the sequences.fasta or proteins.csv of `protloc prepare`",
+                path=opened.path,
+                row=row,
+            )
+        self.protein_ids: np.ndarray = pids
+        self.sequences = {p: str(sequences[p]) for p in set(pids)}
+        self.max_residues = int(max_residues)
+        self.eval_window = eval_window
+        self.augment = bool(augment)
+        self.with_protein = bool(with_protein)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.split = split
+
+    @property
+    def crop_index(self) -> np.ndarray:
+        """Store rows of the items (for :class:`CropBatchSampler`)."""
+        return self.base.crop_index
+
+    @property
+    def chunk_size(self) -> int:
+        """Crops per Zarr chunk of the store."""
+        return self.base.chunk_size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random draws of pass ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= int(i) < n:
+            raise IndexError(f"item {i} out of range for a dataset of {n} crops")
+        return self.__getitems__([int(i) % n])[0]
+
+    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]]:
+        """Batched fetch used by :class:`~torch.utils.data.DataLoader` (one Zarr read per chunk)."""
+        batch = self.read_batch(items)
+        keys = [k for k in batch if k not in ("sequence", "protein_id")]
+        return [
+            {**{k: batch[k][j] for k in keys}, "sequence": batch["sequence"][j], "protein_id": batch["protein_id"][j]}
+            for j in range(len(batch["index"]))
+        ]
+
+    def window(self, seq: str, crop: int) -> tuple[str, int, bool]:
+        """The sequence window of crop ``crop`` this epoch: ``(window, start, add_end)``."""
+        if self.augment and len(seq) > self.max_residues:
+            u = float(hash_uniform(self.seed, self.epoch, [crop], salt=_SALT_WINDOW)[0])
+            start = int(u * (len(seq) - self.max_residues + 1))
+            window = seq[start : start + self.max_residues]
+        else:
+            window, start = crop_sequence(seq, self.max_residues, mode=self.eval_window)
+        # The end token only if the window reaches the C-terminus and fits in BOS + max_residues.
+        add_end = crop_is_full_end(seq, start, self.max_residues) and len(window) < self.max_residues
+        return window, start, add_end
+
+    def read_batch(self, items: Sequence[int] | np.ndarray) -> dict[str, Any]:
+        """Read, crop, resize, threshold and flip several items; see the class docstring for the keys."""
+        pos = np.asarray(items, dtype=np.int64).reshape(-1)
+        raw = self.base.read_batch(pos)
+        crops = raw["index"].numpy()
+        stack = raw["image"]  # [B, C, S0, S0]
+        b, s0, c = stack.shape[0], stack.shape[-1], self.crop_size
+        if self.augment:
+            oy = (hash_uniform(self.seed, self.epoch, crops, salt=_SALT_CROP_Y) * (s0 - c + 1)).astype(np.int64)
+            ox = (hash_uniform(self.seed, self.epoch, crops, salt=_SALT_CROP_X) * (s0 - c + 1)).astype(np.int64)
+            codes = (hash_uniform(self.seed, self.epoch, crops, salt=_SALT_FLIP) * 4).astype(np.int64)
+        else:
+            oy = ox = np.full(b, (s0 - c) // 2, dtype=np.int64)
+            codes = np.zeros(b, dtype=np.int64)
+        if c < s0 and b:
+            windows = [stack[j, :, y : y + c, x : x + c] for j, (y, x) in enumerate(zip(oy, ox, strict=True))]
+            stack = torch.stack(windows)
+        if self.image_size != stack.shape[-1] and b:
+            # Area averaging: each output pixel is the mean of its footprint.
+            stack = torch.nn.functional.interpolate(stack, size=(self.image_size, self.image_size), mode="area")
+        nucleus = stack[:, :1]
+        if self.resample:
+            protein = stack[:, 1:2]
+            # Paper Sec. 4.3: threshold at the mean of the image the model sees.
+            threshold = (protein >= protein.mean(dim=(-2, -1), keepdim=True)).float()
+        else:
+            protein = stack[:, 1:2] if self.with_protein else None
+            threshold = (stack[:, -1:] > 0).float()
+        out = {"nucleus": nucleus, "threshold": threshold}
+        if self.with_protein:
+            out["protein"] = protein
+        if codes.any():
+            # Bit 0: left-right flip, bit 1: up-down flip, the same for every image of a sample.
+            flip_h = torch.from_numpy(codes & 1).bool().view(-1, 1, 1, 1)
+            flip_v = torch.from_numpy(codes & 2).bool().view(-1, 1, 1, 1)
+            for key, value in out.items():
+                value = torch.where(flip_h, value.flip(-1), value)
+                out[key] = torch.where(flip_v, value.flip(-2), value)
+        out = {k: v.contiguous() for k, v in out.items()}
+        pids = self.protein_ids[pos].tolist()
+        windows = [self.window(self.sequences[p], int(crop)) for p, crop in zip(pids, crops.tolist(), strict=True)]
+        out["sequence"] = [w[0] for w in windows]
+        out["seq_start"] = torch.tensor([w[1] for w in windows], dtype=torch.int64)
+        out["add_end"] = torch.tensor([w[2] for w in windows], dtype=torch.bool)
+        out["protein_id"] = pids
+        out["index"] = torch.from_numpy(crops.copy())
+        # Which view of the crop the images are (flip + crop offset): with ``index`` it identifies the
+        # images exactly, so their tokens can be cached (see protloc.train.celle).
+        out["view"] = torch.from_numpy(codes + 4 * (oy * (s0 + 1) + ox))
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"CelleDataset({str(self.base.store_path)!r}, split={self.split!r}, n={len(self)}, "
+            f"image_size={self.image_size}, crop_size={self.crop_size}, augment={self.augment})"
+        )

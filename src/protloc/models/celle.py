@@ -711,9 +711,9 @@ class Celle(nn.Module):
         dict of torch.Tensor
             Autoregressive: ``loss``, ``loss_text``, ``loss_nucleus``, ``loss_threshold`` and
             ``acc_*`` (padding ignored; each term a mean over its segment's targets, weighted by
-            :attr:`CelleConfig.loss_weights`). Masked: ``loss``, ``loss_threshold``,
-            ``acc_threshold``, ``mask_ratio`` (+ ``loss_nucleus`` / ``acc_nucleus`` when nucleus
-            tokens are masked too), over the masked tokens only.
+            :attr:`CelleConfig.loss_weights`; no text terms when no sample has a residue). Masked:
+            ``loss``, ``loss_threshold``, ``acc_threshold``, ``mask_ratio`` (+ ``loss_nucleus`` /
+            ``acc_nucleus`` when nucleus tokens are masked too), over the masked tokens only.
         """
         c = self.config
         tl, G = c.text_len, c.grid_tokens
@@ -732,19 +732,21 @@ class Celle(nn.Module):
             logits = self(threshold=threshold[:, :-1], **common).logits  # [B, tl + 2G - 1, V]
             n = text_ids.shape[1]
             # Row p predicts token p + 1 (S.3.6: the sequence shifted by one).
-            loss_t, acc_t = self._ce(logits[:, : n - 1, : c.text_vocab_size], text_ids[:, 1:], text_mask[:, 1:])
             loss_n, acc_n = self._ce(logits[:, tl - 1 : tl - 1 + G, o_nuc:o_thr], nucleus)
             loss_h, acc_h = self._ce(logits[:, tl - 1 + G :, o_thr:], threshold)
-            total = w.text * loss_t + w.nucleus * loss_n + w.threshold * loss_h
-            return {
-                "loss": total,
-                "loss_text": loss_t.detach(),
+            total = w.nucleus * loss_n + w.threshold * loss_h
+            out = {
                 "loss_nucleus": loss_n.detach(),
                 "loss_threshold": loss_h.detach(),
-                "acc_text": acc_t,
                 "acc_nucleus": acc_n,
                 "acc_threshold": acc_h,
             }
+            if bool(text_mask[:, 1:].any()):
+                # No text targets at all (every sequence replaced by padding): no text term.
+                loss_t, acc_t = self._ce(logits[:, : n - 1, : c.text_vocab_size], text_ids[:, 1:], text_mask[:, 1:])
+                total = total + w.text * loss_t
+                out.update(loss_text=loss_t.detach(), acc_text=acc_t)
+            return {"loss": total, **out}
         b = nucleus.shape[0]
         thr_mask = batch.get("threshold_mask")
         thr_mask = self.sample_mask(b, generator=generator) if thr_mask is None else _flatten_grid(thr_mask, "mask")

@@ -1,0 +1,177 @@
+"""Smoke tests of CELL-E training: tokenizers -> transformer, resume, ablations, loading, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from protloc.cli import main
+from protloc.config import load_config
+from protloc.data.io import CropStore
+from protloc.data.sequences import write_fasta
+from protloc.errors import ConfigError, InputError
+from protloc.models.vqgan import VQGAN, VQGANConfig
+from protloc.train.celle import TrainCelleConfig, load_celle_run, train_celle
+from protloc.train.checkpoint import save_checkpoint
+from protloc.train.loop import MetricsLogger
+
+S = 32
+N_TRAIN, N_VAL = 16, 8
+SEQS = {
+    "P0": "MKTAYIAKQRQISFVKSHFSRQ",
+    "P1": "PKKKRKV" * 3,
+    "P2": "ACDEFGHIKLMNPQRSTVWY" * 4,  # 80 residues: longer than max_residues below (random windows)
+}
+
+
+def _make_store(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    n = N_TRAIN + N_VAL
+    yy, xx = np.mgrid[:S, :S]
+    centres = rng.uniform(8, 24, size=(n, 2))
+    nucleus = np.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 40.0)
+    protein = np.clip(rng.random((n, S, S)) * (0.3 + 0.7 * nucleus), 0, 1)
+    threshold = (protein >= protein.mean(axis=(1, 2), keepdims=True)).astype(np.uint8)
+    obs = pd.DataFrame({"protein_id": [f"P{i % 3}" for i in range(n)], "split": ["train"] * N_TRAIN + ["val"] * N_VAL})
+    channels = {"nucleus": "float16", "protein": "float16", "threshold": "uint8"}
+    with CropStore.create(path, channels=channels, size=S, chunk=8) as writer:
+        writer.append({"nucleus": nucleus, "protein": protein, "threshold": threshold}, obs)
+    write_fasta(path.parent / "sequences.fasta", SEQS)
+    return path
+
+
+def _tokenizer(path: Path, kind: str, seed: int) -> Path:
+    torch.manual_seed(seed)
+    cfg = VQGANConfig.tiny().replace(image_size=S)  # f = 8 -> 4 x 4 tokens, 128 codes
+    save_checkpoint(path, model=VQGAN(cfg), config=cfg, extra={"kind": kind, "step": 0})
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("celle")
+    return {
+        "store": _make_store(root / "celle.zarr"),
+        "nucleus": _tokenizer(root / "vq_nucleus", "nucleus", 0),
+        "threshold": _tokenizer(root / "vq_threshold", "threshold", 1),
+    }
+
+
+def _config(world, *, max_steps: int, **model_changes) -> TrainCelleConfig:
+    base = TrainCelleConfig.tiny(str(world["store"]), nucleus=str(world["nucleus"]), threshold=str(world["threshold"]))
+    return dataclasses.replace(
+        base,
+        model=base.model.replace(grid_size=4, max_residues=32, **model_changes),
+        data=dataclasses.replace(base.data, image_size=S, crop_size=0, batch_size=4, chunk_window=2),
+        optim=dataclasses.replace(base.optim, warmup_steps=2),
+        schedule=dataclasses.replace(base.schedule, max_steps=max_steps, eval_every=2, log_every=1),
+    )
+
+
+def _val_records(run: Path) -> list[dict]:
+    return [r for r in MetricsLogger.read(run / "metrics.jsonl") if r["split"] == "val"]
+
+
+def test_train_checkpoints_metrics_and_load(world, tmp_path):
+    run = tmp_path / "run"
+    summary = train_celle(_config(world, max_steps=3), run_dir=run, progress=False)
+    assert summary["steps"] == 3 and summary["samples_per_s"] > 0
+    assert sorted(p.name for p in run.iterdir()) == ["best", "config.yaml", "last", "metrics.jsonl"]
+    val = _val_records(run)
+    assert [r["step"] for r in val] == [2, 3]
+    for key in ("loss", "loss_text", "loss_nucleus", "loss_threshold", "acc_threshold", "blank_loss_threshold"):
+        assert np.isfinite(val[-1][key]), key
+    assert "blank_loss_text" not in val[-1]  # padding has no residues to predict
+    # The resolved config reloads; the run reloads with its tokenizers.
+    assert load_config(TrainCelleConfig, path=run / "config.yaml").model.grid_size == 4
+    loaded = load_celle_run(run)
+    assert loaded.checkpoint.name == "best" and loaded.image_size == S
+    assert loaded.model.config.grid_size == 4 and not loaded.model.training
+    meta = json.loads((run / "last" / "config.json").read_text())
+    assert len(meta["extra"]["tokenizers"]["nucleus_sha256"]) == 64
+
+
+def test_resume_is_bit_identical(world, tmp_path):
+    full = tmp_path / "full"
+    train_celle(_config(world, max_steps=4), run_dir=full, progress=False)
+    part = tmp_path / "part"
+    train_celle(_config(world, max_steps=2), run_dir=part, progress=False)
+    summary = train_celle(_config(world, max_steps=4), run_dir=part, resume=True, progress=False)
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 2
+    a = load_celle_run(full / "last").model.state_dict()
+    b = load_celle_run(part / "last").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _val_records(full)] == [r["loss"] for r in _val_records(part)]
+
+
+def test_token_cache_gives_the_same_training(world, tmp_path):
+    cfg = _config(world, max_steps=6)  # 3 passes over 16 crops: views repeat
+    summary = train_celle(cfg, run_dir=tmp_path / "cached", progress=False)
+    assert summary["token_cache_hit_rate"] > 0
+    off = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, token_cache=0))
+    train_celle(off, run_dir=tmp_path / "plain", progress=False)
+    a = load_celle_run(tmp_path / "cached" / "last").model.state_dict()
+    b = load_celle_run(tmp_path / "plain" / "last").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_masked_mode_and_no_sequence_ablation(world, tmp_path):
+    train_celle(_config(world, max_steps=2, mode="masked"), run_dir=tmp_path / "masked", progress=False)
+    rec = _val_records(tmp_path / "masked")[-1]
+    assert np.isfinite(rec["loss_threshold"]) and 0 < rec["mask_ratio"] <= 1
+    cfg = _config(world, max_steps=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text="none"))
+    train_celle(cfg, run_dir=tmp_path / "none", progress=False)
+    rec = _val_records(tmp_path / "none")[-1]
+    assert "loss_text" not in rec and np.isfinite(rec["loss_threshold"])
+    assert load_celle_run(tmp_path / "none").encoder.blank
+
+
+def test_tokenizer_checks(world, tmp_path):
+    cfg = _config(world, max_steps=1)
+    with pytest.raises(ConfigError, match="grid_size"):
+        train_celle(
+            dataclasses.replace(cfg, model=cfg.model.replace(grid_size=8)), run_dir=tmp_path / "a", progress=False
+        )
+    swapped = dataclasses.replace(cfg, tokenizers=dataclasses.replace(cfg.tokenizers, nucleus=str(world["threshold"])))
+    with pytest.raises(InputError, match="threshold"):
+        train_celle(swapped, run_dir=tmp_path / "b", progress=False)
+    # A run whose tokenizer weights changed afterwards refuses to load.
+    vq_dir = tmp_path / "vq"
+    _tokenizer(vq_dir, "threshold", 5)
+    run = tmp_path / "c"
+    changed = dataclasses.replace(cfg, tokenizers=dataclasses.replace(cfg.tokenizers, threshold=str(vq_dir)))
+    train_celle(changed, run_dir=run, progress=False)
+    _tokenizer(vq_dir, "threshold", 6)
+    with pytest.raises(InputError, match="changed"):
+        load_celle_run(run)
+
+
+def test_cli_trains_both_tokenizers_and_celle(world, tmp_path, capsys):
+    store = world["store"]
+    vq_args = ["--set", "schedule.max_steps=2", "--set", "schedule.eval_every=2", "--set", "data.batch_size=4"]
+    vq_args += ["--set", "data.image_size=32", "--set", "model.image_size=32", "--set", "data.chunk_window=2"]
+    for kind in ("nucleus", "threshold"):
+        code = main(
+            ["-q", "train", "vqgan", "--kind", kind, "--store", str(store), "--out", str(tmp_path / kind), *vq_args]
+        )
+        assert code == 0
+        assert (tmp_path / kind / "last" / "model.safetensors").is_file()
+    args = ["-q", "train", "celle", "--store", str(store), "--out", str(tmp_path / "celle")]
+    args += ["--nucleus-vqgan", str(tmp_path / "nucleus"), "--threshold-vqgan", str(tmp_path / "threshold")]
+    args += ["--set", "schedule.max_steps=2", "--set", "schedule.eval_every=2", "--set", "data.batch_size=4"]
+    args += ["--set", "data.image_size=32", "--set", "model.grid_size=4", "--set", "model.max_residues=32"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "train celle" in out and "loss_threshold" in out
+    assert (tmp_path / "celle" / "best" / "model.safetensors").is_file()
+    # A user error is one line and exit status 2.
+    bad = [a if a != str(tmp_path / "celle") else str(tmp_path / "celle_bad") for a in args]
+    assert main([*bad[:-4], "--set", "model.grid_size=8", "--set", "model.max_residues=32"]) == 2
+    assert "does not fit" in capsys.readouterr().err
