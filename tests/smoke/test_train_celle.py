@@ -175,3 +175,33 @@ def test_cli_trains_both_tokenizers_and_celle(world, tmp_path, capsys):
     bad = [a if a != str(tmp_path / "celle") else str(tmp_path / "celle_bad") for a in args]
     assert main([*bad[:-4], "--set", "model.grid_size=8", "--set", "model.max_residues=32"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_shipped_yaml_equals_preset(name):
+    root = Path(__file__).resolve().parents[2]
+    preset = TrainCelleConfig.tiny() if name == "tiny" else TrainCelleConfig.paper()
+    assert load_config(TrainCelleConfig, path=root / "configs" / "celle" / f"{name}.yaml") == preset
+
+
+def test_sequence_encoder_memory_blank_and_errors(tmp_path):
+    from protloc.models.celle import CelleConfig
+    from protloc.train.celle import EmbedderConfig, SequenceEncoder
+
+    cfg = CelleConfig.tiny().replace(embedder="descriptors", text_dim=66)
+    enc = SequenceEncoder(cfg, EmbedderConfig(cache_dir=str(tmp_path / "cache")))
+    a = enc(["MKV", "PKKKRKV"], [True, False])
+    assert a["text_emb"].shape == (2, 8, 66) and a["text_mask"].sum(1).tolist() == [5, 8]
+    assert enc.cache is not None and enc.cache.misses == 2
+    b = enc(["MKV", "PKKKRKV"], torch.tensor([True, False]))  # from memory, not from disk or the embedder
+    assert enc.cache.hits == 0 and torch.equal(a["text_emb"], b["text_emb"])
+    fresh = SequenceEncoder(cfg, EmbedderConfig(cache_dir=str(tmp_path / "cache")))
+    assert torch.equal(fresh(["MKV"], [True])["text_emb"], a["text_emb"][:1, :5]) and fresh.cache.hits == 1
+    blank = SequenceEncoder(cfg, blank=True)(["MKV", "PKKKRKV"], [True, True])
+    assert blank["text_ids"].tolist() == [[2], [2]] and blank["text_emb"].shape == (2, 1, 66)
+    with pytest.raises(ConfigError, match="text_dim=66"):
+        SequenceEncoder(CelleConfig.tiny().replace(embedder="descriptors"))
+    with pytest.raises(ConfigError, match="local weights"):
+        SequenceEncoder(CelleConfig.tiny().replace(embedder="esm2", text_dim=32))
+    with pytest.raises(InputError, match="residue"):
+        enc(["MK1V"], [True])
