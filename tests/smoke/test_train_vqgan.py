@@ -52,13 +52,14 @@ def store(tmp_path_factory) -> Path:
     return _make_store(tmp_path_factory.mktemp("store") / "celle.zarr")
 
 
-def _config(store: Path, kind: str, *, max_steps: int, image_size: int = S) -> TrainVQGANConfig:
+def _config(store: Path, kind: str, *, max_steps: int, image_size: int = S, restart_every: int = 2) -> TrainVQGANConfig:
     base = TrainVQGANConfig.tiny(store=str(store), kind=kind)
     return dataclasses.replace(
         base,
         model=base.model.replace(image_size=image_size),
         data=dataclasses.replace(base.data, image_size=image_size, batch_size=4, chunk_window=2),
         loss=dataclasses.replace(base.loss, disc_start=1),  # the GAN path runs from the second step
+        codebook=dataclasses.replace(base.codebook, restart_every=restart_every),  # restarts after steps 2, 4, ...
         schedule=dataclasses.replace(base.schedule, max_steps=max_steps, eval_every=2, log_every=1),
         save_every=0,
     )
@@ -84,6 +85,9 @@ def test_train_resume_and_checkpoints(store, tmp_path, kind, image_size):
     assert [r["step"] for r in train] == [1, 2, 3]
     assert [r["gan"] for r in train] == [False, True, True]
     assert "d_loss" not in train[0] and all(math.isfinite(r[k]) for r in train[1:] for k in ("d_loss", "d_weight"))
+    restarted = [r["codes_restarted"] for r in train]
+    assert restarted[0] == restarted[2] == 0 and restarted[1] > 0  # dead codes restarted after step 2
+    assert summary["codes_restarted"] == restarted[1]
     val = [r for r in records if r["split"] == "val"]
     assert [r["step"] for r in val] == [2, 3]
     for r in val:
@@ -120,14 +124,29 @@ def test_train_resume_and_checkpoints(store, tmp_path, kind, image_size):
 
     if kind == "threshold":
         # resuming is the same as never stopping: identical autoencoder and discriminator after 4 steps
+        # (with codebook restarts after steps 2 and 4; the usage counted at step 3 is in trainer_state)
         straight = tmp_path / "straight"
-        train_vqgan(_config(store, kind, max_steps=4, image_size=image_size), run_dir=straight, progress=False)
+        whole = train_vqgan(_config(store, kind, max_steps=4, image_size=image_size), run_dir=straight, progress=False)
+        assert whole["codes_restarted"] == summary["codes_restarted"] == state["codes_restarted"]
+        assert summary["codes_restarted"] > restarted[1]  # the resumed step 4 restarted codes too
         a = load_file(str(run / "last" / "model.safetensors"))
         b = load_file(str(straight / "last" / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         da = state["discriminator"]
         db = load_trainer_state(straight / "last")["discriminator"]
         assert all(torch.equal(da[k], db[k]) for k in da)
+
+
+def test_codebook_restarts_leave_fewer_dead_codes(store, tmp_path):
+    runs = {}
+    for every in (0, 2):
+        cfg = _config(store, "nucleus", max_steps=4, image_size=32, restart_every=every)
+        runs[every] = train_vqgan(cfg, run_dir=tmp_path / f"restart{every}", progress=False)
+    off, on = runs[0], runs[2]
+    assert off["codes_restarted"] == 0 and on["codes_restarted"] > 0
+    assert "codes_restarted" not in MetricsLogger.read(tmp_path / "restart0" / "metrics.jsonl")[0]
+    assert on["last_val"]["dead_codes"] < off["last_val"]["dead_codes"]
+    assert math.isfinite(on["last_val"]["rec_mse"])
 
 
 def test_crops_resize_threshold_and_flips(store):
@@ -198,3 +217,24 @@ def test_vq_weightings():
 def test_shipped_configs_match_presets(name):
     cfg = load_config(TrainVQGANConfig, path=ROOT / "configs" / "vqgan" / f"{name}.yaml")
     assert cfg == getattr(TrainVQGANConfig, name)()
+
+
+def test_codebook_config():
+    from protloc.config import apply_overrides
+    from protloc.train.vqgan import VQGANCodebookConfig
+
+    assert not TrainVQGANConfig.paper().codebook.enabled  # not in the paper: off
+    assert TrainVQGANConfig.tiny().codebook.enabled
+    cfg = VQGANCodebookConfig(restart_every=50, restart_until=120)
+    assert [s for s in range(1, 301) if cfg.restarts_at(s)] == [50, 100]
+    assert not any(VQGANCodebookConfig().restarts_at(s) for s in range(1, 10))
+    tiny = apply_overrides(TrainVQGANConfig.tiny(), ["codebook.restart_every=0", "codebook.restart_noise=0.1"])
+    assert tiny.codebook == VQGANCodebookConfig(restart_every=0, restart_noise=0.1)
+    with pytest.raises(ConfigError, match="codebook.restart_min_usage must be >= 1"):
+        VQGANCodebookConfig(restart_min_usage=0)
+    with pytest.raises(ConfigError, match="codebook.restart_every must be >= 0"):
+        VQGANCodebookConfig(restart_every=-1)
+    with pytest.raises(ConfigError, match="codebook.restart_noise must be >= 0"):
+        VQGANCodebookConfig(restart_noise=-0.5)
+    with pytest.raises(ConfigError, match="restart_evry"):
+        apply_overrides(TrainVQGANConfig.tiny(), ["codebook.restart_evry=3"])

@@ -137,3 +137,61 @@ def test_bad_input_and_arguments():
         VectorQuantizer(codebook_size=0, dim=4)
     with pytest.raises(ValueError):
         VectorQuantizer(codebook_size=4, dim=4, commitment_cost=-1)
+
+
+def test_restart_codes_copies_candidates_into_dead_codes_only():
+    vq = _vq(k=16, dim=4)
+    before = vq.codebook.detach().clone()
+    candidates = torch.randn(40, 4) + 10.0  # far from every initial code
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[1, 5, 6, 15]] = True
+    n = vq.restart_codes(dead, candidates, generator=torch.Generator().manual_seed(0))
+    after = vq.codebook.detach()
+    assert n == 4 and vq.codebook.requires_grad
+    assert torch.equal(after[~dead], before[~dead])  # live codes untouched
+    # every restarted code is one of the candidates, each a different one (drawn without replacement)
+    match = (after[dead][:, None, :] == candidates[None]).all(-1)  # [4, 40]
+    assert match.any(1).all() and len(set(match.int().argmax(1).tolist())) == 4
+    # the restarted codes are used again: each candidate it came from now maps to it
+    chosen = candidates[match.int().argmax(1)]
+    assert vq.nearest(chosen).tolist() == [1, 5, 6, 15]
+
+    # the same generator seed gives the same draw; index form = mask form; duplicates ignored
+    other = _vq(k=16, dim=4)
+    gen = torch.Generator().manual_seed(0)
+    assert other.restart_codes(torch.tensor([15, 1, 6, 5, 5]), candidates, generator=gen) == 4
+    assert torch.equal(other.codebook.detach(), after)
+
+
+def test_restart_codes_edge_cases():
+    vq = _vq(k=8, dim=3)
+    before = vq.codebook.detach().clone()
+    assert vq.restart_codes(torch.zeros(8, dtype=torch.bool), torch.empty(0, 3)) == 0  # nothing dead: no draw
+    assert torch.equal(vq.codebook.detach(), before)
+    # fewer candidates than dead codes: drawn with replacement
+    one = torch.full((1, 3), 2.0)
+    assert vq.restart_codes(torch.ones(8, dtype=torch.bool), one) == 8
+    assert torch.equal(vq.codebook.detach(), one.expand(8, 3))
+    # noise: near, not at, the candidates, scaled by the candidates' spread
+    vq = _vq(k=8, dim=3)
+    candidates = torch.randn(100, 3)
+    vq.restart_codes(torch.arange(8), candidates, generator=torch.Generator().manual_seed(1), noise=0.01)
+    gap = torch.cdist(vq.codebook.detach(), candidates).min(1).values
+    assert (gap > 0).all() and (gap < 0.2).all()
+    with pytest.raises(ValueError, match=r"mask must have shape \[8\]"):
+        vq.restart_codes(torch.ones(7, dtype=torch.bool), candidates)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 8\)"):
+        vq.restart_codes(torch.tensor([8]), candidates)
+    with pytest.raises(ValueError, match=r"candidates must be \[N >= 1, 3\]"):
+        vq.restart_codes(torch.tensor([0]), torch.randn(5, 4))
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        vq.restart_codes(torch.tensor([0]), candidates, noise=-1.0)
+
+
+def test_restart_codes_leaves_forward_unchanged():
+    vq = _vq(k=16, dim=4, split=2)
+    z = torch.randn(2, 8, 3, 3)
+    a = vq(z)
+    vq.restart_codes(torch.zeros(16, dtype=torch.bool), torch.randn(4, 4))
+    b = vq(z)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.quantized, b.quantized)

@@ -245,3 +245,57 @@ def test_config_round_trips_through_dicts():
     assert config_from_dict(VQGANConfig, data) == cfg
     with pytest.raises(ConfigError, match="not one of"):
         config_from_dict(VQGANConfig, {**data, "output": "relu"})
+
+
+def test_forward_returns_the_prequantization_latent(tiny):
+    tiny.eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        out = tiny(x)
+        assert torch.equal(out.latent, tiny.encode_latent(x))
+        assert torch.equal(tiny.quantize(out.latent).indices[:, 0], out.indices)
+
+
+def test_codebook_restart_in_the_trainer_uses_batch_latents_and_resets_adam():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from protloc.train.vqgan import TrainVQGANConfig, VQGANCodebookConfig, _restart_codes, reset_optimizer_rows
+
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig.tiny())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(4, 1, 64, 64)
+    out = model(x)
+    (F.mse_loss(out.reconstruction, x) + out.vq.loss).backward()
+    opt.step()
+    code = model.quantize.codebook
+    before = code.detach().clone()
+    moments = {k: v.clone() for k, v in opt.state[code].items()}
+    assert moments["exp_avg"].abs().sum() > 0
+
+    usage = out.vq.usage
+    dead = usage < 1
+    n_dead = int(dead.sum())
+    assert 0 < n_dead < 128  # fewer than the 256 latents: drawn without replacement, all distinct
+    cfg = dataclasses.replace(TrainVQGANConfig.tiny(), codebook=VQGANCodebookConfig(restart_every=1))
+    accel = SimpleNamespace(num_processes=1)
+    wrapped = SimpleNamespace(optimizer=opt)  # like accelerate's AcceleratedOptimizer
+    assert _restart_codes(model, wrapped, out.latent, usage, cfg, 7, accel) == n_dead
+    after = code.detach()
+    assert torch.equal(after[~dead], before[~dead])
+    latents = out.latent.detach().permute(0, 2, 3, 1).reshape(-1, 32)  # [4 * 8 * 8, 32]
+    assert (after[dead][:, None] == latents[None]).all(-1).any(1).all()  # each restarted code is a batch latent
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert (opt.state[code][key][dead] == 0).all()
+        assert torch.equal(opt.state[code][key][~dead], moments[key][~dead])
+    # re-quantizing the batch now uses every restarted code; the draw depends only on (seed, step)
+    with torch.no_grad():
+        assert (model.quantize(out.latent).usage[dead] > 0).all()
+    again = VQGAN(VQGANConfig.tiny())
+    again.load_state_dict({**model.state_dict(), "quantize.codebook": before})
+    _restart_codes(again, opt, out.latent, usage, cfg, 7, accel)
+    assert torch.equal(again.quantize.codebook.detach(), after)
+    assert _restart_codes(again, opt, out.latent, torch.ones(128, dtype=torch.long), cfg, 8, accel) == 0
+
+    reset_optimizer_rows(torch.optim.Adam([torch.nn.Parameter(torch.ones(3))]), code, dead)  # no state: no-op

@@ -220,11 +220,15 @@ class VQGANOutput(NamedTuple):
         ``[B, h, w]`` int64 code indices (the image tokens).
     vq
         The quantizer's :class:`~protloc.nn.quantize.VQOutput` (loss, perplexity, code usage, ...).
+    latent
+        ``[B, embed_dim, h, w]`` the continuous latent before quantization (:meth:`VQGAN.encode_latent`),
+        e.g. for restarting unused codes without a second encoder pass.
     """
 
     reconstruction: Tensor
     indices: Tensor
     vq: VQOutput
+    latent: Tensor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -535,8 +539,9 @@ class VQGAN(nn.Module):
 
     def forward(self, x: Tensor) -> VQGANOutput:
         """Encode, quantize and decode ``x`` ``[B, C, S, S]``; see :class:`VQGANOutput`."""
-        vq = self.quantize(self.encode_latent(x))
-        return VQGANOutput(self.decode(vq.quantized), vq.indices[:, 0], vq)
+        latent = self.encode_latent(x)
+        vq = self.quantize(latent)
+        return VQGANOutput(self.decode(vq.quantized), vq.indices[:, 0], vq, latent)
 
 
 # --------------------------------------------------------------------------------------------------

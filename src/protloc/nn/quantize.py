@@ -11,6 +11,9 @@ The nearest code is found with one matrix product (``||E||^2 - 2 z E^T``), ``arg
 ``F.embedding`` lookup; code usage is a ``torch.bincount``. No softmax histogram or one-hot matmul (the
 PyTorch reference spends 85% of its embedding time there).
 
+:meth:`VectorQuantizer.restart_codes` re-initialises unused codes to encoder outputs (Jukebox's random
+restarts); the VQGAN trainer can call it, :meth:`~VectorQuantizer.forward` never does.
+
 Examples
 --------
 >>> import torch
@@ -176,6 +179,83 @@ class VectorQuantizer(nn.Module):
             usage = torch.bincount(idx, minlength=self.codebook_size)  # [K]
             perplexity = self.perplexity_from_usage(usage)
         return VQOutput(quantized, indices, loss, codebook_loss, commitment_loss, perplexity, usage)
+
+    @torch.no_grad()
+    def restart_codes(
+        self,
+        dead: Tensor,
+        candidates: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        noise: float = 0.0,
+    ) -> int:
+        """Re-initialise dead codes in place to randomly drawn encoder outputs ("random restarts").
+
+        A code that no encoder output is nearest to gets no gradient from the codebook loss and stays
+        unused for good ("codebook collapse"). Jukebox (Dhariwal et al. 2020, "Jukebox: A Generative Model
+        for Music", Sec. 3.1, "Random restarts for embeddings") therefore resets such codes to encoder
+        outputs drawn at random from the current batch, so that they sit where the data is and get used
+        again; later VQGAN practice does the same. This method performs one such restart; deciding which
+        codes are dead, and when, is up to the caller (e.g. usage summed over recent batches).
+        :meth:`forward` never calls it. An optimizer's per-row state of the codebook (Adam's moments) is
+        not touched; reset it separately so stale moments do not move the fresh codes.
+
+        Parameters
+        ----------
+        dead
+            The codes to restart: a bool mask ``[K]`` or an integer index tensor (duplicates are ignored).
+        candidates
+            ``[N, dim]`` vectors to draw from, normally the current batch's pre-quantization latents
+            (sub-vectors when ``split > 1``). Drawn without replacement when ``N`` is at least the number of
+            dead codes, with replacement otherwise.
+        generator
+            CPU random generator for the draw (and the noise); ``None``: the global generator. Pass a
+            generator seeded identically on every process to keep data-parallel replicas identical.
+        noise
+            Add Gaussian noise with standard deviation ``noise`` times each dimension's standard deviation
+            over ``candidates`` (0: copy the candidates exactly). Separates codes drawn from (nearly)
+            identical latents.
+
+        Returns
+        -------
+        int
+            The number of codes restarted.
+
+        Raises
+        ------
+        ValueError
+            If ``dead`` is a mask of the wrong length, an index is out of range, ``candidates`` is not
+            ``[N, dim]`` with ``N >= 1`` (when there is a code to restart), or ``noise < 0``.
+        """
+        if noise < 0:
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        k = self.codebook_size
+        dead = torch.as_tensor(dead, device=self.codebook.device)
+        if dead.dtype == torch.bool:
+            if dead.shape != (k,):
+                raise ValueError(f"a dead-code mask must have shape [{k}], got {list(dead.shape)}")
+            rows = dead.nonzero().flatten()
+        else:
+            rows = dead.flatten().long().unique()
+            if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= k):
+                raise ValueError(f"dead-code indices must lie in [0, {k}), got {rows.tolist()}")
+        n_dead = len(rows)
+        if n_dead == 0:
+            return 0
+        if candidates.ndim != 2 or candidates.shape[1] != self.dim or candidates.shape[0] < 1:
+            raise ValueError(f"candidates must be [N >= 1, {self.dim}], got {list(candidates.shape)}")
+        n = candidates.shape[0]
+        if n >= n_dead:
+            pick = torch.randperm(n, generator=generator)[:n_dead]
+        else:
+            pick = torch.randint(n, (n_dead,), generator=generator)
+        new = candidates.detach()[pick.to(candidates.device)].float()  # [n_dead, dim]
+        if noise > 0:
+            std = candidates.detach().float().std(0, correction=0) if n > 1 else new.new_zeros(self.dim)
+            eps = torch.randn(n_dead, self.dim, generator=generator).to(new.device)
+            new = new + noise * std * eps
+        self.codebook[rows] = new.to(self.codebook.dtype).to(self.codebook.device)
+        return n_dead
 
     @staticmethod
     def perplexity_from_usage(usage: Tensor) -> Tensor:
