@@ -1,7 +1,7 @@
 """CELL-E on CPU: tokenizers + transformer within 30 minutes, and what the sequence contributes.
 
 Run: ``.venv/bin/python benchmarks/celle_quality.py [--prepared runs/celle/prepared] [--out runs/celle/bench]
-[--vqgan-steps 1500] [--celle-steps 1500] [--json benchmarks/results/celle_quality.json]``
+[--vqgan-steps 1500] [--celle-steps 2500] [--json benchmarks/results/celle_quality.json]``
 
 In one run, on the CELL-E crop store of the reference world (``protloc world make`` + ``protloc
 prepare``, split 80/20 by protein as in the paper), with the ``tiny`` presets:
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--prepared", type=Path, default=Path("runs/celle/prepared"))
     ap.add_argument("--out", type=Path, default=Path("runs/celle/bench"))
     ap.add_argument("--vqgan-steps", type=int, default=1500)
-    ap.add_argument("--celle-steps", type=int, default=1500)
+    ap.add_argument("--celle-steps", type=int, default=2500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="retrain everything (default: resume finished runs)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/celle_quality.json"))

@@ -327,14 +327,14 @@ class TrainCelleConfig:
     def tiny(cls, store: str = "", *, nucleus: str = "", threshold: str = "") -> TrainCelleConfig:
         """A CPU demo: the tiny model (depth 2, width 64, 8 x 8 grids of 128 codes, one-hot text) on 64 px
         images (the tiny VQGANs' size), batch 16, Adam 3e-4 with 100 warm-up steps, gradient norm clipped
-        at 1, 1,500 steps, tokens of seen views cached (the VQGAN encoders cost more than this transformer)."""
+        at 1, 2,500 steps, tokens of seen views cached (the VQGAN encoders cost more than this transformer)."""
         return cls(
             model=CelleConfig.tiny(),
             data=CelleDataConfig(store=store, image_size=64, batch_size=16, token_cache=200_000),
             tokenizers=TokenizerConfig(nucleus=nucleus, threshold=threshold),
             optim=CelleOptimConfig(warmup_steps=100, grad_clip=1.0),
             schedule=CelleScheduleConfig(
-                max_steps=1500, eval_every=250, eval_batches=0, eval_blank_sequence=True, log_every=10
+                max_steps=2500, eval_every=250, eval_batches=0, eval_blank_sequence=True, log_every=10
             ),
             save_every=0,
         )
