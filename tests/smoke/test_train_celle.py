@@ -205,3 +205,24 @@ def test_sequence_encoder_memory_blank_and_errors(tmp_path):
         SequenceEncoder(CelleConfig.tiny().replace(embedder="esm2", text_dim=32))
     with pytest.raises(InputError, match="residue"):
         enc(["MK1V"], [True])
+
+
+def test_train_with_local_esm2_and_disk_cache(world, tmp_path):
+    """The paper-style path: a frozen language model from a local file, embeddings cached on disk."""
+    esm = pytest.importorskip("esm")
+    import argparse
+
+    torch.manual_seed(0)
+    lm = esm.ESM2(num_layers=1, embed_dim=32, attention_heads=2, alphabet="ESM-1b", token_dropout=True)
+    ns = argparse.Namespace(encoder_layers=1, encoder_embed_dim=32, encoder_attention_heads=2, token_dropout=True)
+    ckpt = tmp_path / "tiny_esm2.pt"
+    state = {f"encoder.sentence_encoder.{k}": v for k, v in lm.state_dict().items()}
+    torch.save({"cfg": {"model": ns}, "model": state}, ckpt)
+    cfg = _config(world, max_steps=2, embedder="esm2", text_dim=32)
+    cache = tmp_path / "emb_cache"
+    cfg = dataclasses.replace(cfg, embedder=dataclasses.replace(cfg.embedder, path=str(ckpt), cache_dir=str(cache)))
+    summary = train_celle(cfg, run_dir=tmp_path / "run", progress=False)
+    assert np.isfinite(summary["best_val_loss"])
+    assert len(list(cache.rglob("*.safetensors"))) >= 3  # one per distinct sequence window
+    run = load_celle_run(tmp_path / "run")
+    assert run.encoder.embedder is not None and run.encoder.embedder.dim == 32
