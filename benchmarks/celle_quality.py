@@ -75,6 +75,12 @@ def main() -> None:
     ap.add_argument("--vqgan-steps", type=int, default=1500)
     ap.add_argument("--celle-steps", type=int, default=2500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--tokenizers",
+        type=Path,
+        default=None,
+        help="reuse the vqgan_nucleus / vqgan_threshold runs of an earlier benchmark folder (no VQGAN training)",
+    )
     ap.add_argument("--fresh", action="store_true", help="retrain everything (default: resume finished runs)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/celle_quality.json"))
     args = ap.parse_args()
@@ -85,20 +91,26 @@ def main() -> None:
 
     times: dict[str, float] = {}
     vq: dict[str, dict] = {}
+    tok = args.tokenizers or args.out
     for kind in ("nucleus", "threshold"):
-        s, t = _vqgan(store, args.out, kind, args.vqgan_steps, args.fresh)
-        times[f"vqgan_{kind}"] = t
-        vq[kind] = {"steps": s["steps"], "last_val": s["last_val"], "best_val": _best_val(args.out / f"vqgan_{kind}")}
+        if args.tokenizers is None:
+            s, t = _vqgan(store, args.out, kind, args.vqgan_steps, args.fresh)
+            times[f"vqgan_{kind}"] = t
+            steps = s["steps"]
+        else:
+            times[f"vqgan_{kind}"] = 0.0  # trained by an earlier run, on other crops
+            steps = json.loads((tok / f"vqgan_{kind}" / "last" / "config.json").read_text())["extra"]["step"]
+        vq[kind] = {"steps": steps, "run": str(tok / f"vqgan_{kind}"), "best_val": _best_val(tok / f"vqgan_{kind}")}
     runs: dict[str, dict] = {}
     for name, text in (("celle", "sequence"), ("celle_no_sequence", "none")):
-        s, t = _celle(store, args.out, name, args.celle_steps, text, args.fresh)
+        s, t = _celle(store, args.out, tok, name, args.celle_steps, text, args.fresh)
         times[name] = t
         runs[name] = {"steps": s["steps"], "samples_per_s": s["samples_per_s"], "best_val": _best_val(args.out / name)}
     budget = times["vqgan_nucleus"] + times["vqgan_threshold"] + times["celle"]
 
     thr = vq["threshold"]["best_val"]
     nuc = vq["nucleus"]["best_val"]
-    print("\n== VQGAN tokenizers (validation crops, best checkpoint) ==")
+    print(f"\n== VQGAN tokenizers (validation crops, best checkpoint; {tok}) ==")
     print(
         f"  threshold: pixel accuracy {thr['pixel_accuracy']:.3f} (paper ceiling 0.87), nucleus-proportion "
         f"accuracy {thr['nucleus_proportion_accuracy']:.3f} (0.99), codes used {thr['codes_used']}"
@@ -128,7 +140,11 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
         },
-        "data": {"celle_crops": summary.get("celle_crops"), "celle_split": summary.get("celle_split")},
+        "data": {
+            "prepared": str(args.prepared),
+            "celle_crops": summary.get("celle_crops"),
+            "celle_split": summary.get("celle_split"),
+        },
         "vqgan": vq,
         "celle": runs,
         "seconds": times,

@@ -126,7 +126,7 @@ def _add_prepare(subparsers) -> None:
         ),
         example="""
         protloc prepare --fovs runs/world/fovs.csv --sequences runs/world/sequences.fasta --out runs/prepared
-        protloc prepare --fovs fovs.csv --out prep --set celle.split_by=homology --set celle.identity=0.4
+        protloc prepare --fovs fovs.csv --out prep --set celle_split.by=homology --set celle_split.identity=0.4
         """,
     )
     p.add_argument("--fovs", required=True, type=Path, help="field-of-view table (CSV/TSV)")
@@ -323,7 +323,8 @@ def _add_train(subparsers) -> None:
         protloc train celle --store runs/demo/prepared/celle.zarr --nucleus-vqgan runs/vq_nucleus \\
             --threshold-vqgan runs/vq_threshold --out runs/celle
         protloc train celle --preset paper --store prep/celle.zarr --nucleus-vqgan vqn --threshold-vqgan vqt \\
-            --out celle --set model.embedder=esm2 --set embedder.path=/models/esm2_t12.pt --set model.text_dim=480
+            --out celle --set model.embedder=esm2 --set embedder.path=/models/esm2_t12.pt \\
+            --set model.text_dim=480 --set model.text_projection=true
         """,
     )
     _common_train_args(e, "CELL-E crop store (OUT/celle.zarr of protloc prepare)")

@@ -25,6 +25,52 @@ def test_every_subcommand_documented():
     assert {"demo", "world", "prepare"} <= set(sub.choices)
 
 
+def _leaf_parsers(parser, prefix=()):
+    """(command words, parser) of every leaf subcommand."""
+    subs = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    if not subs:
+        yield prefix, parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from _leaf_parsers(child, (*prefix, name))
+
+
+def _examples(parser) -> list[list[str]]:
+    """The example command lines of a parser's epilog (continuation lines joined)."""
+    import shlex
+
+    text = (parser.epilog or "").replace("\\\n", " ")
+    return [shlex.split(line.strip())[1:] for line in text.splitlines() if line.strip().startswith("protloc ")]
+
+
+def test_every_help_example_parses_and_its_settings_exist():
+    """The examples in --help are runnable: they parse, and every --set key names a config field."""
+    from protloc.config import load_config
+    from protloc.data.prepare import PrepareConfig
+    from protloc.train.celle import TrainCelleConfig
+    from protloc.train.cytoself import TrainCytoselfConfig
+    from protloc.train.vqgan import TrainVQGANConfig
+
+    configs = {
+        ("prepare",): PrepareConfig,
+        ("train", "cytoself"): TrainCytoselfConfig,
+        ("train", "vqgan"): TrainVQGANConfig,
+        ("train", "celle"): TrainCelleConfig,
+    }
+    parser = build_parser()
+    checked = 0
+    for words, leaf in _leaf_parsers(parser):
+        examples = _examples(leaf)
+        assert examples, f"protloc {' '.join(words)} --help has no example"
+        for argv in examples:
+            args = parser.parse_args(argv)
+            overrides = getattr(args, "set", None) or []
+            if overrides and words in configs:
+                load_config(configs[words], overrides=overrides)
+            checked += 1
+    assert checked >= 10
+
+
 def test_world_then_prepare(tmp_path, capsys):
     world = tmp_path / "world"
     rc = main(["-q", "world", "make", "--out", str(world), "--proteins", "4", "--fovs", "2", "--size", "256",
