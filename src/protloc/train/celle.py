@@ -31,7 +31,6 @@ tokenizers and the sequence encoder from a run (checking the tokenizer weights a
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -57,9 +56,7 @@ from protloc.models.embedders import EMBEDDERS, EmbeddingCache, build_embedder, 
 from protloc.models.vqgan import VQGAN, VQGANConfig
 from protloc.train.checkpoint import (
     MODEL_FILE,
-    TRAINER_FILE,
     load_checkpoint,
-    load_checkpoint_config,
     load_model_weights,
     load_trainer_state,
     restore_rng_state,
@@ -68,6 +65,9 @@ from protloc.train.checkpoint import (
 from protloc.train.loop import (
     MetricsLogger,
     check_adam_options,
+    check_resume_model,
+    check_run_dir,
+    check_store_splits,
     infinite_loader,
     make_accelerator,
     seed_everything,
@@ -691,12 +691,7 @@ def _open_store(cfg: TrainCelleConfig) -> CropStore:
             "of `protloc prepare`",
             path=store.path,
         )
-    if "split" not in store.obs.columns:
-        raise InputError("the crop table has no 'split' column; re-run `protloc prepare`", path=store.path)
-    splits = set(store.obs["split"].astype(str))
-    for wanted in (cfg.data.train_split, cfg.data.val_split):
-        if wanted not in splits:
-            raise InputError(f"the store has no {wanted!r} rows (splits present: {sorted(splits)})", path=store.path)
+    check_store_splits(store, cfg.data.train_split, cfg.data.val_split)
     return store
 
 
@@ -758,23 +753,13 @@ def train_celle(
         If a setting is missing or inconsistent, or ``resume`` meets a different model.
     """
     run = Path(run_dir)
-    last_dir, best_dir = run / "last", run / "best"
-    if resume:
-        if not (last_dir / TRAINER_FILE).is_file():
-            raise InputError("nothing to resume: no last/ checkpoint with trainer state", path=run)
-    elif last_dir.exists():
-        raise InputError("the run folder already holds a run (last/); resume it or choose another folder", path=run)
+    last_dir, best_dir = check_run_dir(run, resume=resume)
     store = _open_store(cfg)
     seq_path = Path(cfg.data.sequences) if cfg.data.sequences else _default_sequences(store.path)
     sequences = read_sequences(seq_path)
     saved_extra: dict[str, Any] = {}
     if resume:
-        saved, saved_extra = load_checkpoint_config(last_dir, config_cls=CelleConfig, model_cls=Celle)
-        if saved != cfg.model:
-            changed = [
-                f.name for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(cfg.model, f.name)
-            ]
-            raise ConfigError(f"cannot resume {run} with a different model: model.{', model.'.join(changed)} changed")
+        saved_extra = check_resume_model(last_dir, cfg.model, config_cls=CelleConfig, model_cls=Celle)
     dcfg, ocfg, scfg = cfg.data, cfg.optim, cfg.schedule
 
     accelerator = make_accelerator(cfg.mixed_precision)

@@ -42,8 +42,6 @@ from protloc.data.io import CropStore
 from protloc.errors import ConfigError, InputError
 from protloc.models.cytoself import Cytoself, CytoselfConfig
 from protloc.train.checkpoint import (
-    TRAINER_FILE,
-    load_checkpoint_config,
     load_model_weights,
     load_trainer_state,
     restore_rng_state,
@@ -53,6 +51,9 @@ from protloc.train.loop import (
     MetricsLogger,
     PlateauController,
     check_adam_options,
+    check_resume_model,
+    check_run_dir,
+    check_store_splits,
     infinite_loader,
     make_accelerator,
     seed_everything,
@@ -381,39 +382,18 @@ def train_cytoself(
         If ``data.store`` is unset or the config is inconsistent.
     """
     run = Path(run_dir)
-    last_dir, best_dir = run / "last", run / "best"
-    if resume:
-        if not (last_dir / TRAINER_FILE).is_file():
-            raise InputError("nothing to resume: no last/ checkpoint with trainer state", path=run)
-    elif last_dir.exists():
-        raise InputError("the run folder already holds a run (last/); resume it or choose another folder", path=run)
+    last_dir, best_dir = check_run_dir(run, resume=resume)
     if not cfg.data.store:
         raise ConfigError("data.store is not set: give the crop store from `protloc prepare` (OUT/cytoself.zarr)")
 
     store = CropStore.open(cfg.data.store)
-    if "split" not in store.obs.columns:
-        raise InputError(
-            "the crop table has no 'split' column; re-run `protloc prepare` with a train/val split", path=store.path
-        )
-    splits = set(store.obs["split"].astype(str))
-    for wanted in (cfg.data.train_split, cfg.data.val_split):
-        if wanted not in splits:
-            raise InputError(
-                f"the store has no {wanted!r} rows (splits present: {sorted(splits)}); validation and training "
-                f"need both: re-run `protloc prepare` with a split",
-                path=store.path,
-            )
+    check_store_splits(store, cfg.data.train_split, cfg.data.val_split)
 
     label_path = run / LABEL_MAP_FILE
     label_map = _read_label_map(label_path) if resume else make_label_map(store.obs, split=cfg.data.train_split)
     cfg = _resolve(cfg, label_map, store)
     if resume:
-        saved, _ = load_checkpoint_config(last_dir, config_cls=CytoselfConfig, model_cls=Cytoself)
-        if saved != cfg.model:
-            changed = [
-                f.name for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(cfg.model, f.name)
-            ]
-            raise ConfigError(f"cannot resume {run} with a different model: model.{', model.'.join(changed)} changed")
+        check_resume_model(last_dir, cfg.model, config_cls=CytoselfConfig, model_cls=Cytoself)
     model_cfg = cfg.model
     dcfg, ocfg, scfg = cfg.data, cfg.optim, cfg.schedule
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,11 +24,15 @@ import numpy as np
 import torch
 
 from protloc._fs import atomic_path
-from protloc.errors import ConfigError
+from protloc.errors import ConfigError, InputError
+from protloc.train.checkpoint import TRAINER_FILE, load_checkpoint_config
 
 __all__ = [
     "MetricsLogger",
     "PlateauController",
+    "check_resume_model",
+    "check_run_dir",
+    "check_store_splits",
     "infinite_loader",
     "make_accelerator",
     "seed_everything",
@@ -386,3 +391,67 @@ def check_adam_options(lr: float, betas: tuple[float, ...], grad_clip: float) ->
         f"optim.betas must be two values in [0, 1), got {betas}",
     )
     check_config(grad_clip >= 0, f"optim.grad_clip must be >= 0, got {grad_clip}")
+
+
+# --------------------------------------------------------------------------------------------------
+# run folders (shared by every trainer)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_run_dir(run: Path, *, resume: bool) -> tuple[Path, Path]:
+    """Check a run folder before training; return its ``last/`` and ``best/`` checkpoint folders.
+
+    Raises
+    ------
+    InputError
+        With ``resume``, if there is no ``last/`` checkpoint with trainer state; without it, if the
+        folder already holds a run (nothing is ever overwritten).
+    """
+    last_dir, best_dir = run / "last", run / "best"
+    if resume:
+        if not (last_dir / TRAINER_FILE).is_file():
+            raise InputError("nothing to resume: no last/ checkpoint with trainer state", path=run)
+    elif last_dir.exists():
+        raise InputError("the run folder already holds a run (last/); resume it or choose another folder", path=run)
+    return last_dir, best_dir
+
+
+def check_resume_model(last_dir: Path, model_config: Any, *, config_cls: type, model_cls: type) -> dict[str, Any]:
+    """Refuse to resume a run with a different model config; return the checkpoint's ``extra``.
+
+    Raises
+    ------
+    ConfigError
+        Naming the model fields that differ.
+    """
+    saved, extra = load_checkpoint_config(last_dir, config_cls=config_cls, model_cls=model_cls)
+    if saved != model_config:
+        changed = [
+            f.name for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(model_config, f.name)
+        ]
+        raise ConfigError(
+            f"cannot resume {last_dir.parent} with a different model: model.{', model.'.join(changed)} changed"
+        )
+    return extra
+
+
+def check_store_splits(store: Any, *splits: str) -> None:
+    """Check that a crop store has a ``split`` column with rows in each of ``splits``.
+
+    Raises
+    ------
+    InputError
+        Naming the store and the splits it has.
+    """
+    if "split" not in store.obs.columns:
+        raise InputError(
+            "the crop table has no 'split' column; re-run `protloc prepare` with a train/val split", path=store.path
+        )
+    present = set(store.obs["split"].astype(str))
+    for wanted in splits:
+        if wanted not in present:
+            raise InputError(
+                f"the store has no {wanted!r} rows (splits present: {sorted(present)}); training and validation "
+                "need both: re-run `protloc prepare` with a split",
+                path=store.path,
+            )

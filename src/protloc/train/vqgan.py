@@ -41,7 +41,6 @@ A run folder holds::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -73,8 +72,6 @@ from protloc.models.vqgan import (
 )
 from protloc.nn.quantize import VQOutput
 from protloc.train.checkpoint import (
-    TRAINER_FILE,
-    load_checkpoint_config,
     load_model_weights,
     load_trainer_state,
     restore_rng_state,
@@ -83,6 +80,9 @@ from protloc.train.checkpoint import (
 from protloc.train.loop import (
     MetricsLogger,
     check_adam_options,
+    check_resume_model,
+    check_run_dir,
+    check_store_splits,
     infinite_loader,
     make_accelerator,
     seed_everything,
@@ -686,18 +686,7 @@ def _open_store(cfg: TrainVQGANConfig) -> CropStore:
             f"data.image_size {cfg.data.image_size} is larger than the store's {store.size}x{store.size} crops",
             path=store.path,
         )
-    if "split" not in store.obs.columns:
-        raise InputError(
-            "the crop table has no 'split' column; re-run `protloc prepare` with a train/val split", path=store.path
-        )
-    splits = set(store.obs["split"].astype(str))
-    for wanted in (cfg.data.train_split, cfg.data.val_split):
-        if wanted not in splits:
-            raise InputError(
-                f"the store has no {wanted!r} rows (splits present: {sorted(splits)}); training and validation "
-                "need both: re-run `protloc prepare` with a split",
-                path=store.path,
-            )
+    check_store_splits(store, cfg.data.train_split, cfg.data.val_split)
     return store
 
 
@@ -804,20 +793,10 @@ def train_vqgan(
         different model or kind.
     """
     run = Path(run_dir)
-    last_dir, best_dir = run / "last", run / "best"
-    if resume:
-        if not (last_dir / TRAINER_FILE).is_file():
-            raise InputError("nothing to resume: no last/ checkpoint with trainer state", path=run)
-    elif last_dir.exists():
-        raise InputError("the run folder already holds a run (last/); resume it or choose another folder", path=run)
+    last_dir, best_dir = check_run_dir(run, resume=resume)
     store = _open_store(cfg)
     if resume:
-        saved, saved_extra = load_checkpoint_config(last_dir, config_cls=VQGANConfig, model_cls=VQGAN)
-        if saved != cfg.model:
-            changed = [
-                f.name for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(cfg.model, f.name)
-            ]
-            raise ConfigError(f"cannot resume {run} with a different model: model.{', model.'.join(changed)} changed")
+        saved_extra = check_resume_model(last_dir, cfg.model, config_cls=VQGANConfig, model_cls=VQGAN)
         if saved_extra.get("kind") != cfg.kind:
             raise ConfigError(
                 f"cannot resume {run}: it trains the {saved_extra.get('kind')!r} tokenizer, not {cfg.kind!r}"
