@@ -47,11 +47,11 @@ def _vqgan(store: Path, out: Path, kind: str, steps: int, fresh: bool) -> tuple[
     return summary, time.perf_counter() - t0
 
 
-def _celle(store: Path, out: Path, name: str, steps: int, text: str, fresh: bool) -> tuple[dict, float]:
+def _celle(store: Path, out: Path, tok: Path, name: str, steps: int, text: str, fresh: bool) -> tuple[dict, float]:
     run = out / name
     if fresh and run.exists():
         shutil.rmtree(run)
-    base = TrainCelleConfig.tiny(str(store), nucleus=str(out / "vqgan_nucleus"), threshold=str(out / "vqgan_threshold"))
+    base = TrainCelleConfig.tiny(str(store), nucleus=str(tok / "vqgan_nucleus"), threshold=str(tok / "vqgan_threshold"))
     cfg = dataclasses.replace(
         base,
         data=dataclasses.replace(base.data, text=text),
