@@ -17,21 +17,23 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from protloc._fs import atomic_path, atomic_write_text
+from protloc._fs import atomic_dir, atomic_path, atomic_write_text
 from protloc.analysis.atlas import atlas as compute_atlas
 from protloc.analysis.interpret import feature_zeroing, top_codes
 from protloc.analysis.spectrum import bicluster, consensus_spectra, family_correlation, spectra_from_indices
-from protloc.data.io import CropStore, read_table
-from protloc.errors import InputError
+from protloc.data.io import CropStore, check_image, read_image, read_table, save_npy, write_png
+from protloc.data.sequences import read_fasta, validate_sequence
+from protloc.errors import ConfigError, InputError
 from protloc.eval.embed import load_cytoself, read_obsm
 from protloc.plotting.atlas import atlas_html, plot_atlas
+from protloc.plotting.celle import plot_prediction
 from protloc.plotting.crops import composite
 from protloc.plotting.interpret import plot_feature_zeroing
 from protloc.plotting.spectrum import plot_family_correlation, plot_feature_spectrum, plot_spectrum_heatmap
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_atlas", "run_interpret", "run_spectrum"]
+__all__ = ["run_atlas", "run_interpret", "run_predict", "run_spectrum"]
 
 
 def _save_fig(fig, path: Path, *, dpi: int = 120) -> Path:
@@ -307,3 +309,335 @@ def run_interpret(
     }
     _write_json(out / f"feature_zeroing_{safe}.json", summary)
     return summary
+
+
+# ------------------------------------------------------------------------------------------- predict
+#: Reference-world geometry of the default nucleus (protloc.data.world.render.RenderParams defaults):
+#: a 12 um nucleus at 0.4 um per pixel is 30 px across in a field of view and in its CELL-E crops.
+_DEFAULT_NUCLEUS_DIAMETER_UM = 12.0
+_DEFAULT_PIXEL_SIZE_UM = 0.4
+
+
+def _nucleus_to_model(image: np.ndarray, size: int, *, source: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """A 2-D grey image -> the ``[size, size]`` float32 nucleus crop in [0, 1] a CELL-E model sees.
+
+    Largest centred square, min-max scaled to [0, 1] (as ``protloc prepare`` scales each crop), then
+    area-averaged to ``size`` (as the CELL-E data pipeline resizes its crops): the result lies in
+    [0, 1] without necessarily reaching both ends.
+    """
+    import torch
+
+    arr = check_image(image, path=source, name="nucleus image")  # numeric, non-empty, finite
+    if arr.ndim > 2:
+        arr = np.squeeze(arr)  # a [1, Y, X] or [Y, X, 1] grey image
+    if arr.ndim != 2:
+        raise InputError(
+            f"the nucleus image must be a 2-D grey image, got shape {tuple(np.shape(image))}", path=source
+        )
+    arr = arr.astype(np.float64)
+    h, w = arr.shape
+    if min(h, w) < size:
+        raise InputError(
+            f"the nucleus image is {h} x {w} px; the model needs at least {size} x {size} (its image size)",
+            path=source,
+        )
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    crop = arr[y0 : y0 + side, x0 : x0 + side]
+    lo, hi = float(crop.min()), float(crop.max())
+    if not hi > lo:
+        raise InputError(f"the nucleus image is constant ({lo:g}) in its centred square: nothing to scale", path=source)
+    crop = (crop - lo) / (hi - lo)
+    t = torch.from_numpy(crop.astype(np.float32))[None, None]
+    if side != size:
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="area")
+    out = t[0, 0].clamp(0.0, 1.0).numpy().astype(np.float32)
+    return out, {"input_shape": [int(h), int(w)], "crop": {"y": int(y0), "x": int(x0), "side": int(side)}}
+
+
+def _reference_nucleus(size: int, field_px: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The default nucleus: a real DNA-stain nucleus of the reference world's assets, as a CELL-E crop.
+
+    The first patch of ``nuclei.npz`` whose mask was not completed over a neighbour (nucleus 1 of the
+    mahotas ``nuclear.png`` demo image), background-subtracted and zeroed outside its mask, is centred
+    (mask centroid) in an empty field of ``field_px`` crop pixels at the reference world's scale: a
+    12 um nucleus at 0.4 um per pixel (30 px across at the paper's 256 px crops). The field is then
+    made into the model's input like any nucleus image (:func:`_nucleus_to_model`). Nothing is
+    downloaded: the patch ships with protloc.
+    """
+    from protloc.data.world.assets import load_nuclei, load_nuclei_sources
+
+    patches, sources = load_nuclei(), load_nuclei_sources()
+    index = next((i for i, s in enumerate(sources) if "neighbour_filled" not in s), 0)
+    image, mask = patches[index]
+    img = image.astype(np.float64)
+    background = float(np.median(img[~mask])) if (~mask).any() else 0.0
+    img = np.where(mask, np.clip(img - background, 0.0, None), 0.0)
+    diameter = 2.0 * np.sqrt(mask.sum() / np.pi)  # equivalent diameter, patch pixels
+    target = _DEFAULT_NUCLEUS_DIAMETER_UM / _DEFAULT_PIXEL_SIZE_UM  # crop pixels
+    # Work at the patch's resolution: the field spans field_px crop pixels = field_px * diameter / target
+    # patch pixels; _nucleus_to_model area-averages it down to the model's size.
+    canvas = max(int(round(field_px * diameter / target)), size)
+    field = np.zeros((canvas, canvas), dtype=np.float64)
+    ys, xs = np.nonzero(mask)
+    oy, ox = canvas // 2 - int(round(ys.mean())), canvas // 2 - int(round(xs.mean()))
+    h, w = img.shape
+    ty0, tx0 = max(0, oy), max(0, ox)
+    ty1, tx1 = min(canvas, oy + h), min(canvas, ox + w)
+    field[ty0:ty1, tx0:tx1] = img[ty0 - oy : ty1 - oy, tx0 - ox : tx1 - ox]
+    out, _ = _nucleus_to_model(field, size, source="reference nucleus")
+    info = {
+        "source": f"reference world nucleus {index} ({sources[index]})",
+        "field_px": int(field_px),
+        "nucleus_diameter_um": _DEFAULT_NUCLEUS_DIAMETER_UM,
+        "pixel_size_um": _DEFAULT_PIXEL_SIZE_UM,
+    }
+    return out, info
+
+
+def _unique_stems(names: Sequence[str]) -> list[str]:
+    """File-name-safe, unique (also ignoring case) stems for output names."""
+    stems: list[str] = []
+    taken: set[str] = set()
+    for name in names:
+        base = _safe_name(name).lstrip(".")[:100] or "sequence"
+        stem, k = base, 1
+        while stem.lower() in taken:
+            k += 1
+            stem = f"{base}_{k}"
+        taken.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
+def _check_predict_out(out: Path, overwrite: bool) -> None:
+    if not out.exists() or overwrite:
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    raise InputError("output already exists and is not empty (pass --overwrite to replace it)", path=out)
+
+
+def _gather_sequences(
+    sequences: Mapping[str, str] | str | None, fasta: str | os.PathLike | None
+) -> list[tuple[str, str]]:
+    if (sequences is None) == (fasta is None):
+        raise InputError("give either sequences or a FASTA file (exactly one)")
+    if fasta is not None:
+        path = Path(fasta)
+        if not path.is_file():
+            raise InputError("FASTA file not found", path=path)
+        records = list(read_fasta(path).items())
+        if not records:
+            raise InputError("the FASTA file holds no sequences", path=path)
+        return records
+    if isinstance(sequences, str):
+        sequences = {"query": sequences}
+    records = [(str(name), validate_sequence(seq, name=str(name))) for name, seq in sequences.items()]
+    if not records:
+        raise InputError("no sequences to predict")
+    return records
+
+
+def run_predict(
+    *,
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    sequences: Mapping[str, str] | str | None = None,
+    fasta: str | os.PathLike | None = None,
+    nucleus: str | os.PathLike | np.ndarray | None = None,
+    samples: int = 1,
+    temperature: float = 1.0,
+    top_k_fraction: float = 0.25,
+    steps: int = 8,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str | None = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict where proteins go with a trained CELL-E (paper Sec. 4.6, S.3.7): ``protloc predict``.
+
+    For each sequence, conditioned on one nucleus image, writes into ``out``:
+
+    - ``<name>_threshold.png``: the predicted protein-threshold image (uint8 0 / 255; with several
+      samples the pixel-wise majority);
+    - ``<name>_probability.npy``: the 2D probability density map (Eq. 3), ``float32 [S, S]`` summing to 1;
+    - ``<name>_overlay.png``: the map as a heatmap over the nucleus image, with the nucleus-mask outline;
+
+    plus ``nucleus.png`` (the nucleus input as the model sees it, uint8) and ``summary.json`` (what is
+    returned). ``<name>`` is the sequence name made file-name safe (characters other than letters,
+    digits, ``-``, ``_``, ``.`` become ``_``; repeats get ``_2``, ``_3``, ...). The folder is written
+    next to ``out`` and moved into place when complete.
+
+    Parameters
+    ----------
+    checkpoint
+        A ``protloc train celle`` run folder (``best/``, else ``last/``) or checkpoint folder.
+    out
+        Output folder; an existing non-empty one is refused unless ``overwrite`` (then it is replaced).
+    sequences
+        ``name -> amino-acid sequence``, or one sequence (named ``query``). Exactly one of
+        ``sequences`` and ``fasta``.
+    fasta
+        FASTA file; record ids name the outputs.
+    nucleus
+        Nucleus image: a 2-D grey TIFF / PNG / NPY file or array, at least the model's image size on
+        each side. Its largest centred square is min-max scaled to [0, 1] (as ``protloc prepare`` scales
+        crops) and area-averaged to the model's image size (as CELL-E's data pipeline resizes crops).
+        ``None``: a real nucleus shipped with the reference world (the first ``nuclei.npz`` patch not
+        completed over a neighbour), centred at the reference world's scale (12 um across at 0.4 um per
+        pixel) in a field as wide as the run's training crops (``data.crop_size``, else the paper's
+        256 px crops).
+    samples, temperature, top_k_fraction, steps, seed
+        :class:`protloc.eval.predict.SamplingConfig`: draws per sequence, sampling temperature, share
+        of threshold codes kept (paper: 25 %), decoding passes of the masked (CELL-E 2) mode, seed.
+    batch_size
+        Sequences per generation batch (each batch holds ``batch_size * samples`` rows). The same
+        seed, batch size and sequence order give the same outputs.
+    device
+        Torch device (``None``: CUDA when available).
+    overwrite
+        Replace an existing non-empty ``out``.
+    progress
+        Show a progress bar over the sequences.
+
+    Returns
+    -------
+    dict
+        The content of ``summary.json``: ``checkpoint``, ``step``, ``mode``, ``image_size``,
+        ``max_residues``, ``nucleus`` (source, how it was cropped, mask fraction), ``sampling``,
+        ``batch_size``, ``device``, ``seconds`` and ``sequences``: per sequence ``name``, ``file_stem``,
+        ``length``, ``window_start`` (0-based) and ``window_end`` (exclusive) of the residues the model
+        saw, ``end_token``, ``nucleus_proportion`` (share of the probability map inside the nucleus
+        mask, S.3.7), ``threshold_nucleus_proportion`` (share of the predicted threshold pixels inside
+        it), ``threshold_fraction``, ``files`` and ``seconds`` (its share of its batch's time).
+
+    Raises
+    ------
+    InputError
+        A missing checkpoint / FASTA / image, an invalid residue (named), a bad nucleus image (wrong
+        dimensions, too small, constant, NaN), an existing output.
+    ConfigError
+        Invalid sampling settings or batch size.
+    """
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from protloc.eval.metrics import nucleus_proportion
+    from protloc.eval.predict import SamplingConfig, predict
+    from protloc.train.celle import load_celle_run
+
+    out = Path(out)
+    records = _gather_sequences(sequences, fasta)
+    sampling = SamplingConfig(
+        temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps, samples=samples
+    )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_predict_out(out, overwrite)
+    ckpt = Path(checkpoint)
+    if not ckpt.exists():
+        raise InputError("checkpoint not found (give a `protloc train celle` run or checkpoint folder)", path=ckpt)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    t_load = time.perf_counter()
+    run = load_celle_run(ckpt, map_location=device)
+    size, max_residues = run.image_size, run.model.config.max_residues
+    if nucleus is None:
+        field = int(run.extra.get("crop_size") or 0) or _default_celle_crop()
+        nuc, nucleus_info = _reference_nucleus(size, field)
+    else:
+        if isinstance(nucleus, np.ndarray):
+            source, raw = "nucleus array", nucleus
+        else:
+            source = str(nucleus)
+            raw = read_image(nucleus)
+        nuc, nucleus_info = _nucleus_to_model(raw, size, source=source)
+        nucleus_info = {"source": source, **nucleus_info}
+    load_seconds = time.perf_counter() - t_load
+    nuc_t = torch.from_numpy(nuc)[None, None]
+
+    stems = _unique_stems([name for name, _ in records])
+    per_seq: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(records), desc="predict", unit="seq", disable=not progress, dynamic_ncols=True)
+    with bar, atomic_dir(out) as tmp:
+        write_png(tmp / "nucleus.png", (nuc * 255).round().astype(np.uint8))
+        mask_np = None
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            t_batch = time.perf_counter()
+            result = predict(
+                run, [seq for _, seq in batch], nuc_t.expand(len(batch), 1, size, size), sampling=sampling
+            )
+            prob = result["probability"].float().cpu()
+            thr = result["threshold"].float().cpu()
+            mask = result["nucleus_mask"].cpu()
+            thr_prop = nucleus_proportion(thr, mask).tolist()
+            prob_prop = result["nucleus_proportion"].float().cpu().tolist()
+            starts = result["window_start"].cpu().tolist()
+            ends = result["add_end"].cpu().tolist()
+            if mask_np is None:
+                mask_np = mask[0, 0].numpy()
+            batch_seconds = time.perf_counter() - t_batch
+            for i, (name, seq) in enumerate(batch):
+                stem = stems[start + i]
+                p = prob[i, 0].numpy().astype(np.float32)
+                t = thr[i, 0].numpy()
+                files = {
+                    "threshold": f"{stem}_threshold.png",
+                    "probability": f"{stem}_probability.npy",
+                    "overlay": f"{stem}_overlay.png",
+                }
+                write_png(tmp / files["threshold"], (t > 0.5).astype(np.uint8) * 255)
+                save_npy(tmp / files["probability"], p)
+                fig = plot_prediction(nuc, p, mask=mask_np, title=f"{name} ({len(seq)} aa)")
+                _save_fig(fig, tmp / files["overlay"])
+                s0 = int(starts[i])
+                per_seq.append({
+                    "name": name,
+                    "file_stem": stem,
+                    "length": len(seq),
+                    "window_start": s0,
+                    "window_end": min(len(seq), s0 + max_residues),
+                    "end_token": bool(ends[i]),
+                    "nucleus_proportion": float(prob_prop[i]),
+                    "threshold_nucleus_proportion": float(thr_prop[i]),
+                    "threshold_fraction": float((t > 0.5).mean()),
+                    "files": files,
+                    "seconds": round(batch_seconds / len(batch), 4),
+                })
+            bar.update(len(batch))
+        summary: dict[str, Any] = {
+            "checkpoint": str(run.checkpoint.resolve()),
+            "step": run.extra.get("step"),
+            "mode": "autoregressive" if run.model.autoregressive else "masked",
+            "image_size": size,
+            "max_residues": max_residues,
+            "nucleus": {**nucleus_info, "file": "nucleus.png", "mask_fraction": float(np.mean(mask_np))},
+            "sampling": {
+                "samples": sampling.samples,
+                "temperature": sampling.temperature,
+                "top_k_fraction": sampling.top_k_fraction,
+                "steps": sampling.steps,
+                "seed": sampling.seed,
+            },
+            "batch_size": batch_size,
+            "device": str(device),
+            "load_seconds": round(load_seconds, 3),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "sequences": per_seq,
+        }
+        _write_json(tmp / "summary.json", summary)
+    logger.info("predicted %d sequence(s) in %.1f s into %s", len(per_seq), summary["seconds"], out)
+    return summary
+
+
+def _default_celle_crop() -> int:
+    """The CELL-E crop side of ``protloc prepare`` (the paper's 256 px)."""
+    from protloc.data.preprocess import PrepareParams
+
+    return int(PrepareParams().celle_size)
