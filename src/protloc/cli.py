@@ -560,6 +560,74 @@ def _add_predict(subparsers) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+# ------------------------------------------------------------------------------------------ evaluate
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from protloc.workflows import run_evaluate
+
+    summary = run_evaluate(
+        checkpoints=args.checkpoint, names=args.name, store=args.store, out=args.out, sequences=args.sequences,
+        split=None if args.split == "all" else args.split, max_crops=args.max_crops, seed=args.seed,
+        augment=not args.no_augment, ceiling=not args.no_ceiling, baseline=not args.no_baseline,
+        train_split=args.train_split, batch_size=args.batch_size, temperature=args.temperature,
+        top_k_fraction=args.top_k_fraction, steps=args.steps, sampling_seed=args.sampling_seed,
+        device=args.device, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    crops = next(iter(summary["models"].values()))["images"]
+    print(f"mean +- sd over proteins ({crops} crops of split {args.split}, seed {args.seed}):")
+    print(summary["table"], end="")
+    print(f"evaluation written to {args.out} in {summary['seconds']:.1f} s")
+    return 0
+
+
+def _add_evaluate(subparsers) -> None:
+    p = _sub(
+        subparsers,
+        "evaluate",
+        help="CELL-E image accuracy on a split vs the VQGAN ceiling and a sequence baseline (Tables S.1-S.2)",
+        description=(
+            "Score trained CELL-E models (`protloc train celle`) on the crops of one split of the CELL-E crop store, "
+            "as in paper S.3.7: one prediction per image (one sampled set of threshold tokens, decoded, plus the "
+            "2D PDF of Eq. 3), each image randomly cropped and flipped as in training, with the crops and flips "
+            "shared across models (a hash of --seed and the crop index). Metrics per image: nucleus proportion "
+            "accuracy, predicted threshold pixel accuracy, predicted 2D PDF pixel accuracy, SSIM, nuclear "
+            "localization accuracy. Reference rows on the same crops: the VQGAN ceiling (the target threshold "
+            "image through the first model's threshold tokenizer) and a sequence-only baseline (ridge regression "
+            "of the nucleus proportion on amino-acid + dipeptide composition, fitted on --train-split); "
+            "--no-ceiling / --no-baseline leave them out.\n\n"
+            "Writes to OUT: metrics.json (per row, metric -> [mean, sd] over proteins and over images, settings, "
+            "timings), table.md (markdown tables over proteins and over images), per_image.csv and per_protein.csv "
+            "(with a model column). Prints the table over proteins."
+        ),
+        example="""
+        protloc evaluate --checkpoint runs/celle --store runs/demo/prepared/celle.zarr --out runs/evaluate
+        protloc evaluate --checkpoint runs/celle --checkpoint runs/celle_masked --name CELL-E --name "CELL-E 2" \\
+            --store prep/celle.zarr --split test --max-crops 500 --seed 1 --out runs/evaluate_test
+        """,
+    )
+    p.add_argument("--checkpoint", required=True, action="append", type=Path,
+                   help="CELL-E run folder (uses best/) or checkpoint folder (repeatable)")
+    p.add_argument("--name", action="append", default=None,
+                   help="row name of each --checkpoint, in order (default: CELL-E, or the folder names)")
+    p.add_argument("--store", required=True, type=Path, help="CELL-E crop store (OUT/celle.zarr of protloc prepare)")
+    p.add_argument("--sequences", type=Path, default=None, help="FASTA or table (default: beside the store)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--split", default="val", help="split to evaluate, or 'all'")
+    p.add_argument("--train-split", default="train", help="split the sequence baseline is fitted on")
+    p.add_argument("--max-crops", type=int, default=None, help="at most this many crops (seeded subsample)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the crops, flips and subsample")
+    p.add_argument("--no-augment", action="store_true", help="centre crops without flips")
+    p.add_argument("--no-ceiling", action="store_true", help="leave out the VQGAN-ceiling row")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the sequence-baseline row")
+    p.add_argument("--batch-size", type=int, default=8, help="crops per forward pass")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-k-fraction", type=float, default=0.25, help="share of threshold codes kept (paper: 0.25)")
+    p.add_argument("--steps", type=int, default=8, help="decoding passes of a masked (CELL-E 2) model")
+    p.add_argument("--sampling-seed", type=int, default=0, help="seed of the token sampling (shared by all models)")
+    p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    p.set_defaults(func=_cmd_evaluate)
+
+
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
@@ -601,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spectrum(sub)
     _add_interpret(sub)
     _add_predict(sub)
+    _add_evaluate(sub)
     return parser
 
 

@@ -33,7 +33,7 @@ from protloc.plotting.spectrum import plot_family_correlation, plot_feature_spec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_atlas", "run_interpret", "run_predict", "run_spectrum"]
+__all__ = ["run_atlas", "run_evaluate", "run_interpret", "run_predict", "run_spectrum"]
 
 
 def _save_fig(fig, path: Path, *, dpi: int = 120) -> Path:
@@ -641,3 +641,311 @@ def _default_celle_crop() -> int:
     from protloc.data.preprocess import PrepareParams
 
     return int(PrepareParams().celle_size)
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def _finite(value: Any) -> float | None:
+    """A float for JSON: NaN / inf -> None."""
+    f = float(value)
+    return f if np.isfinite(f) else None
+
+
+def _metric_table(table: Mapping[str, tuple[float, float]]) -> dict[str, list[float | None]]:
+    return {name: [_finite(mean), _finite(sd)] for name, (mean, sd) in table.items()}
+
+
+def _ordered_columns(columns: Sequence[str], metrics: Sequence[str]) -> list[str]:
+    """``model``, the identifier columns, the metrics in table order, then the rest (``n_images`` last)."""
+    first = [c for c in ("model", "protein_id", "index", "view") if c in columns]
+    middle = [c for c in metrics if c in columns]
+    rest = [c for c in columns if c not in first and c not in middle and c != "n_images"]
+    return [*first, *middle, *rest, *(["n_images"] if "n_images" in columns else [])]
+
+
+def _model_names(checkpoints: Sequence[Path], names: Sequence[str] | None) -> list[str]:
+    """Row names of the models: ``names`` as given, else ``CELL-E`` (one model) or the folder names."""
+    if names is not None:
+        out = [str(n) for n in names]
+        if len(out) != len(checkpoints):
+            raise InputError(
+                f"give one --name per --checkpoint ({len(checkpoints)} checkpoint(s), {len(out)} name(s))"
+            )
+        if any(not n.strip() for n in out):
+            raise InputError("model names must not be empty")
+    elif len(checkpoints) == 1:
+        out = ["CELL-E"]
+    else:
+        out = []
+        for ckpt in checkpoints:
+            base = ckpt.resolve().name or str(ckpt)
+            if base in ("best", "last"):  # a checkpoint folder inside a run: name it after the run
+                base = f"{ckpt.resolve().parent.name}/{base}"
+            name, k = base, 1
+            while name in out:
+                k += 1
+                name = f"{base} ({k})"
+            out.append(name)
+    reserved = {"VQGAN ceiling", "sequence baseline"}
+    seen: set[str] = set()
+    for n in out:
+        if n in seen:
+            raise InputError(f"model name {n!r} is given twice (names must be unique)")
+        if n in reserved:
+            raise InputError(f"model name {n!r} is reserved for a reference row")
+        seen.add(n)
+    return out
+
+
+def run_evaluate(
+    *,
+    checkpoints: Sequence[str | os.PathLike],
+    store: str | os.PathLike,
+    out: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    sequences: str | os.PathLike | Mapping[str, str] | None = None,
+    split: str | None = "val",
+    max_crops: int | None = None,
+    seed: int = 0,
+    augment: bool = True,
+    ceiling: bool = True,
+    baseline: bool = True,
+    train_split: str = "train",
+    batch_size: int = 8,
+    temperature: float = 1.0,
+    top_k_fraction: float = 0.25,
+    steps: int = 8,
+    sampling_seed: int = 0,
+    device: str | None = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Image-accuracy tables of CELL-E models on shared crops (paper S.3.7, Tables S.1-S.2): ``protloc evaluate``.
+
+    S.3.7: "we generated a single prediction per image found in the OpenCell set. Each image was randomly
+    cropped and flipped similar to training, but cropped regions and flips were maintained between
+    models." Every model (:func:`~protloc.eval.evaluate.evaluate_celle`) sees the same crops and flips
+    (they are a hash of ``seed`` and the crop index, given the same image / crop size), and so do the
+    reference rows: the VQGAN ceiling (:func:`~protloc.eval.evaluate.vqgan_ceiling`) of the *first*
+    model's threshold tokenizer and the sequence-only baseline
+    (:func:`~protloc.eval.evaluate.sequence_baseline`, fitted on ``train_split`` with the first model's
+    crop geometry). Every model samples its tokens with the same :class:`~protloc.eval.predict.SamplingConfig`.
+
+    Writes into ``out`` (a folder written beside it and moved into place when complete):
+
+    - ``metrics.json``: ``proteins`` and ``images`` (row name -> metric -> ``[mean, sd]``, over proteins
+      -- every protein counts once -- and over images, the paper's convention; ``null`` for an undefined
+      value), ``models`` (per row: checkpoint, step, images, proteins, seconds, ...), ``settings``,
+      ``same_crops``, ``table`` / ``table_images`` (the markdown tables) and ``seconds``; this is what is
+      returned;
+    - ``table.md``: :func:`~protloc.eval.evaluate.format_table` over proteins, then over images;
+    - ``per_image.csv``: every row's per-image metrics, with a ``model`` column first;
+    - ``per_protein.csv``: per-protein means, with a ``model`` column first.
+
+    Parameters
+    ----------
+    checkpoints
+        ``protloc train celle`` run folders (``best/``, else ``last/``) or checkpoint folders.
+    store
+        The CELL-E crop store (``celle.zarr`` of ``protloc prepare``).
+    out
+        Output folder; an existing non-empty one is refused unless ``overwrite`` (then it is replaced).
+    names
+        Row names, one per checkpoint (default: ``CELL-E`` for one model, else the folder names).
+    sequences
+        FASTA or ``protein_id`` / ``sequence`` table, or a mapping; ``None``: ``sequences.fasta`` (else
+        ``proteins.csv``) beside the store.
+    split
+        Crops to evaluate (``None``: every crop).
+    max_crops
+        At most this many crops (a seeded subsample shared by all rows); ``None``: all.
+    seed
+        Seed of the crop offsets / flips and of the subsample.
+    augment
+        Random crops and flips as in training (S.3.7); False: centre crops, no flips.
+    ceiling, baseline
+        Add the VQGAN-ceiling / sequence-baseline rows.
+    train_split
+        Split the sequence baseline is fitted on.
+    batch_size
+        Crops per forward pass (the sampled tokens depend on it, the crops do not).
+    temperature, top_k_fraction, steps, sampling_seed
+        :class:`~protloc.eval.predict.SamplingConfig` of every model (one prediction per image).
+    device
+        Torch device (``None``: CUDA when available).
+    overwrite
+        Replace an existing non-empty ``out``.
+    progress
+        Show progress bars.
+
+    Raises
+    ------
+    InputError
+        A missing store / checkpoint / sequence file, a ``names`` count that differs from the
+        checkpoints, duplicate names, an existing output, a protein without a sequence.
+    ConfigError
+        Invalid sampling settings, batch size or ``max_crops``.
+    """
+    import dataclasses
+    import time
+
+    import torch
+
+    from protloc.eval.evaluate import (
+        METRICS,
+        EvaluationResult,
+        evaluate_celle,
+        format_table,
+        sequence_baseline,
+        vqgan_ceiling,
+    )
+    from protloc.eval.predict import SamplingConfig
+    from protloc.train.celle import _default_sequences, load_celle_run, read_sequences
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    ckpts = [Path(c) for c in checkpoints]
+    if not ckpts:
+        raise InputError("give at least one checkpoint to evaluate")
+    row_names = _model_names(ckpts, names)
+    sampling = SamplingConfig(
+        temperature=temperature, top_k_fraction=top_k_fraction, seed=sampling_seed, steps=steps, samples=1
+    )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_crops is not None and (isinstance(max_crops, bool) or not isinstance(max_crops, int) or max_crops < 1):
+        raise ConfigError(f"max_crops must be a positive integer or None, got {max_crops!r}")
+    _check_predict_out(out, overwrite)
+    crops = CropStore.open(store)
+    for ckpt in ckpts:
+        if not ckpt.exists():
+            raise InputError("checkpoint not found (give a `protloc train celle` run or checkpoint folder)", path=ckpt)
+    if sequences is None:
+        seq_source: str = str(_default_sequences(Path(crops.path)))
+        seqs = read_sequences(seq_source)
+    elif isinstance(sequences, Mapping):
+        seq_source = "mapping"
+        seqs = {str(k): str(v) for k, v in sequences.items()}
+    else:
+        seq_source = str(sequences)
+        seqs = read_sequences(sequences)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    common: dict[str, Any] = dict(
+        split=split, max_crops=max_crops, augment=augment, seed=seed, batch_size=batch_size, progress=progress
+    )
+
+    results: dict[str, EvaluationResult] = {}
+    models: dict[str, dict[str, Any]] = {}
+    loaded: dict[Path, Any] = {}
+    first_run = None
+    for name, ckpt in zip(row_names, ckpts, strict=True):
+        t0 = time.perf_counter()
+        key = ckpt.resolve()
+        if key not in loaded:  # the same run twice is loaded once
+            loaded[key] = load_celle_run(ckpt, map_location=device)
+        run = loaded[key]
+        if first_run is None:
+            first_run = run
+        res = evaluate_celle(run, crops, sequences=seqs, sampling=sampling, **common)
+        results[name] = res
+        models[name] = {
+            "kind": "CELL-E",
+            "checkpoint": str(run.checkpoint.resolve()),
+            "step": run.extra.get("step"),
+            "mode": "autoregressive" if run.model.autoregressive else "masked",
+            "image_size": run.image_size,
+            "crop_size": res.info.get("crop_size"),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        logger.info("evaluated %s on %d crops in %.1f s", name, len(res.per_image), models[name]["seconds"])
+    assert first_run is not None
+    rows: dict[str, EvaluationResult] = {}
+    if ceiling:
+        t0 = time.perf_counter()
+        rows["VQGAN ceiling"] = vqgan_ceiling(first_run, crops, sequences=seqs, **common)
+        models["VQGAN ceiling"] = {
+            "kind": "VQGAN ceiling",
+            "checkpoint": str(first_run.checkpoint.resolve()),
+            "tokenizer": (first_run.extra.get("tokenizers") or {}).get("threshold"),
+            "image_size": first_run.image_size,
+            "crop_size": rows["VQGAN ceiling"].info.get("crop_size"),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    rows.update(results)
+    if baseline:
+        t0 = time.perf_counter()
+        base = sequence_baseline(
+            crops, sequences=seqs, train_split=train_split, image_size=first_run.image_size,
+            crop_size=int(first_run.extra.get("crop_size") or 0), **common,
+        )
+        rows["sequence baseline"] = base
+        models["sequence baseline"] = {
+            "kind": "sequence baseline",
+            "features": base.info.get("features"),
+            "alpha": _finite(base.info.get("alpha", float("nan"))),
+            "train_split": train_split,
+            "train_proteins": base.info.get("train_proteins"),
+            "train_crops": base.info.get("train_crops"),
+            "image_size": base.info.get("image_size"),
+            "crop_size": base.info.get("crop_size"),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    for name, res in rows.items():
+        models[name]["images"] = len(res.per_image)
+        models[name]["proteins"] = len(res.per_protein)
+    models = {name: models[name] for name in rows}  # row order
+
+    reference = next(iter(rows.values())).per_image[["index", "view"]].reset_index(drop=True)
+    same_crops = all(r.per_image[["index", "view"]].reset_index(drop=True).equals(reference) for r in rows.values())
+    if not same_crops:
+        logger.warning("the rows were evaluated on different crops (different image or crop sizes?)")
+
+    table_proteins = format_table(rows, over="proteins")
+    table_images = format_table(rows, over="images")
+    settings = {
+        "store": str(Path(crops.path).resolve()),
+        "sequences": seq_source,
+        "split": split,
+        "max_crops": max_crops,
+        "seed": int(seed),
+        "augment": bool(augment),
+        "batch_size": batch_size,
+        "sampling": {k: v for k, v in dataclasses.asdict(sampling).items() if k != "samples"},
+        "ceiling": bool(ceiling),
+        "baseline": bool(baseline),
+        "device": str(device),
+    }
+    with atomic_dir(out) as tmp:
+        summary: dict[str, Any] = {
+            "proteins": {name: _metric_table(r.table) for name, r in rows.items()},
+            "images": {name: _metric_table(r.table_images) for name, r in rows.items()},
+            "models": models,
+            "settings": settings,
+            "same_crops": bool(same_crops),
+            "table": table_proteins,
+            "table_images": table_images,
+            "seconds": round(time.perf_counter() - t_start, 3),
+        }
+        note = (
+            f"split {split or 'all'}, {len(reference)} crops, seed {seed}, "
+            f"{'random crops and flips shared across models' if augment else 'centre crops'} (S.3.7)\n"
+        )
+        atomic_write_text(
+            tmp / "table.md",
+            f"# Evaluation\n\n{note}\n## Mean +- sd over proteins\n\n{table_proteins}\n"
+            f"## Mean +- sd over images\n\n{table_images}",
+        )
+        per_image = pd.concat(
+            [r.per_image.assign(model=name) for name, r in rows.items()], ignore_index=True, sort=False
+        )
+        per_image = per_image[_ordered_columns(per_image.columns, METRICS)]
+        with atomic_path(tmp / "per_image.csv") as f:
+            per_image.to_csv(f, index=False)
+        per_protein = pd.concat(
+            [r.per_protein.reset_index().assign(model=name) for name, r in rows.items()], ignore_index=True, sort=False
+        )
+        per_protein = per_protein[_ordered_columns(per_protein.columns, METRICS)]
+        with atomic_path(tmp / "per_protein.csv") as f:
+            per_protein.to_csv(f, index=False)
+        _write_json(tmp / "metrics.json", summary)
+    logger.info("evaluation of %d row(s) written to %s in %.1f s", len(rows), out, summary["seconds"])
+    return summary
