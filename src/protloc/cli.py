@@ -560,6 +560,206 @@ def _add_predict(subparsers) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+# -------------------------------------------------------------------------------------------- screen
+_SCREEN_OPTIONS = {  # option -> (argparse dest, the mode it belongs to)
+    "--at": ("at", "insert"),
+    "--from": ("from_", "truncate"),
+    "--min-length": ("min_length", "truncate"),
+    "--step": ("step", "delete"),
+    "--positions": ("positions", "mutate"),
+    "--method": ("method", "attention"),
+}
+
+
+def _parse_peptides(values: Sequence[str]) -> dict[str, str]:
+    from protloc.errors import InputError
+
+    peptides: dict[str, str] = {}
+    for value in values:
+        name, sep, peptide = value.partition("=")
+        name, peptide = (name.strip(), peptide.strip()) if sep else (value.strip(), value.strip())
+        if not name or not peptide:
+            raise InputError(f"--insert takes NAME=PEPTIDE (e.g. NLS=PKKKRKV), got {value!r}")
+        if name in peptides:
+            raise InputError(f"--insert names peptide {name!r} twice")
+        peptides[name] = peptide
+    return peptides
+
+
+def _parse_at(values: Sequence[str]) -> list[int | str]:
+    from protloc.errors import InputError
+
+    out: list[int | str] = []
+    for value in values:
+        v = value.strip().lower()
+        if v in ("start", "end"):
+            out.append(v)
+            continue
+        try:
+            i = int(v)
+        except ValueError:
+            i = -1
+        if i < 0:
+            raise InputError(f"--at takes start, end or a residue count >= 0 (insert after it), got {value!r}")
+        out.append(i)
+    return out
+
+
+def _parse_positions(spec: str) -> list[int]:
+    """``"1-50,60,70-72"`` (1-based, inclusive) -> 0-based positions, in order, without repeats."""
+    from protloc.errors import InputError
+
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            a = b = 0
+        if a < 1 or b < a:
+            raise InputError(f"--positions takes 1-based residues or ranges like 1-50,60 (got {spec!r})")
+        out.extend(range(a - 1, b))
+    return list(dict.fromkeys(out))
+
+
+def _cmd_screen(args: argparse.Namespace) -> int:
+    from protloc.errors import InputError
+    from protloc.workflows import run_screen_workflow
+
+    given = {
+        "insert": args.insert is not None,
+        "truncate": args.truncate is not None,
+        "delete": args.delete is not None,
+        "mutate": args.mutate is not None,
+        "attention": args.attention,
+    }
+    modes = [m for m, on in given.items() if on]
+    if len(modes) != 1:
+        flags = "--insert, --truncate, --delete, --mutate or --attention"
+        raise InputError(f"give exactly one screen: {flags}" + (f" (got --{' and --'.join(modes)})" if modes else ""))
+    mode = modes[0]
+    for option, (dest, owner) in _SCREEN_OPTIONS.items():
+        if getattr(args, dest) is not None and owner != mode:
+            raise InputError(f"{option} applies to --{owner}, not --{mode}")
+    kwargs: dict = {}
+    if mode == "insert":
+        kwargs = {"peptides": _parse_peptides(args.insert), "at": _parse_at(args.at or ["end"])}
+    elif mode == "truncate":
+        min_length = 1 if args.min_length is None else args.min_length
+        kwargs = {"step": args.truncate, "from_": args.from_ or "n", "min_length": min_length}
+    elif mode == "delete":
+        kwargs = {"window": args.delete, "step": args.step}
+    elif mode == "mutate":
+        positions = None if args.positions is None else _parse_positions(args.positions)
+        kwargs = {"residues": args.mutate, "positions": positions}
+    else:
+        kwargs = {"method": args.method or "rollout"}
+    summary = run_screen_workflow(
+        checkpoint=args.checkpoint, out=args.out, mode=mode, sequence=args.sequence, name=args.name,
+        fasta=args.fasta, record_id=args.id, nucleus=args.nucleus, samples=args.samples,
+        temperature=args.temperature, top_k_fraction=args.top_k_fraction, steps=args.steps, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, progress=not args.quiet, **kwargs,
+    )
+    seq = summary["sequence"]
+    table = {
+        "checkpoint": f"{summary['checkpoint']} (step {summary['step']})",
+        "sequence": f"{seq['name']} ({seq['length']} residues, model window {summary['model_window']})",
+        "nucleus": summary["nucleus"]["source"],
+    }
+    if mode == "attention":
+        table.update({"patches": f"{summary['n_present']} present, {summary['n_background']} background",
+                      "seconds": summary["seconds"]})
+        _print_table("screen (attention)", table)
+        for r in summary["top_residues"]:
+            print(f"  {r['residue']}{r['position']}: present - background {_fmt(r['difference'])}")
+    else:
+        table.update({"variants": summary["variants"],
+                      "wild type": f"nucleus proportion {_fmt(summary['wild_type_nucleus_proportion'])}",
+                      "seconds": summary["seconds"]})
+        _print_table(f"screen ({mode})", table)
+        for r in summary["top_variants"]:
+            print(f"  {r['name']}: nucleus proportion {_fmt(r['nucleus_proportion'])} (delta {r['delta']:+.3f})")
+    for w in summary["warnings"]:
+        print(f"warning: {w}")
+    print(f"screen written to {args.out}")
+    return 0
+
+
+def _add_screen(subparsers) -> None:
+    p = _sub(
+        subparsers,
+        "screen",
+        help="CELL-E in-silico screens: insertions, truncations, deletions, substitutions, residue attention",
+        description=(
+            "Predict variants of one protein with a trained CELL-E (`protloc train celle`), all against the same "
+            "nucleus image and with the same sampling noise (common random numbers), and tabulate each "
+            "variant's nucleus proportion (S.3.7) and its change from the wild type (paper Sec. 2.3: GFP and "
+            "GFP + NLS insertions, Fig. 4; the TOP1 N-terminal truncation series, Fig. 5). One screen per call:\n"
+            "  --insert NAME=PEPTIDE (repeatable) at --at start | end | N (after N residues; repeatable)\n"
+            "  --truncate STEP: remove 1, 2, ... x STEP residues from --from n|c, keeping --min-length\n"
+            "  --delete WINDOW: internal deletions of WINDOW residues sliding by --step (default WINDOW)\n"
+            "  --mutate A|all: substitutions to these residues at --positions (1-based, e.g. 1-50,60; "
+            "default all)\n"
+            "  --attention: attention of protein-present vs background threshold patches to each residue "
+            "(S.3.8, Fig. 6; --method rollout or mean), from one generated image\n\n"
+            "The wild type: --sequence (named --name), a --fasta record (--id; optional for a one-record file), "
+            "or --id alone for an engineered construct shipped with the reference world (GFP, "
+            "GFP_NLS_nucleoplasmin, GFP_NLS_NMyc, GFP_random_peptide, TOP1, GFP_TOP1_1-199, ...). --nucleus as "
+            "in `protloc predict` (default: the reference nucleus).\n\n"
+            "Writes to OUT: screen.csv (name, kind, position (0-based), length, detail, nucleus_proportion, sd, "
+            "delta, input_changed; wild type first), screen.png and summary.json (mode, settings, wild-type "
+            "nucleus proportion, the 5 largest |delta|, checkpoint, seconds, warnings: variants that change "
+            "only residues beyond the model's N-terminal window see the wild type's input). With --attention: "
+            "attention.csv (residue, position, present, background, difference), attention.png, summary.json."
+        ),
+        example="""
+        protloc screen --checkpoint runs/celle --sequence MSKGEELFTGVVPILVELDGDVNGHKFSVSGEGEG --insert NLS=PKKKRKV \\
+            --at end --out runs/screen_nls
+        protloc screen --checkpoint runs/celle --id GFP --insert nucleoplasmin=KRPAATKKAGQAKKKK \\
+            --insert N-Myc=PAAKRVKLD --at start --at end --samples 4 --out runs/screen_gfp
+        protloc screen --checkpoint runs/celle --id TOP1 --truncate 25 --from n --min-length 100 --out runs/screen_top1
+        protloc screen --checkpoint runs/celle --fasta queries.fasta --id P3 --delete 5 --step 2 --out runs/screen_del
+        protloc screen --checkpoint runs/celle --id GFP_NLS_NMyc --mutate A --positions 239-247 --out runs/screen_ala
+        protloc screen --checkpoint runs/celle --id GFP_NLS_nucleoplasmin --attention --method rollout \\
+            --out runs/screen_attention
+        """,
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="CELL-E run folder (uses best/) or checkpoint")
+    p.add_argument("--sequence", default=None, help="the wild-type amino-acid sequence")
+    p.add_argument("--name", default=None, help="name of the --sequence; None: query")
+    p.add_argument("--fasta", type=Path, default=None, help="FASTA file holding the wild type (pick it with --id)")
+    p.add_argument("--id", default=None, help="FASTA record id; without --fasta: an engineered construct")
+    p.add_argument("--nucleus", type=Path, default=None, help="2-D grey nucleus image; None: reference nucleus")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    kind = p.add_argument_group("screens (exactly one)")
+    kind.add_argument("--insert", action="append", default=None, metavar="NAME=PEPTIDE",
+                      help="peptide to insert (repeatable)")
+    kind.add_argument("--at", action="append", default=None, metavar="start|end|N",
+                      help="insertion point: start, end or after N residues (repeatable); None: end")
+    kind.add_argument("--truncate", type=int, default=None, metavar="STEP", help="truncation series step (residues)")
+    kind.add_argument("--from", dest="from_", choices=["n", "c"], default=None,
+                      help="terminus truncated; None: n")
+    kind.add_argument("--min-length", type=int, default=None, help="shortest truncation kept; None: 1")
+    kind.add_argument("--delete", type=int, default=None, metavar="WINDOW", help="deletion scan window (residues)")
+    kind.add_argument("--step", type=int, default=None, help="deletion window slide; None: WINDOW")
+    kind.add_argument("--mutate", default=None, metavar="A|all", help="target residue(s) of a mutational scan")
+    kind.add_argument("--positions", default=None, metavar="1-50",
+                      help="residues to mutate (1-based ranges, comma-separated); None: all")
+    kind.add_argument("--attention", action="store_true", help="residue attention, present vs background (S.3.8)")
+    kind.add_argument("--method", choices=["rollout", "mean"], default=None,
+                      help="attention over layers; None: rollout")
+    p.add_argument("--samples", type=int, default=1, help="draws per variant (mean and sd of the proportion)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-k-fraction", type=float, default=0.25, help="share of threshold codes kept (paper: 0.25)")
+    p.add_argument("--steps", type=int, default=8, help="decoding passes of a masked (CELL-E 2) model")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (shared by all variants)")
+    p.add_argument("--batch-size", type=int, default=8, help="variants per generation batch (same results)")
+    p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    p.set_defaults(func=_cmd_screen)
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from protloc.workflows import run_evaluate
@@ -669,6 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spectrum(sub)
     _add_interpret(sub)
     _add_predict(sub)
+    _add_screen(sub)
     _add_evaluate(sub)
     return parser
 

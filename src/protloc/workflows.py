@@ -33,7 +33,7 @@ from protloc.plotting.spectrum import plot_family_correlation, plot_feature_spec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_atlas", "run_evaluate", "run_interpret", "run_predict", "run_spectrum"]
+__all__ = ["run_atlas", "run_evaluate", "run_interpret", "run_predict", "run_screen_workflow", "run_spectrum"]
 
 
 def _save_fig(fig, path: Path, *, dpi: int = 120) -> Path:
@@ -439,6 +439,41 @@ def _gather_sequences(
     return records
 
 
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def _load_celle(checkpoint: str | os.PathLike, device: str | None) -> tuple[Any, str]:
+    """Load a CELL-E run or checkpoint folder on ``device`` (``None``: CUDA when available)."""
+    import torch
+
+    from protloc.train.celle import load_celle_run
+
+    ckpt = Path(checkpoint)
+    if not ckpt.exists():
+        raise InputError("checkpoint not found (give a `protloc train celle` run or checkpoint folder)", path=ckpt)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_celle_run(ckpt, map_location=device), device
+
+
+def _model_nucleus(run: Any, nucleus: str | os.PathLike | np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The ``[S, S]`` nucleus input of ``run``: from an image file / array, else the reference nucleus
+    (see :func:`run_predict`), with a description of its source."""
+    size = run.image_size
+    if nucleus is None:
+        field = int(run.extra.get("crop_size") or 0) or _default_celle_crop()
+        return _reference_nucleus(size, field)
+    if isinstance(nucleus, np.ndarray):
+        source, raw = "nucleus array", nucleus
+    else:
+        source = str(nucleus)
+        raw = read_image(nucleus)
+    nuc, info = _nucleus_to_model(raw, size, source=source)
+    return nuc, {"source": source, **info}
+
+
 def run_predict(
     *,
     checkpoint: str | os.PathLike,
@@ -528,35 +563,18 @@ def run_predict(
 
     from protloc.eval.metrics import nucleus_proportion
     from protloc.eval.predict import SamplingConfig, predict
-    from protloc.train.celle import load_celle_run
 
     out = Path(out)
     records = _gather_sequences(sequences, fasta)
     sampling = SamplingConfig(
         temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps, samples=samples
     )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_batch_size(batch_size)
     _check_predict_out(out, overwrite)
-    ckpt = Path(checkpoint)
-    if not ckpt.exists():
-        raise InputError("checkpoint not found (give a `protloc train celle` run or checkpoint folder)", path=ckpt)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-
     t_load = time.perf_counter()
-    run = load_celle_run(ckpt, map_location=device)
+    run, device = _load_celle(checkpoint, device)
     size, max_residues = run.image_size, run.model.config.max_residues
-    if nucleus is None:
-        field = int(run.extra.get("crop_size") or 0) or _default_celle_crop()
-        nuc, nucleus_info = _reference_nucleus(size, field)
-    else:
-        if isinstance(nucleus, np.ndarray):
-            source, raw = "nucleus array", nucleus
-        else:
-            source = str(nucleus)
-            raw = read_image(nucleus)
-        nuc, nucleus_info = _nucleus_to_model(raw, size, source=source)
-        nucleus_info = {"source": source, **nucleus_info}
+    nuc, nucleus_info = _model_nucleus(run, nucleus)
     load_seconds = time.perf_counter() - t_load
     nuc_t = torch.from_numpy(nuc)[None, None]
 
@@ -948,4 +966,281 @@ def run_evaluate(
             per_protein.to_csv(f, index=False)
         _write_json(tmp / "metrics.json", summary)
     logger.info("evaluation of %d row(s) written to %s in %.1f s", len(rows), out, summary["seconds"])
+    return summary
+
+
+# -------------------------------------------------------------------------------------------- screen
+SCREEN_MODES = ("insert", "truncate", "delete", "mutate", "attention")
+"""The kinds of ``protloc screen`` (:func:`run_screen_workflow`), one per call."""
+
+
+def _screen_sequence(
+    sequence: str | None, name: str | None, fasta: str | os.PathLike | None, record_id: str | None
+) -> tuple[str, str, str]:
+    """``(name, sequence, source)`` of the wild type: a given sequence, a FASTA record, or (``record_id``
+    alone) one of the engineered constructs shipped with the reference world."""
+    if sequence is not None:
+        if fasta is not None or record_id is not None:
+            raise InputError("give either a sequence or a FASTA record (--fasta / --id), not both")
+        label = name or "query"
+        return label, validate_sequence(sequence, name=label), "sequence"
+    if name is not None:
+        raise InputError("--name names a --sequence; a FASTA record is named by its id")
+    if fasta is None:
+        if record_id is None:
+            raise InputError("give a sequence (--sequence) or a FASTA record (--fasta with --id)")
+        from protloc.data.world.assets import load_engineered
+
+        constructs = load_engineered()
+        if record_id not in constructs:
+            raise InputError(
+                f"no engineered construct {record_id!r} (shipped: {', '.join(constructs)}); "
+                "pass --fasta to read the id from a file"
+            )
+        return record_id, constructs[record_id], "engineered constructs (protloc/data/world/assets/engineered.fasta)"
+    path = Path(fasta)
+    if not path.is_file():
+        raise InputError("FASTA file not found", path=path)
+    records = read_fasta(path)
+    if not records:
+        raise InputError("the FASTA file holds no sequences", path=path)
+    if record_id is None:
+        if len(records) > 1:
+            raise InputError(f"the FASTA file holds {len(records)} sequences: pick one with --id", path=path)
+        record_id = next(iter(records))
+    if record_id not in records:
+        shown = ", ".join(list(records)[:5]) + (", ..." if len(records) > 5 else "")
+        raise InputError(f"no record {record_id!r} in the FASTA file (ids: {shown})", path=path)
+    return record_id, records[record_id], str(path)
+
+
+def _screen_variants(mode: str, seq: str, name: str, opts: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The variants of one screen and the settings that made them (for ``summary.json``)."""
+    from protloc.analysis.screens import deletion_scan, insertion_variants, mutational_scan, truncation_series
+
+    n = len(seq)
+    if mode == "insert":
+        peptides = dict(opts.get("peptides") or {})
+        at = list(opts.get("at") or ["end"])
+        for p in at:
+            if isinstance(p, int) and not isinstance(p, bool) and not 0 <= p <= n:
+                raise InputError(f"insertion point {p} is outside 0..{n} (residues before the insertion)")
+        variants = insertion_variants(seq, peptides, at, seq_name=name)
+        return variants, {"peptides": peptides, "at": at}
+    if mode == "truncate":
+        step, from_, min_length = opts.get("step"), opts.get("from_", "n"), opts.get("min_length", 1)
+        variants = truncation_series(seq, step=step, from_=from_, min_length=min_length, seq_name=name)
+        if len(variants) == 1:
+            raise InputError(f"no truncation of {step} residues leaves at least {min_length} of {n}")
+        return variants, {"step": step, "from": from_, "min_length": min_length}
+    if mode == "delete":
+        window, step = opts.get("window"), opts.get("step")
+        variants = deletion_scan(seq, window=window, step=step, seq_name=name)
+        return variants, {"window": window, "step": window if step is None else step}
+    if mode == "mutate":
+        residues, positions = opts.get("residues", "A"), opts.get("positions")
+        if positions is not None:
+            positions = list(positions)
+            bad = [p + 1 for p in positions if not 0 <= p < n]
+            if bad:
+                raise InputError(f"position(s) {bad[:5]} (1-based) outside the sequence of {n} residues")
+        variants = mutational_scan(seq, residues=residues, positions=positions, seq_name=name)
+        if len(variants) == 1:
+            raise InputError("no substitutions: every chosen position already holds the target residue")
+        where = "all" if positions is None else [p + 1 for p in positions]
+        return variants, {"residues": residues, "positions_1based": where}
+    raise ConfigError(f"screen mode must be one of {', '.join(SCREEN_MODES)}, got {mode!r}")
+
+
+def run_screen_workflow(
+    *,
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    mode: str,
+    sequence: str | None = None,
+    name: str | None = None,
+    fasta: str | os.PathLike | None = None,
+    record_id: str | None = None,
+    nucleus: str | os.PathLike | np.ndarray | None = None,
+    peptides: Mapping[str, str] | None = None,
+    at: Sequence[int | str] = ("end",),
+    step: int | None = None,
+    from_: str = "n",
+    min_length: int = 1,
+    window: int | None = None,
+    residues: str = "A",
+    positions: Sequence[int] | None = None,
+    method: str = "rollout",
+    present_min: float = 0.5,
+    background_max: float = 0.5,
+    samples: int = 1,
+    temperature: float = 1.0,
+    top_k_fraction: float = 0.25,
+    steps: int = 8,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str | None = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """In-silico screen of one protein with a trained CELL-E (paper Fig. 4-6, S.3.8): ``protloc screen``.
+
+    One ``mode`` per call (:mod:`protloc.analysis.screens`):
+
+    - ``"insert"``: every peptide of ``peptides`` (name -> sequence) at every point of ``at`` (``"start"``,
+      ``"end"`` or ``i`` = after ``i`` residues, 0..len): the GFP + NLS experiment of Fig. 4;
+    - ``"truncate"``: terminal truncations by multiples of ``step`` from ``from_`` (``"n"`` / ``"c"``),
+      keeping at least ``min_length`` residues: the TOP1 series of Fig. 5;
+    - ``"delete"``: internal deletions of ``window`` residues, sliding by ``step`` (default ``window``);
+    - ``"mutate"``: point substitutions to ``residues`` (one-letter codes or ``"all"``) at ``positions``
+      (0-based; default every residue);
+    - ``"attention"``: the residues attended by protein-present vs background patches of one generated
+      threshold image (``method`` ``"rollout"`` or ``"mean"``, patch groups by ``present_min`` /
+      ``background_max``, S.3.8).
+
+    Every variant is predicted against the same nucleus image (``nucleus`` as in :func:`run_predict`,
+    default the reference nucleus) with the same sampling noise (common random numbers), so a ``delta``
+    reflects the sequence change. Writes into ``out`` (a folder written beside it and moved into place when
+    complete): ``screen.csv`` (the :func:`~protloc.analysis.screens.run_screen` table, wild type first),
+    ``screen.png`` (:func:`~protloc.plotting.screens.plot_screen`) and ``summary.json``; for ``"attention"``
+    ``attention.csv`` (``residue``, ``position`` 1-based, ``present``, ``background``, ``difference``),
+    ``attention.png`` and ``summary.json``.
+
+    The wild type is ``sequence`` (named ``name``, default ``query``), or record ``record_id`` of
+    ``fasta`` (may be left out for a one-record file), or -- ``record_id`` without ``fasta`` -- one of the
+    engineered constructs shipped with the reference world (``GFP``, ``GFP_NLS_nucleoplasmin``, ``TOP1``, ...).
+
+    Returns
+    -------
+    dict
+        The content of ``summary.json``: ``mode``, ``settings`` (the mode's options, sampling, batch size,
+        device), ``sequence`` (name, length, source), ``checkpoint``, ``step``, ``model_window``
+        (``max_residues``), ``nucleus``, ``warnings``, ``files``, ``seconds`` and, for a screen,
+        ``variants``, ``wild_type_nucleus_proportion``, ``top_variants`` (the 5 largest ``|delta|``) and
+        ``outside_window`` (variants whose model input equals the wild type's: the change lies beyond the
+        model's N-terminal window); for attention, ``window``, ``n_present`` / ``n_background`` and
+        ``top_residues`` (the 5 largest present - background differences).
+
+    Raises
+    ------
+    InputError
+        A missing checkpoint / FASTA / record / image, an invalid residue (named), positions outside the
+        sequence, an existing output.
+    ConfigError
+        An unknown mode or method, invalid sampling settings or batch size.
+    """
+    import dataclasses
+    import time
+
+    import torch
+
+    from protloc.analysis.screens import residue_attention, run_screen
+    from protloc.eval.predict import SamplingConfig
+    from protloc.plotting.screens import plot_residue_attention, plot_screen
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if mode not in SCREEN_MODES:
+        raise ConfigError(f"screen mode must be one of {', '.join(SCREEN_MODES)}, got {mode!r}")
+    if mode == "attention" and method not in ("rollout", "mean"):
+        raise ConfigError(f"attention method must be 'rollout' or 'mean', got {method!r}")
+    seq_name, seq, seq_source = _screen_sequence(sequence, name, fasta, record_id)
+    sampling = SamplingConfig(
+        temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps, samples=samples
+    )
+    _check_batch_size(batch_size)
+    if mode != "attention":
+        opts = {"peptides": peptides, "at": at, "step": step, "from_": from_, "min_length": min_length,
+                "window": window, "residues": residues, "positions": positions}  # fmt: skip
+        variants, mode_settings = _screen_variants(mode, seq, seq_name, opts)
+    else:
+        variants, mode_settings = [], {"method": method, "present_min": present_min, "background_max": background_max}
+    _check_predict_out(out, overwrite)
+    run, device = _load_celle(checkpoint, device)
+    nuc, nucleus_info = _model_nucleus(run, nucleus)
+    nuc_t = torch.from_numpy(nuc)[None, None]
+    max_residues = run.model.config.max_residues
+    sampling_settings = dataclasses.asdict(sampling)
+    if mode == "attention":
+        sampling_settings.pop("samples")  # one draw
+    summary: dict[str, Any] = {
+        "mode": mode,
+        "settings": {**mode_settings, "sampling": sampling_settings, "batch_size": batch_size, "device": str(device)},
+        "sequence": {"name": seq_name, "length": len(seq), "source": seq_source},
+        "checkpoint": str(run.checkpoint.resolve()),
+        "step": run.extra.get("step"),
+        "model_window": max_residues,
+        "nucleus": nucleus_info,
+    }
+    warnings: list[str] = []
+    with atomic_dir(out) as tmp:
+        if mode == "attention":
+            res = residue_attention(
+                run, seq, nuc_t, sampling=sampling, method=method,  # type: ignore[arg-type]
+                present_min=present_min, background_max=background_max,
+            )  # fmt: skip
+            table = pd.DataFrame({
+                "residue": list(res["residues"]),
+                "position": res["positions"],
+                "present": res["present"],
+                "background": res["background"],
+                "difference": res["difference"],
+            })
+            with atomic_path(tmp / "attention.csv") as f:
+                table.to_csv(f, index=False)
+            fig = plot_residue_attention(res, seq)
+            fig.axes[0].set_title(f"{seq_name}: residue attention ({method}, S.3.8)", fontsize=10)
+            _save_fig(fig, tmp / "attention.png")
+            start, n_res = int(res["window_start"]), len(res["residues"])
+            if n_res < len(seq):
+                warnings.append(
+                    f"the model sees residues {start + 1}-{start + n_res} of {len(seq)}: "
+                    "the attention covers only those"
+                )
+            for group, count in (("present", res["n_present"]), ("background", res["n_background"])):
+                if count == 0:
+                    warnings.append(f"no {group} patches in the generated threshold image: its column is empty (NaN)")
+            finite = table[np.isfinite(table["difference"])]
+            top = finite.reindex(finite["difference"].sort_values(ascending=False, kind="stable").index).head(5)
+            summary.update({
+                "window": {"start": start + 1, "end": start + n_res},
+                "n_present": res["n_present"],
+                "n_background": res["n_background"],
+                "top_residues": top.to_dict(orient="records"),
+                "files": ["attention.csv", "attention.png", "summary.json"],
+            })
+        else:
+            df = run_screen(run, variants, nuc_t, sampling=sampling, batch_size=batch_size, progress=progress)
+            with atomic_path(tmp / "screen.csv") as f:
+                df.to_csv(f, index=False)
+            wt = float(df["nucleus_proportion"].iloc[0])
+            title = f"{seq_name}: {mode} screen (wild type nucleus proportion {wt:.3f})"
+            _save_fig(plot_screen(df, title=title), tmp / "screen.png")
+            rest = df.iloc[1:]
+            unchanged = [str(v) for v in rest.loc[~rest["input_changed"].astype(bool), "name"]]
+            if unchanged:
+                warnings.append(
+                    f"{len(unchanged)} of {len(rest)} variant(s) change the sequence only beyond the model's "
+                    f"{max_residues}-residue N-terminal window: their input equals the wild type's (delta 0)"
+                )
+            order = rest["delta"].abs().sort_values(ascending=False, kind="stable").index
+            top_cols = ["name", "kind", "position", "detail", "nucleus_proportion", "delta", "input_changed"]
+            top_rows = []
+            for rec in rest.loc[order[:5], top_cols].to_dict(orient="records"):
+                rec["position"] = None if pd.isna(rec["position"]) else int(rec["position"])
+                rec["input_changed"] = bool(rec["input_changed"])
+                top_rows.append(rec)
+            summary.update({
+                "variants": len(df),
+                "wild_type_nucleus_proportion": wt,
+                "top_variants": top_rows,
+                "outside_window": unchanged,
+                "files": ["screen.csv", "screen.png", "summary.json"],
+            })
+        for w in warnings:
+            logger.warning("%s", w)
+        summary["warnings"] = warnings
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        _write_json(tmp / "summary.json", summary)
+    logger.info("%s screen of %s written to %s in %.1f s", mode, seq_name, out, summary["seconds"])
     return summary
