@@ -52,17 +52,12 @@ from protloc.data.sequences import STANDARD, validate_sequence
 from protloc.errors import ConfigError, InputError
 from protloc.eval.metrics import nucleus_mask, nucleus_proportion
 from protloc.eval.predict import (
-    GenerationResult,
     SamplingConfig,
-    _gumbel,
-    _masked_left,
     _text_kwargs,
     _windows,
-    filter_top_k,
     generate,
     probability_map,
 )
-from protloc.models.celle import Celle
 
 if TYPE_CHECKING:
     from protloc.train.celle import CelleRun
@@ -357,59 +352,6 @@ def _check_run(run: CelleRun) -> None:
         )
 
 
-def _draw(
-    logits: Tensor, sampling: SamplingConfig, generator: torch.Generator, b: int, n: int
-) -> tuple[Tensor, Tensor]:
-    """Gumbel-max draw as :func:`protloc.eval.predict._sample`, but with common random numbers: rows are
-    ``variant * n + sample`` and every variant's sample ``j`` gets the same noise (drawn ``[n, ...]``)."""
-    scaled = logits.float() / sampling.temperature
-    probs = scaled.softmax(dim=-1)
-    noise = _gumbel((n, *scaled.shape[1:]), generator, scaled.device)
-    noise = noise.repeat(b, *([1] * (scaled.dim() - 1)))  # tile: row v * n + j gets noise[j]
-    return (filter_top_k(scaled, sampling.top_k_fraction) + noise).argmax(dim=-1), probs
-
-
-def _generate_common(
-    model: Celle, text: dict[str, Tensor | None], nucleus: Tensor, sampling: SamplingConfig, b: int, n: int
-) -> GenerationResult:
-    """:func:`protloc.eval.predict.generate` with the noise shared across variants (see :func:`_draw`);
-    for ``b = 1`` it is exactly ``generate`` with a generator seeded with ``sampling.seed``."""
-    c = model.config
-    G, K, o = c.grid_tokens, c.num_threshold_codes, c.threshold_offset
-    gen = torch.Generator().manual_seed(sampling.seed)
-    rows_b = nucleus.shape[0]
-    tokens = nucleus.new_zeros(rows_b, G)
-    if model.autoregressive:
-        cache = model.new_cache(rows_b)
-        logits = model.forward_step(cache, nucleus=nucleus, **text)[:, -1, o:]
-        probs = torch.empty(rows_b, G, K, dtype=torch.float32, device=nucleus.device)
-        for i in range(G):
-            tokens[:, i], probs[:, i] = _draw(logits, sampling, gen, b, n)
-            if i + 1 < G:
-                logits = model.forward_step(cache, threshold=tokens[:, i : i + 1])[:, -1, o:]
-        return GenerationResult(tokens, probs)
-    rows = slice(c.text_len + G, c.text_len + 2 * G)
-    masked = torch.ones(rows_b, G, dtype=torch.bool, device=nucleus.device)
-    probs = torch.zeros(rows_b, G, K, dtype=torch.float32, device=nucleus.device)
-    n_masked = G
-    for t in range(sampling.steps):
-        logits = model(threshold=tokens, threshold_mask=masked, nucleus=nucleus, **text).logits[:, rows, o:]
-        sampled, p = _draw(logits, sampling, gen, b, n)
-        n_left = min(n_masked, _masked_left(t, sampling.steps, G))
-        n_commit = n_masked - n_left
-        if n_commit == 0:
-            continue
-        confidence = torch.where(masked, p.gather(-1, sampled[..., None])[..., 0], -1.0)
-        chosen = confidence.topk(n_commit, dim=-1).indices
-        commit = torch.zeros_like(masked).scatter(-1, chosen, True)
-        tokens = torch.where(commit, sampled, tokens)
-        probs = torch.where(commit[..., None], p, probs)
-        masked = masked & ~commit
-        n_masked = n_left
-    return GenerationResult(tokens, probs)
-
-
-@torch.no_grad()
 def run_screen(
     run: CelleRun,
     variants: Sequence[Variant],
@@ -483,8 +425,14 @@ def run_screen(
             text = run.encoder(windows[lo:hi], ends[lo:hi])
             text = {k: v.to(device).repeat_interleave(n, dim=0) for k, v in text.items()}
             nuc = nuc_tokens.expand(b, -1) if shared else nuc_tokens[lo:hi]
-            result = _generate_common(
-                model, _text_kwargs(text, device), nuc.repeat_interleave(n, dim=0), sampling, b, n
+            # Common random numbers: rows are variant * n + sample, and every variant's sample j gets the
+            # same noise, so a variant's result does not depend on its batch or position.
+            result = generate(
+                model,
+                text=text,
+                nucleus=nuc.repeat_interleave(n, dim=0),
+                sampling=sampling,  # the default generator: seeded with sampling.seed for every batch
+                noise_period=n,
             )
             with torch.autocast(device_type=device.type, enabled=False):
                 maps = probability_map(run.threshold, result.probs)  # [b * n, 1, S, S]

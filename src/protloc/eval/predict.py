@@ -43,7 +43,7 @@ Examples
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -170,15 +170,23 @@ def _gumbel(shape: tuple[int, ...], generator: torch.Generator, device: torch.de
     return (-torch.log(-torch.log(u))).to(device)
 
 
-def _sample(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Gumbel-max draw from the top-k filtered, tempered logits ``[..., K]`` (paper Sec. 4.6).
+def _sample(
+    logits: Tensor, sampling: SamplingConfig, generator: torch.Generator, noise_period: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Gumbel-max draw from the top-k filtered, tempered logits ``[B, ..., K]`` (paper Sec. 4.6).
 
-    Returns the tokens ``[...]`` and the unfiltered softmax at the temperature ``[..., K]``.
+    With ``noise_period`` the noise is drawn for that many rows and tiled over the batch (row ``r`` gets
+    the noise of row ``r % noise_period``). Returns the tokens ``[B, ...]`` and the unfiltered softmax at
+    the temperature ``[B, ..., K]``.
     """
     scaled = logits.float() / sampling.temperature
     probs = scaled.softmax(dim=-1)
-    noisy = filter_top_k(scaled, sampling.top_k_fraction) + _gumbel(tuple(scaled.shape), generator, scaled.device)
-    return noisy.argmax(dim=-1), probs
+    if noise_period is None:
+        noise = _gumbel(tuple(scaled.shape), generator, scaled.device)
+    else:
+        noise = _gumbel((noise_period, *scaled.shape[1:]), generator, scaled.device)
+        noise = noise.repeat(scaled.shape[0] // noise_period, *([1] * (scaled.dim() - 1)))
+    return (filter_top_k(scaled, sampling.top_k_fraction) + noise).argmax(dim=-1), probs
 
 
 def _text_kwargs(text: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor | None]:
@@ -200,6 +208,7 @@ def generate(
     nucleus: Tensor,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
+    noise_period: int | None = None,
 ) -> GenerationResult:
     """Sample the threshold-image tokens of a batch (paper Sec. 4.6; CELL-E 2 for ``mode="masked"``).
 
@@ -220,6 +229,11 @@ def generate(
     generator
         Source of the Gumbel noise (noise is drawn on its device); default: a CPU generator seeded with
         ``sampling.seed``, so a seed gives the same tokens on every call.
+    noise_period
+        Common random numbers: draw the Gumbel noise for this many rows and repeat it over the batch
+        (``B`` must be a multiple), so rows ``r`` and ``r + noise_period`` see the same noise and differ
+        only by their inputs (in-silico screens, :mod:`protloc.analysis.screens`). Default: independent
+        noise for every row.
 
     Returns
     -------
@@ -252,22 +266,27 @@ def generate(
     nucleus = nucleus.reshape(nucleus.shape[0], -1) if nucleus.dim() == 3 else nucleus
     if nucleus.dim() != 2 or nucleus.shape[1] != c.grid_tokens:
         raise InputError(f"nucleus tokens must be [B, {c.grid_tokens}] or [B, g, g], got {tuple(nucleus.shape)}")
+    if noise_period is not None and (noise_period < 1 or nucleus.shape[0] % noise_period):
+        raise InputError(f"noise_period {noise_period} does not divide the batch of {nucleus.shape[0]}")
+
+    def draw(logits: Tensor) -> tuple[Tensor, Tensor]:
+        return _sample(logits, sampling, generator, noise_period)
+
     was_training = model.training
     model.eval()
     try:
         if model.autoregressive:
-            return _generate_autoregressive(model, kwargs, nucleus, sampling, generator)
-        return _generate_masked(model, kwargs, nucleus, sampling, generator)
+            return _generate_autoregressive(model, kwargs, nucleus, draw)
+        return _generate_masked(model, kwargs, nucleus, sampling.steps, draw)
     finally:
         model.train(was_training)
 
 
+_Draw = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
 def _generate_autoregressive(
-    model: Celle,
-    text: dict[str, Tensor | None],
-    nucleus: Tensor,
-    sampling: SamplingConfig,
-    generator: torch.Generator,
+    model: Celle, text: dict[str, Tensor | None], nucleus: Tensor, draw: _Draw
 ) -> GenerationResult:
     c = model.config
     b, G, o = nucleus.shape[0], c.grid_tokens, c.threshold_offset
@@ -277,7 +296,7 @@ def _generate_autoregressive(
     tokens = nucleus.new_zeros(b, G)
     probs = torch.empty(b, G, c.num_threshold_codes, dtype=torch.float32, device=nucleus.device)
     for i in range(G):
-        tokens[:, i], probs[:, i] = _sample(logits, sampling, generator)
+        tokens[:, i], probs[:, i] = draw(logits)
         if i + 1 < G:  # the last token is only a target (S.3.6): never fed back
             logits = model.forward_step(cache, threshold=tokens[:, i : i + 1])[:, -1, o:]
     return GenerationResult(tokens, probs)
@@ -291,11 +310,7 @@ def _masked_left(step: int, steps: int, total: int) -> int:
 
 
 def _generate_masked(
-    model: Celle,
-    text: dict[str, Tensor | None],
-    nucleus: Tensor,
-    sampling: SamplingConfig,
-    generator: torch.Generator,
+    model: Celle, text: dict[str, Tensor | None], nucleus: Tensor, steps: int, draw: _Draw
 ) -> GenerationResult:
     c = model.config
     b, G, K = nucleus.shape[0], c.grid_tokens, c.num_threshold_codes
@@ -304,10 +319,10 @@ def _generate_masked(
     masked = torch.ones(b, G, dtype=torch.bool, device=nucleus.device)
     probs = torch.zeros(b, G, K, dtype=torch.float32, device=nucleus.device)
     n_masked = G
-    for t in range(sampling.steps):
+    for t in range(steps):
         logits = model(threshold=tokens, threshold_mask=masked, nucleus=nucleus, **text).logits[:, rows, o:]
-        sampled, p = _sample(logits, sampling, generator)  # [B, G], [B, G, K]
-        n_left = min(n_masked, _masked_left(t, sampling.steps, G))
+        sampled, p = draw(logits)  # [B, G], [B, G, K]
+        n_left = min(n_masked, _masked_left(t, steps, G))
         n_commit = n_masked - n_left
         if n_commit == 0:  # the schedule may stall for one step when steps > G
             continue
