@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 
 from protloc.cli import main
-from protloc.data.io import CropStore, read_png
-from protloc.data.sequences import write_fasta
-from protloc.models.vqgan import VQGAN, VQGANConfig
-from protloc.train.celle import TrainCelleConfig, train_celle
-from protloc.train.checkpoint import save_checkpoint
+from protloc.data.io import read_png
 
-S = 32
-MAX_RESIDUES = 16
+S = 32  # the shared celle_run_dir fixture (conftest.py): CELLE_S
+MAX_RESIDUES = 16  # and CELLE_MAX_RESIDUES
 QUERIES = {  # FASTA header -> sequence
     "sp|P1|NLS_TEST": "MPKKKRKVEDA",
     "P2 a long one": "ACDEFGHIKLMNPQRSTVWY" * 2,  # 40 residues > 16: N-terminal window, no end token
@@ -27,52 +20,9 @@ QUERIES = {  # FASTA header -> sequence
 }
 
 
-def _make_store(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    n = 12
-    yy, xx = np.mgrid[:S, :S]
-    centres = rng.uniform(10, 22, size=(n, 2))
-    nucleus = np.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 40.0)
-    protein = np.clip(rng.random((n, S, S)) * (0.3 + 0.7 * nucleus), 0, 1)
-    threshold = (protein >= protein.mean(axis=(1, 2), keepdims=True)).astype(np.uint8)
-    obs = pd.DataFrame({"protein_id": [f"P{i % 3}" for i in range(n)], "split": ["train"] * 8 + ["val"] * 4})
-    channels = {"nucleus": "float16", "protein": "float16", "threshold": "uint8"}
-    with CropStore.create(path, channels=channels, size=S, chunk=4) as writer:
-        writer.append({"nucleus": nucleus, "protein": protein, "threshold": threshold}, obs)
-    write_fasta(path.parent / "sequences.fasta", {"P0": "MKTAYIAKQRQ", "P1": "PKKKRKV" * 3, "P2": "ACDEFGHIKLMNPQ"})
-    return path
-
-
-def _tokenizer(path: Path, kind: str, seed: int) -> Path:
-    torch.manual_seed(seed)
-    cfg = VQGANConfig.tiny().replace(image_size=S)  # 4 x 4 tokens, 128 codes
-    save_checkpoint(path, model=VQGAN(cfg), config=cfg, extra={"kind": kind, "step": 0})
-    return path
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A CELL-E trained for 2 steps on a tiny store with untrained tiny tokenizers."""
-    root = tmp_path_factory.mktemp("predict")
-    store = _make_store(root / "celle.zarr")
-    base = TrainCelleConfig.tiny(
-        str(store), nucleus=str(_tokenizer(root / "vq_n", "nucleus", 0)),
-        threshold=str(_tokenizer(root / "vq_t", "threshold", 1)),
-    )  # fmt: skip
-    cfg = dataclasses.replace(
-        base,
-        model=base.model.replace(grid_size=4, max_residues=MAX_RESIDUES),
-        data=dataclasses.replace(base.data, image_size=S, crop_size=0, batch_size=4, chunk_window=2),
-        optim=dataclasses.replace(base.optim, warmup_steps=1),
-        schedule=dataclasses.replace(base.schedule, max_steps=2, eval_every=2, log_every=1, eval_batches=1),
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before conftest's per-test single-thread fixture
-    try:
-        train_celle(cfg, run_dir=root / "celle", progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return root / "celle"
+def run_dir(celle_run_dir) -> Path:
+    return celle_run_dir
 
 
 @pytest.fixture(scope="module")
