@@ -67,6 +67,7 @@ from protloc.train.loop import (
     check_adam_options,
     check_resume_model,
     check_run_dir,
+    check_run_options,
     check_store_splits,
     infinite_loader,
     make_accelerator,
@@ -305,11 +306,7 @@ class TrainCelleConfig:
     save_every: int = 5000
 
     def __post_init__(self) -> None:
-        _check(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}")
-        _check(
-            self.mixed_precision in ("no", "bf16", "fp16"),
-            f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}",
-        )
+        check_run_options(self.mixed_precision, self.save_every)
         _check(
             self.data.image_size % self.model.grid_size == 0,
             f"data.image_size ({self.data.image_size}) is not a multiple of model.grid_size ({self.model.grid_size})",

@@ -31,6 +31,7 @@ __all__ = [
     "MetricsLogger",
     "PlateauController",
     "check_resume_model",
+    "check_run_options",
     "check_run_dir",
     "check_store_splits",
     "infinite_loader",
@@ -381,6 +382,15 @@ def check_config(condition: bool, message: str) -> None:
     """Raise :class:`~protloc.errors.ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(message)
+
+
+def check_run_options(mixed_precision: str, save_every: int) -> None:
+    """Validate the run settings shared by every training configuration (``mixed_precision``, ``save_every``)."""
+    check_config(save_every >= 0, f"save_every must be >= 0, got {save_every}")
+    check_config(
+        mixed_precision in ("no", "bf16", "fp16"),
+        f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}",
+    )
 
 
 def check_adam_options(lr: float, betas: tuple[float, ...], grad_clip: float) -> None:
