@@ -501,8 +501,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     summary = run_predict(
         checkpoint=args.checkpoint, out=args.out, sequences=sequences, fasta=args.fasta, nucleus=args.nucleus,
         samples=args.samples, temperature=args.temperature, top_k_fraction=args.top_k_fraction, steps=args.steps,
-        seed=args.seed, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
-        progress=not args.quiet,
+        seed=args.seed, batch_size=args.batch_size, device=args.device, precision=args.precision,
+        overwrite=args.overwrite, progress=not args.quiet,
     )
     _print_table("predict", {
         "checkpoint": f"{summary['checkpoint']} (step {summary['step']})",
@@ -556,6 +556,12 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed + batch size: same outputs)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per generation batch")
     p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="transformer weights: fp32 (as trained) or bf16 (2-3x faster on CPUs with AVX512-BF16 and on GPUs)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_predict)
 
@@ -659,7 +665,8 @@ def _cmd_screen(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, out=args.out, mode=mode, sequence=args.sequence, name=args.name,
         fasta=args.fasta, record_id=args.id, nucleus=args.nucleus, samples=args.samples,
         temperature=args.temperature, top_k_fraction=args.top_k_fraction, steps=args.steps, seed=args.seed,
-        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, progress=not args.quiet, **kwargs,
+        batch_size=args.batch_size, device=args.device, precision=args.precision, overwrite=args.overwrite,
+        progress=not args.quiet, **kwargs,
     )
     seq = summary["sequence"]
     table = {
@@ -756,6 +763,12 @@ def _add_screen(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (shared by all variants)")
     p.add_argument("--batch-size", type=int, default=8, help="variants per generation batch (same results)")
     p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="transformer weights: fp32 (as trained) or bf16 (2-3x faster on CPUs with AVX512-BF16 and on GPUs)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_screen)
 
@@ -770,7 +783,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         augment=not args.no_augment, ceiling=not args.no_ceiling, baseline=not args.no_baseline,
         train_split=args.train_split, batch_size=args.batch_size, temperature=args.temperature,
         top_k_fraction=args.top_k_fraction, steps=args.steps, sampling_seed=args.sampling_seed,
-        device=args.device, overwrite=args.overwrite, progress=not args.quiet,
+        device=args.device, precision=args.precision, overwrite=args.overwrite, progress=not args.quiet,
     )
     crops = next(iter(summary["models"].values()))["images"]
     print(f"mean +- sd over proteins ({crops} crops of split {args.split}, seed {args.seed}):")
@@ -824,6 +837,12 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--steps", type=int, default=8, help="decoding passes of a masked (CELL-E 2) model")
     p.add_argument("--sampling-seed", type=int, default=0, help="seed of the token sampling (shared by all models)")
     p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="transformer weights: fp32 (as trained) or bf16 (2-3x faster on CPUs with AVX512-BF16 and on GPUs)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_evaluate)
 

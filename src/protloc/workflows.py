@@ -445,8 +445,8 @@ def _check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
-def _load_celle(checkpoint: str | os.PathLike, device: str | None) -> tuple[Any, str]:
-    """Load a CELL-E run or checkpoint folder on ``device`` (``None``: CUDA when available)."""
+def _load_celle(checkpoint: str | os.PathLike, device: str | None, precision: str = "fp32") -> tuple[Any, str]:
+    """Load a CELL-E run or checkpoint folder on ``device`` (``None``: CUDA when available) in ``precision``."""
     import torch
 
     from protloc.train.celle import load_celle_run
@@ -455,7 +455,7 @@ def _load_celle(checkpoint: str | os.PathLike, device: str | None) -> tuple[Any,
     if not ckpt.exists():
         raise InputError("checkpoint not found (give a `protloc train celle` run or checkpoint folder)", path=ckpt)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_celle_run(ckpt, map_location=device), device
+    return load_celle_run(ckpt, map_location=device, precision=precision), device
 
 
 def _model_nucleus(run: Any, nucleus: str | os.PathLike | np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -488,6 +488,7 @@ def run_predict(
     seed: int = 0,
     batch_size: int = 8,
     device: str | None = "cpu",
+    precision: str = "fp32",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -532,6 +533,8 @@ def run_predict(
         seed, batch size and sequence order give the same outputs.
     device
         Torch device (``None``: CUDA when available).
+    precision
+        ``"fp32"`` or ``"bf16"`` transformer weights (:func:`~protloc.train.celle.load_celle_run`).
     overwrite
         Replace an existing non-empty ``out``.
     progress
@@ -572,7 +575,7 @@ def run_predict(
     _check_batch_size(batch_size)
     _check_predict_out(out, overwrite)
     t_load = time.perf_counter()
-    run, device = _load_celle(checkpoint, device)
+    run, device = _load_celle(checkpoint, device, precision)
     size, max_residues = run.image_size, run.model.config.max_residues
     nuc, nucleus_info = _model_nucleus(run, nucleus)
     load_seconds = time.perf_counter() - t_load
@@ -645,6 +648,7 @@ def run_predict(
             },
             "batch_size": batch_size,
             "device": str(device),
+            "precision": precision,
             "load_seconds": round(load_seconds, 3),
             "seconds": round(time.perf_counter() - t0, 3),
             "sequences": per_seq,
@@ -734,6 +738,7 @@ def run_evaluate(
     steps: int = 8,
     sampling_seed: int = 0,
     device: str | None = "cpu",
+    precision: str = "fp32",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -790,6 +795,8 @@ def run_evaluate(
         :class:`~protloc.eval.predict.SamplingConfig` of every model (one prediction per image).
     device
         Torch device (``None``: CUDA when available).
+    precision
+        ``"fp32"`` or ``"bf16"`` transformer weights (:func:`~protloc.train.celle.load_celle_run`).
     overwrite
         Replace an existing non-empty ``out``.
     progress
@@ -859,7 +866,7 @@ def run_evaluate(
         t0 = time.perf_counter()
         key = ckpt.resolve()
         if key not in loaded:  # the same run twice is loaded once
-            loaded[key] = load_celle_run(ckpt, map_location=device)
+            loaded[key] = load_celle_run(ckpt, map_location=device, precision=precision)
         run = loaded[key]
         if first_run is None:
             first_run = run
@@ -931,6 +938,7 @@ def run_evaluate(
         "ceiling": bool(ceiling),
         "baseline": bool(baseline),
         "device": str(device),
+        "precision": precision,
     }
     with atomic_dir(out) as tmp:
         summary: dict[str, Any] = {
@@ -1080,6 +1088,7 @@ def run_screen_workflow(
     seed: int = 0,
     batch_size: int = 8,
     device: str | None = "cpu",
+    precision: str = "fp32",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -1156,7 +1165,7 @@ def run_screen_workflow(
     else:
         variants, mode_settings = [], {"method": method, "present_min": present_min, "background_max": background_max}
     _check_predict_out(out, overwrite)
-    run, device = _load_celle(checkpoint, device)
+    run, device = _load_celle(checkpoint, device, precision)
     nuc, nucleus_info = _model_nucleus(run, nucleus)
     nuc_t = torch.from_numpy(nuc)[None, None]
     max_residues = run.model.config.max_residues
@@ -1165,7 +1174,8 @@ def run_screen_workflow(
         sampling_settings.pop("samples")  # one draw
     summary: dict[str, Any] = {
         "mode": mode,
-        "settings": {**mode_settings, "sampling": sampling_settings, "batch_size": batch_size, "device": str(device)},
+        "settings": {**mode_settings, "sampling": sampling_settings, "batch_size": batch_size, "device": str(device),
+                     "precision": precision},
         "sequence": {"name": seq_name, "length": len(seq), "source": seq_source},
         "checkpoint": str(run.checkpoint.resolve()),
         "step": run.extra.get("step"),

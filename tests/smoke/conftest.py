@@ -1,8 +1,7 @@
 """Shared smoke-test fixtures.
 
-Smoke tests train tiny models: they run single-threaded. The tiny models gain nothing from intra-op
-threads, and on a busy 2-core machine OpenMP threads waiting on each other made training steps up to
-10x slower. ``celle_run_dir`` is a tiny trained CELL-E shared by the prediction and screen tests.
+``celle_run_dir`` is a tiny trained CELL-E shared by the prediction and screen tests (every test runs
+single-threaded: ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -24,14 +23,6 @@ from protloc.train.checkpoint import save_checkpoint
 #: Image side and residue window of the shared tiny CELL-E.
 CELLE_S = 32
 CELLE_MAX_RESIDUES = 16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _make_celle_store(path: Path) -> Path:

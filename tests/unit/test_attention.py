@@ -15,6 +15,7 @@ from protloc.nn.attention import (
     TokenShift2D,
     TransformerBlock,
     apply_rotary,
+    attention_mask,
 )
 
 
@@ -121,6 +122,42 @@ def test_attention_weights_path_matches_sdpa():
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 6))
     assert torch.all(probs.triu(1) == 0)  # causal
     assert torch.all(probs[1, :, :, 4:] == 0)  # padded keys
+
+
+def test_attention_mask_is_minimal_and_equivalent():
+    # Unpadded causal pass from the start: left to SDPA's is_causal; one cached query: nothing to mask.
+    assert attention_mask(5, 0, torch.ones(2, 5, dtype=torch.bool), causal=True) == (None, True)
+    assert attention_mask(1, 9, torch.ones(2, 10, dtype=torch.bool), causal=True) == (None, False)
+    assert attention_mask(4, 0, None, causal=False) == (None, False)
+    km = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    m = attention_mask(6, 0, km, causal=True)
+    assert not m.is_causal and m.mask.shape == (2, 1, 6, 6) and not m.mask[1, 0, 5, 4] and not m.mask[0, 0, 2, 3]
+    g = _seed()
+    attn = Attention(16, heads=2, dim_head=8, causal=True).eval()
+    x = torch.randn(2, 6, 16, generator=g)
+    angles = RotaryEmbedding(8)(torch.arange(6))
+    explicit, _ = attn(x, angles=angles, return_attention=True)
+    fast, _ = attn(x, angles=angles, mask=attention_mask(6, 0, None, causal=True))
+    torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_single_query_step_matches_fp32():
+    """The explicit bf16 path of one decoding query agrees with the fp32 SDPA path."""
+    g = _seed()
+    attn = Attention(16, heads=2, dim_head=8, causal=True).eval()
+    x = torch.randn(1, 12, 16, generator=g)
+    angles = RotaryEmbedding(8)(torch.arange(12))
+    ref, _ = attn(x, angles=angles)
+    half = Attention(16, heads=2, dim_head=8, causal=True).eval()
+    half.load_state_dict(attn.state_dict())
+    half = half.to(torch.bfloat16)
+    cache = KVCache(num_layers=1, batch_size=1, heads=2, dim_head=8, max_len=12, dtype=torch.bfloat16)
+    outs = []
+    for t in range(12):
+        out, _ = half(x[:, t : t + 1].bfloat16(), angles=angles[t : t + 1], cache=cache.layers[0])
+        cache.advance(1)
+        outs.append(out.float())
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=3e-2, rtol=3e-2)
 
 
 def test_kv_cache_incremental_equals_full():

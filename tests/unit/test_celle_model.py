@@ -48,8 +48,8 @@ def test_presets():
     assert paper.attn_dropout == paper.ff_dropout == 0.1 and paper.embedder == "tape"
     assert CelleConfig.reference().loss_weights.threshold == pytest.approx(7 / 9)
     tiny = CelleConfig.tiny()
-    assert tiny.input_len == 129 + 64 + 63 and tiny.text_projection
-    assert CelleConfig.tiny(mode="masked").input_len == 129 + 128
+    assert tiny.input_len == 301 + 64 + 63 and tiny.text_projection
+    assert CelleConfig.tiny(mode="masked").input_len == 301 + 128
     cfg = apply_overrides(tiny, ["loss_weights.threshold=0.5", "mode=masked", "masked_segments=[threshold,nucleus]"])
     assert config_from_dict(CelleConfig, config_to_dict(cfg)) == cfg
 
@@ -259,6 +259,72 @@ def test_incremental_pass_equals_full_pass(token_shift):
     assert torch.equal(finite, torch.isfinite(inc))
     torch.testing.assert_close(inc[finite], full[finite], atol=1e-5, rtol=1e-5)
     assert full[0, tl - 1 + G :].isfinite().sum() == 128 * G  # the threshold rows were all compared
+
+
+@pytest.mark.parametrize("seqs", [SEQS[:2], SEQS[2:]])
+def test_trimmed_text_equals_full_pass(seqs):
+    """trim_text leaves the padding out of the cache; every other row equals the full pass."""
+    cfg = CelleConfig.tiny()
+    model = _model(cfg)
+    batch = _batch(cfg, seqs=seqs)
+    full = _forward(model, batch)
+    tl, G = cfg.text_len, cfg.grid_tokens
+    cache = model.new_cache(len(seqs))
+    first = model.forward_step(cache, text_emb=batch["text_emb"], text_mask=batch["text_mask"],
+                               nucleus=batch["nucleus"][:, :7], trim_text=True)  # fmt: skip
+    keep = int(batch["text_mask"].sum(1).max())
+    assert cache.skipped == tl - keep and cache.length == tl + 7 and cache.kv.length == keep + 7
+    assert first.shape[1] == keep + 7
+    steps = [first[:, keep:], model.forward_step(cache, nucleus=batch["nucleus"][:, 7:])]
+    for i in range(G - 1):
+        steps.append(model.forward_step(cache, threshold=batch["threshold"][:, i : i + 1]))
+    inc = torch.cat(steps, 1)
+    assert cache.length == cfg.input_len
+    torch.testing.assert_close(first[:, :keep], full[:, :keep], atol=1e-5, rtol=1e-5)
+    ref = full[:, tl:]
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(inc))
+    torch.testing.assert_close(inc[finite], ref[finite], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["autoregressive", "masked"])
+def test_trimmed_full_pass_equals_untrimmed(mode):
+    cfg = CelleConfig.tiny(mode=mode)
+    model = _model(cfg)
+    batch = _batch(cfg, seqs=SEQS[:2])
+    kw = {"threshold_mask": torch.rand(2, cfg.grid_tokens) < 0.5} if mode == "masked" else {}
+    full = _forward(model, batch, **kw)
+    out = model(text_emb=batch["text_emb"], text_mask=batch["text_mask"], nucleus=batch["nucleus"],
+                threshold=batch["threshold"] if mode == "masked" else batch["threshold"][:, :-1], trim_text=True,
+                **kw)  # fmt: skip
+    keep = int(batch["text_mask"].sum(1).max())
+    n_img = full.shape[1] - cfg.text_len
+    assert out.logits.shape[1] == keep + n_img
+    torch.testing.assert_close(out.logits[:, keep:], full[:, cfg.text_len :], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[:, :keep], full[:, :keep], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.segments[keep:], model(text_emb=batch["text_emb"], text_mask=batch["text_mask"],
+        nucleus=batch["nucleus"], threshold=batch["threshold"] if mode == "masked" else batch["threshold"][:, :-1],
+        **kw).segments[cfg.text_len:])  # fmt: skip
+
+
+def test_bf16_incremental_close_to_fp32():
+    """A bf16 copy (decoding steps take the explicit-attention path) follows the fp32 model closely."""
+    cfg = CelleConfig.tiny()
+    model = _model(cfg)
+    batch = _batch(cfg, seqs=SEQS[:2])
+    full = _forward(model, batch)[:, cfg.text_len - 1 + cfg.grid_tokens :]  # threshold rows
+    half = _model(cfg).to(torch.bfloat16)
+    cache = half.new_cache(2)
+    assert cache.kv.k.dtype == torch.bfloat16
+    steps = [half.forward_step(cache, text_emb=batch["text_emb"], text_mask=batch["text_mask"],
+                               nucleus=batch["nucleus"], trim_text=True)[:, -1:]]  # fmt: skip
+    for i in range(cfg.grid_tokens - 1):
+        steps.append(half.forward_step(cache, threshold=batch["threshold"][:, i : i + 1]))
+    inc = torch.cat(steps, 1).float()
+    finite = torch.isfinite(full)
+    p_full = full.masked_fill(~finite, float("-inf")).softmax(-1)
+    p_inc = inc.softmax(-1)
+    assert (p_full - p_inc).abs().max() < 0.02
 
 
 def test_forward_step_errors():

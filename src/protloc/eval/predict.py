@@ -292,7 +292,8 @@ def _generate_autoregressive(
     b, G, o = nucleus.shape[0], c.grid_tokens, c.threshold_offset
     cache = model.new_cache(b)
     # Text (embedded once, outside) + the whole nucleus grid in one step; the last row predicts threshold token 0.
-    logits = model.forward_step(cache, nucleus=nucleus, **text)[:, -1, o:]  # [B, K]
+    # The padding after the batch's longest sequence is left out (exact): a protein costs its own length.
+    logits = model.forward_step(cache, nucleus=nucleus, trim_text=True, **text)[:, -1, o:]  # [B, K]
     tokens = nucleus.new_zeros(b, G)
     probs = torch.empty(b, G, c.num_threshold_codes, dtype=torch.float32, device=nucleus.device)
     for i in range(G):
@@ -314,13 +315,15 @@ def _generate_masked(
 ) -> GenerationResult:
     c = model.config
     b, G, K = nucleus.shape[0], c.grid_tokens, c.num_threshold_codes
-    rows, o = slice(c.text_len + G, c.text_len + 2 * G), c.threshold_offset
+    o = c.threshold_offset
     tokens = nucleus.new_zeros(b, G)  # ids under [MASK] never matter
     masked = torch.ones(b, G, dtype=torch.bool, device=nucleus.device)
     probs = torch.zeros(b, G, K, dtype=torch.float32, device=nucleus.device)
     n_masked = G
     for t in range(steps):
-        logits = model(threshold=tokens, threshold_mask=masked, nucleus=nucleus, **text).logits[:, rows, o:]
+        # Text padding left out (exact); the threshold rows are the last G.
+        out = model(threshold=tokens, threshold_mask=masked, nucleus=nucleus, trim_text=True, **text)
+        logits = out.logits[:, -G:, o:]
         sampled, p = draw(logits)  # [B, G], [B, G, K]
         n_left = min(n_masked, _masked_left(t, steps, G))
         n_commit = n_masked - n_left

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -59,7 +60,15 @@ from torch import Tensor, nn
 from protloc.data.sequences import Tokenizer
 from protloc.errors import ConfigError, InputError
 from protloc.models.embedders import EMBEDDERS, LearnedEmbedder
-from protloc.nn.attention import AxialRotary2D, ImageSpan, KVCache, RotaryEmbedding, TransformerBlock
+from protloc.nn.attention import (
+    AxialRotary2D,
+    ImageSpan,
+    KVCache,
+    RotaryEmbedding,
+    TransformerBlock,
+    attention_mask,
+    rotary_cos_sin,
+)
 
 __all__ = [
     "Celle",
@@ -75,7 +84,7 @@ __all__ = [
 MODES = ("autoregressive", "masked")
 #: Segment names, in sequence order; ``CelleOutput.segments`` holds their indices.
 SEGMENTS = ("text", "nucleus", "threshold")
-_MASKABLE = ("threshold", "nucleus")
+_MASKABLE = ("threshold", "nucleus", "text")
 _TOKENIZER = Tokenizer()
 
 
@@ -126,8 +135,14 @@ class CelleConfig:
     rotary_base_text, rotary_base_image
         RoPE frequency bases of the 1-D text and 2-D image positions (not given in the paper).
     masked_segments
-        ``mode="masked"``: which image segments are masked and predicted (``"threshold"``, and
-        optionally ``"nucleus"``).
+        ``mode="masked"``: which segments are masked and predicted: ``"threshold"``, optionally
+        ``"nucleus"``, and ``"text"`` for image to sequence (CELL-E 2): residues replaced by a learned
+        ``[MASK]`` and predicted from the rest of the sequence and both images (needs a per-residue
+        embedder).
+    text_mask_prob
+        With ``"text"`` masked: the share of training samples whose residues are masked (cosine
+        schedule over the residues, images given whole, as when filling a sequence); the others have
+        their threshold tokens masked as usual, with the sequence whole, as when predicting an image.
     loss_weights
         Per-segment loss weights.
     """
@@ -153,6 +168,7 @@ class CelleConfig:
     rotary_base_text: float = 10000.0
     rotary_base_image: float = 100.0
     masked_segments: tuple[str, ...] = ("threshold",)
+    text_mask_prob: float = 0.5
     loss_weights: CelleLossWeights = field(default_factory=CelleLossWeights)
 
     def __post_init__(self) -> None:
@@ -189,8 +205,19 @@ class CelleConfig:
             or len(set(self.masked_segments)) != len(self.masked_segments)
         ):
             raise ConfigError(
-                f"masked_segments must hold 'threshold' and optionally 'nucleus', got {self.masked_segments!r}"
+                "masked_segments must hold 'threshold' and optionally 'nucleus' and 'text', got "
+                f"{self.masked_segments!r}"
             )
+        if "text" in self.masked_segments:
+            if self.mode != "masked":
+                raise ConfigError("masked_segments 'text' (filling residues) needs mode='masked'")
+            if EMBEDDERS[self.embedder].contextual:
+                raise ConfigError(
+                    f"masked_segments 'text' needs a per-residue embedder (onehot, descriptors, learned): the "
+                    f"{self.embedder!r} vectors of a masked residue's neighbours carry its identity"
+                )
+        if not 0.0 <= self.text_mask_prob <= 1.0:
+            raise ConfigError(f"text_mask_prob must be in [0, 1], got {self.text_mask_prob}")
         for name in ("text", "nucleus", "threshold"):
             w = getattr(self.loss_weights, name)
             if not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
@@ -209,15 +236,15 @@ class CelleConfig:
 
     @classmethod
     def tiny(cls, *, mode: str = "autoregressive") -> CelleConfig:
-        """CPU tests and demos: depth 2, 4 x 16 heads, width 64, 128 residues, 8 x 8 grids of 128
-        codes, one-hot text (25) projected to the width."""
+        """CPU tests and demos: depth 2, 4 x 16 heads, width 64, 300 residues (GFP plus an NLS fit), 8 x 8
+        grids of 128 codes, one-hot text (25) projected to the width."""
         return cls(
             mode=mode,
             depth=2,
             dim=64,
             heads=4,
             dim_head=16,
-            max_residues=128,
+            max_residues=300,
             grid_size=8,
             num_nucleus_codes=128,
             num_threshold_codes=128,
@@ -301,11 +328,13 @@ class CelleCache:
     def __init__(self, kv: KVCache, depth: int):
         self.kv = kv
         self.shift: list[dict[str, Tensor]] = [{} for _ in range(depth)]
+        #: Trailing text-padding positions left out of the cache (``forward_step(trim_text=True)``).
+        self.skipped = 0
 
     @property
     def length(self) -> int:
-        """Positions processed so far."""
-        return self.kv.length
+        """Layout positions processed so far (skipped padding included)."""
+        return self.kv.length + self.skipped
 
 
 def _flatten_grid(tokens: Tensor, name: str) -> Tensor:
@@ -406,8 +435,15 @@ class Celle(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # embedding of the segments
 
-    def _embed_text(self, text_emb: Tensor | None, text_ids: Tensor | None, text_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Text segment ``[B, text_len, dim]`` and its key mask ``[B, text_len]``."""
+    def _embed_text(
+        self,
+        text_emb: Tensor | None,
+        text_ids: Tensor | None,
+        text_mask: Tensor,
+        residue_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Text segment ``[B, text_len, dim]`` and its key mask ``[B, text_len]``; residues under
+        ``residue_mask`` become the learned text ``[MASK]``."""
         c = self.config
         if text_mask.dim() != 2:
             raise InputError(f"text_mask must be [B, L], got shape {tuple(text_mask.shape)}")
@@ -431,12 +467,29 @@ class Celle(nn.Module):
         if emb.shape[:2] != (b, n) or emb.shape[-1] != c.text_dim:
             raise InputError(f"text embeddings must be [{b}, {n}, {c.text_dim}], got {tuple(emb.shape)}")
         # Zero the padded positions so their content never matters, then pad to text_len (S.3.6).
-        emb = emb * mask[..., None].to(emb.dtype)
+        # In the model's precision (a bf16 model takes float32 embeddings from the encoder).
+        dtype = self.nucleus_embed.weight.dtype
+        emb = emb.to(dtype) * mask[..., None].to(dtype)
         pad = c.text_len - n
         if pad:
             emb = F.pad(emb, (0, 0, 0, pad))
             mask = F.pad(mask, (0, pad), value=False)
-        return self.text_proj(emb), mask
+        x = self.text_proj(emb)
+        if residue_mask is not None:
+            if "text" not in self.mask_embed:
+                raise InputError("residues are not masked in this configuration (masked_segments lacks 'text')")
+            if residue_mask.shape != text_mask.shape:
+                raise InputError(
+                    f"residue_mask must have the shape of text_mask {tuple(text_mask.shape)}, got "
+                    f"{tuple(residue_mask.shape)}"
+                )
+            rmask = residue_mask.bool()
+            if bool((rmask & ~text_mask.bool()).any()) or bool(rmask[:, 0].any()):
+                raise InputError("residue_mask may only mark real residues (not BOS or padding)")
+            if pad:
+                rmask = F.pad(rmask, (0, pad), value=False)
+            x = torch.where(rmask[..., None], self.mask_embed["text"].to(x.dtype), x)
+        return x, mask
 
     def _embed_image(self, ids: Tensor, seg: str, masked: Tensor | None) -> Tensor:
         table = self.nucleus_embed if seg == "nucleus" else self.threshold_embed
@@ -451,35 +504,45 @@ class Celle(nn.Module):
             x = torch.where(masked.bool()[..., None], self.mask_embed[seg].to(x.dtype), x)
         return x
 
-    def _spans(self, start: int, stop: int) -> list[ImageSpan]:
-        """Image-token runs of the absolute positions ``start .. stop - 1``, per grid."""
+    def _spans(self, ranges: Sequence[tuple[int, int]]) -> list[ImageSpan]:
+        """Image-token runs of a chunk made of the absolute position ranges ``[lo, hi)``, in order."""
         tl, G = self.config.text_len, self.config.grid_tokens
         spans = []
-        for lo in (tl, tl + G):
-            s, e = max(start, lo), min(stop, lo + G)
-            if s < e:
-                spans.append(ImageSpan(s - start, e - start, s - lo))
+        offset = 0
+        for start, stop in ranges:
+            for lo in (tl, tl + G):
+                s, e = max(start, lo), min(stop, lo + G)
+                if s < e:
+                    spans.append(ImageSpan(offset + s - start, offset + e - start, s - lo))
+            offset += stop - start
         return spans
 
     def _run(
         self,
         x: Tensor,
-        start: int,
+        ranges: Sequence[tuple[int, int]],
         key_mask: Tensor,
         *,
         cache: CelleCache | None = None,
         return_attention: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-        """Blocks + masked logits for positions ``start .. start + n - 1`` (``x [B, n, dim]``)."""
+        """Blocks + masked logits for a chunk ``x [B, n, dim]`` holding the absolute layout positions of
+        ``ranges`` (consecutive ``[lo, hi)`` runs; more than one when padding is left out)."""
         n = x.shape[1]
-        angles = self.angles[start : start + n]  # [n, dim_head / 2]
-        spans = self._spans(start, start + n)
+        angles = torch.cat([self.angles[lo:hi] for lo, hi in ranges])  # [n, dim_head / 2]
+        if angles.shape[0] != n:
+            raise InputError(f"chunk of {n} positions for position ranges {list(ranges)}")
+        # Shared by every block: the rotation (cos, sin) in the activations' dtype and the attention mask.
+        rotary = rotary_cos_sin(angles, x.dtype)
+        offset = cache.kv.length if cache is not None else 0
+        mask = attention_mask(n, offset, key_mask, causal=self.autoregressive, device=x.device)
+        spans = self._spans(ranges)
         attns = []
         for i, block in enumerate(self.blocks):
             x, attn = block(
                 x,
-                angles=angles,
-                key_mask=key_mask,
+                rotary=rotary,
+                mask=mask,
                 spans=spans,
                 cache=cache.kv.layers[i] if cache is not None else None,
                 shift_state=cache.shift[i] if cache is not None else None,
@@ -487,8 +550,8 @@ class Celle(nn.Module):
             )
             if attn is not None:
                 attns.append(attn)
+        rows = torch.cat([self._row_segments(lo, hi - lo) for lo, hi in ranges])
         logits = self.to_logits(self.norm(x))  # [B, n, V]
-        rows = self._row_segments(start, n)
         logits = logits.masked_fill(~self.segment_vocab[rows], float("-inf"))
         return logits, (tuple(attns) if return_attention else None)
 
@@ -510,7 +573,9 @@ class Celle(nn.Module):
         text_ids: Tensor | None = None,
         threshold_mask: Tensor | None = None,
         nucleus_mask: Tensor | None = None,
+        residue_mask: Tensor | None = None,
         return_attention: bool = False,
+        trim_text: bool = False,
     ) -> CelleOutput:
         """Full (teacher-forced) pass.
 
@@ -529,8 +594,15 @@ class Celle(nn.Module):
             ``int64 [B, L]`` token ids, needed instead of ``text_emb`` with the ``learned`` embedder.
         threshold_mask, nucleus_mask
             Masked mode: ``bool [B, G]``, True where the token is replaced by the learned ``[MASK]``.
+        residue_mask
+            Masked mode with ``"text"`` in ``masked_segments``: ``bool [B, L]``, True on residues
+            replaced by the learned text ``[MASK]`` (image to sequence).
         return_attention
             Also return every block's attention probabilities (explicit softmax; slower).
+        trim_text
+            Leave the text padding after the batch's longest sequence out of the pass (exact: padded
+            keys are never attended). The outputs then lack those rows; the image rows are the last
+            ``G + T``.
 
         Returns
         -------
@@ -538,7 +610,9 @@ class Celle(nn.Module):
         """
         c = self.config
         G = c.grid_tokens
-        x_text, key_text = self._embed_text(text_emb, text_ids, text_mask)
+        if residue_mask is not None and self.autoregressive:
+            raise InputError("token masks are for mode='masked'")
+        x_text, key_text = self._embed_text(text_emb, text_ids, text_mask, residue_mask)
         b = x_text.shape[0]
         nucleus = _flatten_grid(nucleus, "nucleus")
         if nucleus.shape != (b, G):
@@ -573,8 +647,16 @@ class Celle(nn.Module):
             dim=1,
         )  # [B, P, dim]
         key_mask = torch.cat([key_text, key_text.new_ones(b, G + n_thr)], dim=1)  # [B, P]
-        logits, attns = self._run(x, 0, key_mask, return_attention=return_attention)
-        return CelleOutput(logits, self._row_segments(0, x.shape[1]), attns)
+        ranges = [(0, x.shape[1])]
+        if trim_text:
+            keep = int(key_text.any(dim=0).nonzero().max()) + 1  # BOS is always real
+            if keep < c.text_len:
+                x = torch.cat([x[:, :keep], x[:, c.text_len :]], dim=1)
+                key_mask = torch.cat([key_mask[:, :keep], key_mask[:, c.text_len :]], dim=1)
+                ranges = [(0, keep), (c.text_len, c.text_len + G + n_thr)]
+        logits, attns = self._run(x, ranges, key_mask, return_attention=return_attention)
+        segments = torch.cat([self._row_segments(lo, hi - lo) for lo, hi in ranges])
+        return CelleOutput(logits, segments, attns)
 
     # ----------------------------------------------------------------------------------------------
     # incremental decoding
@@ -608,6 +690,7 @@ class Celle(nn.Module):
         text_ids: Tensor | None = None,
         nucleus: Tensor | None = None,
         threshold: Tensor | None = None,
+        trim_text: bool = False,
     ) -> Tensor:
         """Process the next chunk of the sequence with the cache (no gradients); equals the full pass.
 
@@ -624,6 +707,11 @@ class Celle(nn.Module):
             As in :meth:`forward`, first step only.
         nucleus, threshold
             ``int64 [B, n]`` token ids of the chunk.
+        trim_text
+            Leave the text padding after the longest sequence of the batch out of the pass and the cache.
+            Padded positions are never attended, so every other row is unchanged (exact); a short
+            protein then costs its own length, not ``max_residues``. The returned logits lack the rows
+            of the left-out positions.
 
         Returns
         -------
@@ -636,12 +724,20 @@ class Celle(nn.Module):
         pos = start
         pieces: list[Tensor] = []
         masks: list[Tensor] = []
+        ranges: list[tuple[int, int]] = []
         if text_mask is not None:
             if pos != 0:
                 raise InputError("the text goes in the first step only")
             x_text, key_text = self._embed_text(text_emb, text_ids, text_mask)
+            keep = tl
+            if trim_text:
+                real = key_text.any(dim=0).nonzero()
+                keep = int(real.max()) + 1  # BOS is always real, so at least 1
+                x_text, key_text = x_text[:, :keep], key_text[:, :keep]
+                cache.skipped = tl - keep
             pieces.append(x_text)
             masks.append(key_text)
+            ranges.append((0, keep))
             pos = tl
         elif pos == 0:
             raise InputError("the first step must include the text (text_mask and text_emb / text_ids)")
@@ -660,11 +756,17 @@ class Celle(nn.Module):
             pos += ids.shape[1]
         if not pieces:
             raise InputError("forward_step got no tokens")
-        x = torch.cat(pieces, dim=1)  # [B, n, dim]
+        image_start = tl if text_mask is not None else start
+        if pos > image_start:
+            if ranges and ranges[-1][1] == image_start:
+                ranges[-1] = (ranges[-1][0], pos)
+            else:
+                ranges.append((image_start, pos))
+        x = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]  # [B, n, dim]
         if x.shape[0] != cache.kv.k.shape[1]:
             raise InputError(f"batch size {x.shape[0]} differs from the cache's {cache.kv.k.shape[1]}")
-        key_mask = cache.kv.write_mask(torch.cat(masks, dim=1))  # [B, start + n]
-        logits, _ = self._run(x, start, key_mask, cache=cache)
+        key_mask = cache.kv.write_mask(torch.cat(masks, dim=1) if len(masks) > 1 else masks[0])  # [B, cached + n]
+        logits, _ = self._run(x, ranges, key_mask, cache=cache)
         cache.kv.advance(x.shape[1])
         return logits
 
@@ -702,7 +804,8 @@ class Celle(nn.Module):
             ``text_ids`` ``[B, L]`` and ``text_mask`` ``[B, L]``, ``text_emb`` ``[B, L, text_dim]``
             (unless the embedder is part of the model), ``nucleus`` and ``threshold`` token ids
             ``[B, G]`` or ``[B, g, g]``; masked mode optionally ``threshold_mask`` / ``nucleus_mask``
-            (else drawn with :meth:`sample_mask`).
+            (else drawn with :meth:`sample_mask`) and ``residue_mask`` (else drawn with
+            :meth:`sample_residue_mask`).
         generator
             Random generator for the masked mode's token masks.
 
@@ -713,7 +816,9 @@ class Celle(nn.Module):
             ``acc_*`` (padding ignored; each term a mean over its segment's targets, weighted by
             :attr:`CelleConfig.loss_weights`; no text terms when no sample has a residue). Masked:
             ``loss``, ``loss_threshold``, ``acc_threshold``, ``mask_ratio`` (+ ``loss_nucleus`` /
-            ``acc_nucleus`` when nucleus tokens are masked too), over the masked tokens only.
+            ``acc_nucleus`` when nucleus tokens are masked too, ``loss_text`` / ``acc_text`` when
+            residues are, :meth:`sample_residue_mask`), over the masked tokens only; a segment with no
+            masked token in the batch has no term.
         """
         c = self.config
         tl, G = c.text_len, c.grid_tokens
@@ -748,22 +853,74 @@ class Celle(nn.Module):
                 out.update(loss_text=loss_t.detach(), acc_text=acc_t)
             return {"loss": total, **out}
         b = nucleus.shape[0]
-        thr_mask = batch.get("threshold_mask")
-        thr_mask = self.sample_mask(b, generator=generator) if thr_mask is None else _flatten_grid(thr_mask, "mask")
+        given_thr = batch.get("threshold_mask")
+        thr_mask = self.sample_mask(b, generator=generator) if given_thr is None else _flatten_grid(given_thr, "mask")
+        thr_mask = thr_mask.bool()
         nuc_mask = None
         if "nucleus" in c.masked_segments:
             nuc_mask = batch.get("nucleus_mask")
             nuc_mask = self.sample_mask(b, generator=generator) if nuc_mask is None else _flatten_grid(nuc_mask, "mask")
-        logits = self(threshold=threshold, threshold_mask=thr_mask, nucleus_mask=nuc_mask, **common).logits
-        thr_mask = thr_mask.bool()
-        loss_h, acc_h = self._ce(logits[:, tl + G :, o_thr:], threshold, thr_mask)
-        out = {"loss_threshold": loss_h.detach(), "acc_threshold": acc_h, "mask_ratio": thr_mask.float().mean()}
-        total = w.threshold * loss_h
-        if nuc_mask is not None:
-            loss_n, acc_n = self._ce(logits[:, tl : tl + G, o_nuc:o_thr], nucleus, nuc_mask.bool())
+            nuc_mask = nuc_mask.bool()
+        res_mask = None
+        if "text" in c.masked_segments:
+            self._check_text_targets(text_ids, text_mask)
+            res_mask = batch.get("residue_mask")
+            if res_mask is None:
+                res_mask, to_text = self.sample_residue_mask(text_ids, text_mask, generator=generator)
+                if given_thr is None:
+                    # A sample fills residues from whole images, or predicts images from a whole sequence.
+                    thr_mask = thr_mask & ~to_text[:, None]
+                    if nuc_mask is not None and batch.get("nucleus_mask") is None:
+                        nuc_mask = nuc_mask & ~to_text[:, None]
+            res_mask = res_mask.bool()
+        logits = self(
+            threshold=threshold, threshold_mask=thr_mask, nucleus_mask=nuc_mask, residue_mask=res_mask, **common
+        ).logits
+        out: dict[str, Tensor] = {"mask_ratio": thr_mask.float().mean()}
+        total = logits.new_zeros((), dtype=torch.float32)
+        if bool(thr_mask.any()):
+            loss_h, acc_h = self._ce(logits[:, tl + G :, o_thr:], threshold, thr_mask)
+            total = total + w.threshold * loss_h
+            out.update(loss_threshold=loss_h.detach(), acc_threshold=acc_h)
+        if nuc_mask is not None and bool(nuc_mask.any()):
+            loss_n, acc_n = self._ce(logits[:, tl : tl + G, o_nuc:o_thr], nucleus, nuc_mask)
             total = total + w.nucleus * loss_n
             out.update(loss_nucleus=loss_n.detach(), acc_nucleus=acc_n)
+        if res_mask is not None and bool(res_mask.any()):
+            n = text_ids.shape[1]
+            loss_t, acc_t = self._ce(logits[:, :n, : c.text_vocab_size], text_ids, res_mask)
+            total = total + w.text * loss_t
+            out.update(loss_text=loss_t.detach(), acc_text=acc_t)
         return {"loss": total, **out}
+
+    def sample_residue_mask(
+        self, text_ids: Tensor, text_mask: Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Residue masks of image-to-sequence training (masked mode with ``"text"``).
+
+        Each sample is chosen with probability :attr:`CelleConfig.text_mask_prob`; a chosen sample
+        masks ``ceil(r n)`` of its ``n`` residues (at least one), ``r = cos(pi/2 u)``, ``u ~ U(0, 1)``
+        (MaskGIT's cosine schedule, as for image tokens). BOS, the end token and padding are never masked.
+
+        Returns
+        -------
+        residue_mask : torch.Tensor
+            ``bool [B, L]``.
+        chosen : torch.Tensor
+            ``bool [B]``: the samples with masked residues.
+        """
+        device = text_ids.device
+        b, n = text_ids.shape
+        residue = text_mask.bool() & (text_ids >= _TOKENIZER.vocab["A"]) & (text_ids < self.config.text_vocab_size)
+        residue[:, 0] = False
+        n_res = residue.sum(dim=1)  # [B]
+        chosen = (torch.rand(b, generator=generator, device=device) < self.config.text_mask_prob) & (n_res > 0)
+        u = torch.rand(b, generator=generator, device=device)
+        n_mask = torch.ceil(torch.cos(0.5 * math.pi * u) * n_res).clamp_min(1).long()
+        scores = torch.rand(b, n, generator=generator, device=device).masked_fill(~residue, 2.0)
+        ranks = scores.argsort(dim=1).argsort(dim=1)  # residues first, in random order
+        mask = (ranks < n_mask[:, None]) & residue & chosen[:, None]
+        return mask, chosen
 
     def _check_text_targets(self, text_ids: Tensor, text_mask: Tensor) -> None:
         targets = text_ids[:, 1:][text_mask[:, 1:]]

@@ -95,6 +95,9 @@ class Embedder(nn.Module):
     name: ClassVar[str] = ""
     #: Whether the embedder has weights that train with the model by default.
     trainable: ClassVar[bool] = False
+    #: Whether a residue's vector depends on its neighbours (protein language models). A masked residue
+    #: then leaks through its neighbours' vectors, so CELL-E cannot be trained to fill residues with it.
+    contextual: ClassVar[bool] = False
 
     def __init__(self, *, frozen: bool = True):
         super().__init__()
@@ -499,6 +502,7 @@ class ESM2Embedder(Embedder):
     """
 
     name = "esm2"
+    contextual = True
 
     def __init__(
         self,
@@ -627,6 +631,7 @@ class TAPEEmbedder(Embedder):
     """
 
     name = "tape"
+    contextual = True
 
     def __init__(self, path: str | os.PathLike | None = None, *, frozen: bool = True):
         super().__init__(frozen=frozen)
