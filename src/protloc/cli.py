@@ -566,6 +566,78 @@ def _add_predict(subparsers) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+# ---------------------------------------------------------------------------------------------- fill
+def _cmd_fill(args: argparse.Namespace) -> int:
+    from protloc.errors import InputError
+    from protloc.workflows import run_fill
+
+    if args.name is not None and args.fasta is not None:
+        raise InputError("--name names a --sequence; FASTA record ids name the outputs of --fasta")
+    sequences = {args.name or "query": args.sequence} if args.sequence is not None else None
+    summary = run_fill(
+        checkpoint=args.checkpoint, out=args.out, threshold=args.threshold, sequences=sequences, fasta=args.fasta,
+        nucleus=args.nucleus, samples=args.samples, temperature=args.temperature,
+        top_k_fraction=args.top_k_fraction, steps=args.steps, seed=args.seed, device=args.device,
+        precision=args.precision, overwrite=args.overwrite, progress=not args.quiet,
+    )  # fmt: skip
+    _print_table("fill", {
+        "checkpoint": f"{summary['checkpoint']} (step {summary['step']})",
+        "threshold": summary["threshold"]["source"],
+        "sequences": len(summary["sequences"]),
+        "seconds": summary["seconds"],
+    })  # fmt: skip
+    for r in summary["sequences"]:
+        print(f"  {r['name']}: {r['masked']} residue(s) filled, mean probability {r['mean_probability']:.3f}")
+        for k, seq in enumerate(r["filled"][:3]):
+            print(f"    sample {k + 1}: {seq}")
+    print(f"filled sequences written to {args.out}")
+    return 0
+
+
+def _add_fill(subparsers) -> None:
+    p = _sub(
+        subparsers,
+        "fill",
+        help="CELL-E 2 image to sequence: fill masked residues from a nucleus and a threshold image",
+        description=(
+            "Fill the residues marked '_' in a sequence from a nucleus image and a protein-threshold image with a "
+            "masked-mode CELL-E trained to predict masked residues (`protloc train celle --set model.mode=masked "
+            "'model.masked_segments=[threshold,text]'`, a per-residue embedder such as onehot). All masked "
+            "positions are filled in --steps passes (most confident first, cosine schedule), not one pass per "
+            "residue.\n\n"
+            "--threshold: a 2-D image of the protein's localization (e.g. a NAME_threshold.png of `protloc "
+            "predict`); its centred square is scaled by its maximum, area-averaged to the model's size and "
+            "binarised at 0.5. --nucleus as in `protloc predict` (default: the reference nucleus).\n\n"
+            "Writes to OUT: filled.fasta, residues.csv (per filled position and sample: residue, its "
+            "probability, the pass that chose it, and every residue's probability), residues_NAME.png, "
+            "nucleus.png, threshold.png and summary.json."
+        ),
+        example="""
+        protloc fill --checkpoint runs/celle_masked --sequence MKT____AKQRQISFVKSHFSRQ --threshold thr.png \\
+            --out runs/fill
+        protloc fill --checkpoint runs/celle_masked --fasta masked.fasta --threshold thr.png --nucleus nucleus.tif \\
+            --samples 4 --steps 4 --out runs/fill_fasta
+        """,
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="CELL-E run folder (uses best/) or checkpoint")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sequence", default=None, help="one sequence with '_' at the residues to fill")
+    what.add_argument("--fasta", type=Path, default=None, help="FASTA file of sequences with '_' (ids name them)")
+    p.add_argument("--name", default=None, help="name of the --sequence; None: query")
+    p.add_argument("--threshold", required=True, type=Path, help="2-D protein-threshold image")
+    p.add_argument("--nucleus", type=Path, default=None, help="2-D grey nucleus image; None: reference nucleus")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--samples", type=int, default=1, help="fills per sequence")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-k-fraction", type=float, default=0.25, help="share of the 20 residues kept before sampling")
+    p.add_argument("--steps", type=int, default=8, help="passes over all masked positions")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="transformer weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    p.set_defaults(func=_cmd_fill)
+
+
 # -------------------------------------------------------------------------------------------- screen
 _SCREEN_OPTIONS = {  # option -> (argparse dest, the mode it belongs to)
     "--at": ("at", "insert"),
@@ -888,6 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spectrum(sub)
     _add_interpret(sub)
     _add_predict(sub)
+    _add_fill(sub)
     _add_screen(sub)
     _add_evaluate(sub)
     return parser

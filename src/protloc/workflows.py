@@ -26,7 +26,7 @@ from protloc.data.sequences import read_fasta, validate_sequence
 from protloc.errors import ConfigError, InputError
 from protloc.eval.embed import load_cytoself, read_obsm
 from protloc.plotting.atlas import atlas_html, plot_atlas
-from protloc.plotting.celle import plot_prediction
+from protloc.plotting.celle import plot_prediction, plot_residue_probabilities
 from protloc.plotting.crops import composite
 from protloc.plotting.interpret import plot_feature_zeroing
 from protloc.plotting.spectrum import plot_family_correlation, plot_feature_spectrum, plot_spectrum_heatmap
@@ -716,6 +716,202 @@ def _model_names(checkpoints: Sequence[Path], names: Sequence[str] | None) -> li
             raise InputError(f"model name {n!r} is reserved for a reference row")
         seen.add(n)
     return out
+
+
+def _threshold_to_model(image: np.ndarray, size: int, *, source: str) -> np.ndarray:
+    """A 2-D threshold image -> the binary ``[size, size]`` float32 crop a CELL-E tokenizer takes: the
+    centred square (as for the nucleus), scaled by its maximum, area-averaged to ``size``, then >= 0.5."""
+    import torch
+
+    arr = check_image(image, path=source, name="threshold image")
+    if arr.ndim > 2:
+        arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise InputError(f"the threshold image must be 2-D, got shape {tuple(np.shape(image))}", path=source)
+    arr = arr.astype(np.float64)
+    if (arr < 0).any():
+        raise InputError("the threshold image has negative pixels", path=source)
+    h, w = arr.shape
+    if min(h, w) < size:
+        raise InputError(f"the threshold image is {h} x {w} px; the model needs at least {size} x {size}", path=source)
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    crop = arr[y0 : y0 + side, x0 : x0 + side]
+    top = float(crop.max())
+    crop = crop / top if top > 0 else crop
+    t = torch.from_numpy(crop.astype(np.float32))[None, None]
+    if side != size:
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="area")
+    return (t[0, 0] >= 0.5).numpy().astype(np.float32)
+
+
+def run_fill(
+    *,
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    threshold: str | os.PathLike | np.ndarray,
+    sequences: Mapping[str, str] | str | None = None,
+    fasta: str | os.PathLike | None = None,
+    nucleus: str | os.PathLike | np.ndarray | None = None,
+    samples: int = 1,
+    temperature: float = 1.0,
+    top_k_fraction: float = 0.25,
+    steps: int = 8,
+    seed: int = 0,
+    device: str | None = "cpu",
+    precision: str = "fp32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Image to sequence: fill the ``_`` residues of sequences from a nucleus and a threshold image
+    (``protloc fill``; CELL-E 2's second direction, :func:`protloc.eval.fill.fill_sequences`).
+
+    The model must be a masked-mode CELL-E trained with ``"text"`` in ``model.masked_segments``. Every
+    sequence is filled against the same two images, in ``steps`` passes for all its masked positions.
+    Writes into ``out`` (written beside it and moved into place when complete):
+
+    - ``filled.fasta``: per sequence and sample, the filled sequence (``>NAME_sampleK``);
+    - ``residues.csv``: per filled position and sample, ``name``, ``sample``, ``position`` (1-based),
+      ``residue``, ``probability`` (of that residue), ``step`` (the pass that committed it) and one
+      ``p_<residue>`` column per residue of the alphabet;
+    - ``residues_<name>.png``: the mean residue probabilities over the samples (residues x positions),
+      with the first sample's residues marked;
+    - ``nucleus.png``, ``threshold.png`` (the images as the model sees them) and ``summary.json``.
+
+    Parameters
+    ----------
+    checkpoint
+        A ``protloc train celle`` run folder or checkpoint folder.
+    out
+        Output folder.
+    threshold
+        The protein-threshold image (path or array): its centred square, scaled by its maximum,
+        area-averaged to the model's size and binarised at 0.5.
+    sequences, fasta
+        ``{name: sequence}`` (or one string) or a FASTA file, with ``_`` at the residues to fill.
+    nucleus
+        Nucleus image as in :func:`run_predict` (default: the reference nucleus).
+    samples, temperature, top_k_fraction, steps, seed
+        Sampling (:class:`~protloc.eval.predict.SamplingConfig`); ``top_k_fraction`` of the 20 residues.
+    device, precision
+        Torch device (``None``: CUDA when available) and transformer weights (``"fp32"`` / ``"bf16"``).
+    overwrite
+        Replace an existing non-empty ``out``.
+    progress
+        Log progress.
+
+    Returns
+    -------
+    dict
+        The summary written to ``summary.json``.
+
+    Raises
+    ------
+    InputError
+        Missing files, a sequence without ``_`` or with an invalid residue (named), a sequence longer
+        than the model's window, bad images, an existing output.
+    ConfigError
+        A model not trained to fill residues; invalid sampling settings.
+    """
+    import time
+
+    import torch
+
+    from protloc.data.sequences import write_fasta
+    from protloc.eval.fill import fill_sequences, parse_masked
+    from protloc.eval.predict import SamplingConfig
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if (sequences is None) == (fasta is None):
+        raise InputError("give either sequences or a FASTA file (exactly one)")
+    if fasta is not None:
+        if not Path(fasta).is_file():
+            raise InputError("FASTA file not found", path=fasta)
+        records = list(read_fasta(fasta, validate=False).items())
+        if not records:
+            raise InputError("the FASTA file holds no sequences", path=fasta)
+    else:
+        records = list(({"query": sequences} if isinstance(sequences, str) else dict(sequences)).items())
+    for name, seq in records:
+        parse_masked(seq, name=str(name))  # names the sequence and residue on bad input, before loading
+    sampling = SamplingConfig(
+        temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps, samples=samples
+    )
+    _check_predict_out(out, overwrite)
+    run, device = _load_celle(checkpoint, device, precision)
+    size = run.image_size
+    nuc, nucleus_info = _model_nucleus(run, nucleus)
+    if isinstance(threshold, np.ndarray):
+        thr_source, thr_raw = "threshold array", threshold
+    else:
+        thr_source = str(threshold)
+        if not Path(threshold).is_file():
+            raise InputError("threshold image not found", path=threshold)
+        thr_raw = read_image(threshold)
+    thr = _threshold_to_model(thr_raw, size, source=thr_source)
+    b = len(records)
+    nuc_t = torch.from_numpy(nuc)[None, None].expand(b, 1, size, size)
+    thr_t = torch.from_numpy(thr)[None, None].expand(b, 1, size, size)
+    result = fill_sequences(run, [seq for _, seq in records], nuc_t, thr_t, sampling=sampling)
+    alphabet = result["alphabet"]
+    stems = _unique_stems([name for name, _ in records])
+    rows: list[dict[str, Any]] = []
+    per_seq: list[dict[str, Any]] = []
+    with atomic_dir(out) as tmp:
+        write_png(tmp / "nucleus.png", (nuc * 255).round().astype(np.uint8))
+        write_png(tmp / "threshold.png", (thr * 255).astype(np.uint8))
+        fasta_records: dict[str, str] = {}
+        for i, (name, seq) in enumerate(records):
+            positions = result["positions"][i]
+            probs = result["probs"][i].numpy()  # [samples, L, A]
+            steps_of = result["step"][i].numpy()
+            for k, filled in enumerate(result["filled"][i]):
+                fasta_records[f"{'_'.join(str(name).split())}_sample{k + 1}"] = filled
+                for pos in positions:
+                    res = filled[pos]
+                    row = {"name": name, "sample": k + 1, "position": pos + 1, "residue": res,
+                           "probability": float(probs[k, pos, alphabet.index(res)]), "step": int(steps_of[k, pos])}
+                    row.update({f"p_{a}": float(probs[k, pos, j]) for j, a in enumerate(alphabet)})
+                    rows.append(row)  # fmt: skip
+            mean = probs[:, positions].mean(axis=0)  # [P, A]
+            fig = plot_residue_probabilities(
+                mean,
+                [p + 1 for p in positions],
+                alphabet,
+                chosen="".join(result["filled"][i][0][p] for p in positions),
+                title=f"{name}: {len(positions)} residue(s) filled, mean of {samples} sample(s)",
+            )
+            file = f"residues_{stems[i]}.png"
+            _save_fig(fig, tmp / file)
+            per_seq.append({
+                "name": name,
+                "length": len(seq),
+                "masked": len(positions),
+                "filled": result["filled"][i],
+                "mean_probability": float(np.mean([r["probability"] for r in rows if r["name"] == name])),
+                "plot": file,
+            })  # fmt: skip
+        write_fasta(tmp / "filled.fasta", fasta_records)
+        table = pd.DataFrame(rows)
+        atomic_write_text(tmp / "residues.csv", table.to_csv(index=False))
+        summary: dict[str, Any] = {
+            "checkpoint": str(run.checkpoint.resolve()),
+            "step": run.extra.get("step"),
+            "image_size": size,
+            "max_residues": run.model.config.max_residues,
+            "nucleus": {**nucleus_info, "file": "nucleus.png"},
+            "threshold": {"source": thr_source, "file": "threshold.png", "fraction": float(thr.mean())},
+            "sampling": dict(vars(sampling)),
+            "alphabet": alphabet,
+            "device": str(device),
+            "precision": precision,
+            "sequences": per_seq,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        _write_json(tmp / "summary.json", summary)
+    logger.info("filled %d sequence(s) in %.1f s into %s", b, summary["seconds"], out)
+    return summary
 
 
 def run_evaluate(

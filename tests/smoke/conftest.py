@@ -49,14 +49,23 @@ def _celle_tokenizer(path: Path, kind: str, seed: int) -> Path:
 
 
 @pytest.fixture(scope="session")
-def celle_run_dir(tmp_path_factory) -> Path:
+def celle_inputs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny CELL-E store (``CELLE_S`` px, 12 crops of 3 proteins) and untrained tiny tokenizers."""
+    root = tmp_path_factory.mktemp("celle_inputs")
+    return {
+        "store": _make_celle_store(root / "celle.zarr"),
+        "nucleus": _celle_tokenizer(root / "vq_n", "nucleus", 0),
+        "threshold": _celle_tokenizer(root / "vq_t", "threshold", 1),
+    }
+
+
+@pytest.fixture(scope="session")
+def celle_run_dir(tmp_path_factory, celle_inputs) -> Path:
     """A CELL-E trained for 2 steps on a tiny store with untrained tiny tokenizers."""
     root = tmp_path_factory.mktemp("celle_run")
-    store = _make_celle_store(root / "celle.zarr")
     base = TrainCelleConfig.tiny(
-        str(store), nucleus=str(_celle_tokenizer(root / "vq_n", "nucleus", 0)),
-        threshold=str(_celle_tokenizer(root / "vq_t", "threshold", 1)),
-    )  # fmt: skip
+        str(celle_inputs["store"]), nucleus=str(celle_inputs["nucleus"]), threshold=str(celle_inputs["threshold"])
+    )
     cfg = dataclasses.replace(
         base,
         model=base.model.replace(grid_size=4, max_residues=CELLE_MAX_RESIDUES),

@@ -1,4 +1,5 @@
-"""CELL-E prediction figures: the 2D probability density map over the nucleus image.
+"""CELL-E prediction figures: the 2D probability density map over the nucleus image, and the residue
+probabilities of an image-to-sequence fill.
 
 Paper Fig. 3 / S.3.7: the predicted probability map of a protein drawn as a heatmap over the grey
 nucleus image it was conditioned on, with the nucleus outline, so that nuclear vs cytoplasmic
@@ -17,7 +18,7 @@ from matplotlib.lines import Line2D
 
 from protloc.errors import InputError
 
-__all__ = ["plot_prediction"]
+__all__ = ["plot_prediction", "plot_residue_probabilities"]
 
 MASK_COLOR = "#00e5ff"
 THRESHOLD_COLOR = "#7CFC00"
@@ -112,4 +113,64 @@ def plot_prediction(
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=10)
+    return fig
+
+
+def plot_residue_probabilities(
+    probs,
+    positions,
+    alphabet: str,
+    *,
+    chosen: str | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Residue probabilities of filled positions as a heatmap (residues x positions).
+
+    Parameters
+    ----------
+    probs
+        ``[P, A]`` probabilities of the ``A`` residues of ``alphabet`` at ``P`` filled positions (e.g.
+        the mean over samples of :func:`protloc.eval.fill.fill_sequences`'s ``probs``).
+    positions
+        ``P`` 1-based sequence positions, the column labels.
+    alphabet
+        The ``A`` one-letter residue codes, the row labels.
+    chosen
+        Optional ``P`` residues that were filled in (one sample), marked with a dot.
+    ax
+        Axes to draw into; None makes a new figure.
+    title
+        Axes title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    p = np.asarray(probs, dtype=float)
+    pos = [int(x) for x in positions]
+    if p.ndim != 2 or p.shape != (len(pos), len(alphabet)):
+        raise InputError(f"probs must be [{len(pos)} positions, {len(alphabet)} residues], got {p.shape}")
+    if not np.isfinite(p).all() or (p < 0).any():
+        raise InputError("residue probabilities must be finite and non-negative")
+    if chosen is not None and len(chosen) != len(pos):
+        raise InputError(f"chosen has {len(chosen)} residues for {len(pos)} positions")
+    if ax is None:
+        fig = Figure(figsize=(max(4.0, 0.28 * len(pos) + 2.0), 5.0))
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    im = ax.imshow(p.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(p.max()), 1e-12), origin="upper")
+    ax.set_yticks(range(len(alphabet)), list(alphabet), fontsize=7)
+    step = max(1, len(pos) // 30)
+    ax.set_xticks(range(0, len(pos), step), [str(x) for x in pos[::step]], fontsize=7, rotation=90)
+    ax.set_xlabel("position (1-based)")
+    ax.set_ylabel("residue")
+    if chosen is not None:
+        rows = [alphabet.index(c) if c in alphabet else -1 for c in chosen]
+        xs = [i for i, r in enumerate(rows) if r >= 0]
+        ax.scatter(xs, [rows[i] for i in xs], s=8, c="white", marker="o", linewidths=0)
+    fig.colorbar(im, ax=ax, label="probability", fraction=0.04)
+    if title:
+        ax.set_title(title)
     return fig
