@@ -15,6 +15,11 @@ weights and random inputs (the cost does not depend on the values):
 Modes: ``ar`` is the autoregressive CELL-E (text + nucleus in one cached step, then 255 cached one-token
 steps); ``masked S`` is the CELL-E 2 mode with ``S`` bidirectional full passes.
 
+Cases are ``model:mode:batch[:precision][:rN]``: ``bf16`` runs the transformer in bfloat16 (``protloc predict
+--precision bf16``; default fp32), ``rN`` gives sequences of ``N`` residues instead of a full window (the
+padding after them is left out of the passes, so a typical protein, e.g. ``r430``, the median of the
+reference world, costs less than the worst case; such rows are not compared to the reference).
+
 Text input: a random ``text_emb [B, 1001, 768]`` (all positions real: a full-length sequence) with its
 ``text_ids`` / ``text_mask`` is given directly. The sequence embedder (TAPE in the paper; not installed
 here) runs once per prediction, outside the generation, and is *not* in these times. Its cost is shown by
@@ -61,6 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from protloc.eval.predict import SamplingConfig, generate
 from protloc.models.celle import Celle, CelleConfig
+from protloc.train.celle import PRECISIONS
 
 MODELS: dict[str, Callable[[], CelleConfig]] = {
     "tiny": CelleConfig.tiny,
@@ -74,7 +80,8 @@ REFERENCE_S = {"depth4": 6.5, "paper": 31 * 60.0}
 DEFAULT_CASES = (
     "tiny:ar:1,tiny:ar:8,tiny:m8:1,tiny:m8:8,"
     "depth4:ar:1,depth4:ar:8,depth4:m8:1,depth4:m8:8,"
-    "paper:ar:1,paper:m1:1,paper:m8:1,tape_standin,paper:ar:8"
+    "paper:ar:1,paper:ar:1:bf16,paper:ar:1:bf16:r430,paper:m1:1,paper:m8:1,paper:m8:1:bf16,"
+    "tape_standin,paper:ar:8,paper:ar:8:bf16"
 )
 QUICK_CASES = "tiny:ar:1,tiny:ar:8,tiny:m8:1,tiny:m8:8,depth4:ar:1,depth4:m1:1"
 #: Counting FLOPs costs a whole extra generation: from this many positions x depth x batch (x steps), count
@@ -154,55 +161,69 @@ def measure_peak(device: torch.device, n: int = 2048, reps: int = 5) -> float:
 
 
 def _inputs(
-    cfg: CelleConfig, batch: int, device: torch.device, seed: int = 0
+    cfg: CelleConfig, batch: int, device: torch.device, seed: int = 0, residues: int | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Random text of ``residues`` residues (default: a full window) padded to ``text_len``, and nucleus tokens."""
     g = torch.Generator().manual_seed(seed)
     L = cfg.text_len
+    real = L if residues is None else 1 + residues
     ids = torch.randint(5, 30, (batch, L), generator=g)
     ids[:, 0] = 2  # <cls> = BOS
+    mask = torch.zeros(batch, L, dtype=torch.bool)
+    mask[:, :real] = True
+    ids[~mask] = 0
     text = {
-        "text_emb": torch.randn(batch, L, cfg.text_dim, generator=g).to(device),
+        "text_emb": (torch.randn(batch, L, cfg.text_dim, generator=g) * mask[..., None]).to(device),
         "text_ids": ids.to(device),
-        "text_mask": torch.ones(batch, L, dtype=torch.bool, device=device),
+        "text_mask": mask.to(device),
     }
     nucleus = torch.randint(0, cfg.num_nucleus_codes, (batch, cfg.grid_tokens), generator=g).to(device)
     return text, nucleus
 
 
-def _parse_case(case: str) -> tuple[str, str, int, int]:
-    """``model:mode:batch`` -> (model, mode, steps, batch)."""
-    name, mode, batch = case.split(":")
+def _parse_case(case: str) -> tuple[str, str, int, int, str, int | None]:
+    """``model:mode:batch[:precision][:rN]`` -> (model, mode, steps, batch, precision, residues)."""
+    name, mode, batch, *extra = case.split(":")
     if name not in MODELS:
         raise SystemExit(f"unknown model {name!r} in case {case!r}; choose from {', '.join(MODELS)}")
+    precision, residues = "fp32", None
+    for e in extra:
+        if e in PRECISIONS:
+            precision = e
+        elif e.startswith("r") and e[1:].isdigit():
+            residues = int(e[1:])
+        else:
+            raise SystemExit(f"unknown field {e!r} in case {case!r}: fp32, bf16 or r<residues>")
     if mode == "ar":
-        return name, "autoregressive", 0, int(batch)
+        return name, "autoregressive", 0, int(batch), precision, residues
     if mode.startswith("m") and mode[1:].isdigit():
-        return name, "masked", int(mode[1:]), int(batch)
+        return name, "masked", int(mode[1:]), int(batch), precision, residues
     raise SystemExit(f"unknown mode {mode!r} in case {case!r}: 'ar' or 'm<steps>'")
 
 
-def _build(name: str, mode: str, device: torch.device) -> tuple[Celle, CelleConfig]:
+def _build(name: str, mode: str, device: torch.device, precision: str) -> tuple[Celle, CelleConfig]:
     cfg = MODELS[name]().replace(mode=mode)
     torch.manual_seed(0)
-    return Celle(cfg).to(device).eval(), cfg
+    return Celle(cfg).to(device, PRECISIONS[precision]).eval(), cfg
 
 
 def run_case(case: str, args: argparse.Namespace, device: torch.device, models: dict) -> dict[str, Any]:
-    name, mode, steps, batch = _parse_case(case)
-    key = (name, mode)
+    name, mode, steps, batch, precision, residues = _parse_case(case)
+    key = (name, mode, precision)
     if key not in models:
         models.clear()  # one model in memory at a time
-        models[key] = _build(name, mode, device)
+        models[key] = _build(name, mode, device, precision)
     model, cfg = models[key]
     G = cfg.grid_tokens
     ar = mode == "autoregressive"
     ar_tokens = args.ar_tokens if (ar and args.ar_tokens is not None and args.ar_tokens < G) else None
     row: dict[str, Any] = {
         "case": case, "model": name, "mode": mode, "steps": steps if not ar else G, "batch": batch,
+        "precision": precision, "residues": residues if residues is not None else cfg.max_residues,
         "depth": cfg.depth, "dim": cfg.dim, "positions": cfg.total_len, "parameters": model.num_parameters(),
         "device": str(device), "threads": torch.get_num_threads(), "load_before": os.getloadavg()[0],
     }
-    text, nucleus = _inputs(cfg, batch, device)
+    text, nucleus = _inputs(cfg, batch, device, residues=residues)
     sampling = SamplingConfig(seed=0, steps=max(steps, 1))
 
     # --- FLOPs (and warm-up) -------------------------------------------------------------------
@@ -210,7 +231,7 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device, models: 
     count_batch = 1 if costly else batch
     count_steps = 1 if (costly and not ar) else steps
     count_tokens = (ar_tokens or _COUNT_AR_TOKENS) if (ar and costly) else None
-    ctext, cnuc = _inputs(cfg, count_batch, device, seed=1)
+    ctext, cnuc = _inputs(cfg, count_batch, device, seed=1, residues=residues)
     with _StepTimer(model, device, stop_after=count_tokens) as timer, _flop_counter() as fc:
         timer.counter = fc
         t0 = time.perf_counter()
@@ -281,7 +302,7 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device, models: 
             row[k] = best[k]
         row["prompt_gflop_s"] = row["prompt_gflop"] * batch / best["prompt_s"]
         row["step_gflop_s"] = row["step_gflop_mean"] * batch / best["step_s_mean"]
-    if name in REFERENCE_S and ar and batch == 1:
+    if name in REFERENCE_S and ar and batch == 1 and residues is None:
         row["reference_s"] = REFERENCE_S[name]
         row["speedup_vs_reference"] = REFERENCE_S[name] / row["s_per_pred"]
     row["load_after"] = os.getloadavg()[0]
@@ -335,31 +356,34 @@ NOTES = [
 def _label(r: dict[str, Any]) -> str:
     if r["mode"] == "embed":
         return "tape_standin"
-    mode = "ar" if r["mode"] == "autoregressive" else f"masked {r['steps']}"
-    return f"{r['model']} {mode}"
+    mode = "ar" if r["mode"] == "autoregressive" else f"m{r['steps']}"
+    extra = "" if r.get("precision", "fp32") == "fp32" else " bf16"
+    if r.get("residues") not in (None, MODELS[r["model"]]().max_residues):
+        extra += f" {r['residues']}aa"
+    return f"{r['model']} {mode}{extra}"
 
 
 def print_table(rows: list[dict[str, Any]], peak: float, measured: float) -> None:
-    header = (f"{'case':<16} {'batch':>5} {'s/pred':>9} {'pred/s':>8} {'GF/pred':>9} {'GF/s':>7} "
+    header = (f"{'case':<22} {'batch':>5} {'s/pred':>9} {'pred/s':>8} {'GF/pred':>9} {'GF/s':>7} "
               f"{'%190':>6} {'%meas':>6} {'vs ref':>7} {'load':>5}")
     print(header)
     print("-" * len(header))
     for r in rows:
         star = "*" if r.get("extrapolated") else " "
         speed = f"{r['speedup_vs_reference']:>6.1f}x" if "speedup_vs_reference" in r else f"{'':>7}"
-        print(f"{_label(r):<16} {r['batch']:>5} {r['s_per_pred']:>8.3f}{star} {r['pred_per_s']:>8.3f} "
+        print(f"{_label(r):<22} {r['batch']:>5} {r['s_per_pred']:>8.3f}{star} {r['pred_per_s']:>8.3f} "
               f"{r['gflop_per_pred']:>9.1f} {r['gflop_s']:>7.1f} {100 * r['gflop_s'] / peak:>5.1f}% "
               f"{100 * r['gflop_s'] / measured:>5.1f}% {speed} {max(r['load_before'], r['load_after']):>5.2f}")
     ar_rows = [r for r in rows if r["mode"] == "autoregressive"]
     if ar_rows:
         print()
-        header = (f"{'autoregressive':<16} {'batch':>5} {'prompt s':>9} {'GF/s':>7} {'255 steps s':>11} "
+        header = (f"{'autoregressive':<22} {'batch':>5} {'prompt s':>9} {'GF/s':>7} {'255 steps s':>11} "
                   f"{'step ms':>8} {'GF/s':>7} {'other s':>8}")
         print(header)
         print("-" * len(header))
         for r in ar_rows:
             n_steps = r["steps"] - 1
-            print(f"{_label(r):<16} {r['batch']:>5} {r['prompt_s']:>9.3f} {r['prompt_gflop_s']:>7.1f} "
+            print(f"{_label(r):<22} {r['batch']:>5} {r['prompt_s']:>9.3f} {r['prompt_gflop_s']:>7.1f} "
                   f"{r['step_s_mean'] * n_steps:>11.3f} {1e3 * r['step_s_mean']:>8.2f} {r['step_gflop_s']:>7.1f} "
                   f"{r['other_s']:>8.3f}")
     if any(r.get("extrapolated") for r in rows):
