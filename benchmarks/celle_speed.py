@@ -66,7 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from protloc.eval.predict import SamplingConfig, generate
 from protloc.models.celle import Celle, CelleConfig
-from protloc.train.celle import PRECISIONS
+from protloc.train.celle import PRECISIONS, set_precision
 
 MODELS: dict[str, Callable[[], CelleConfig]] = {
     "tiny": CelleConfig.tiny,
@@ -193,7 +193,7 @@ def _parse_case(case: str) -> tuple[str, str, int, int, str, int | None]:
         elif e.startswith("r") and e[1:].isdigit():
             residues = int(e[1:])
         else:
-            raise SystemExit(f"unknown field {e!r} in case {case!r}: fp32, bf16 or r<residues>")
+            raise SystemExit(f"unknown field {e!r} in case {case!r}: fp32, bf16, int8 or r<residues>")
     if mode == "ar":
         return name, "autoregressive", 0, int(batch), precision, residues
     if mode.startswith("m") and mode[1:].isdigit():
@@ -204,7 +204,7 @@ def _parse_case(case: str) -> tuple[str, str, int, int, str, int | None]:
 def _build(name: str, mode: str, device: torch.device, precision: str) -> tuple[Celle, CelleConfig]:
     cfg = MODELS[name]().replace(mode=mode)
     torch.manual_seed(0)
-    return Celle(cfg).to(device, PRECISIONS[precision]).eval(), cfg
+    return set_precision(Celle(cfg).to(device), precision).eval(), cfg
 
 
 def run_case(case: str, args: argparse.Namespace, device: torch.device, models: dict) -> dict[str, Any]:
@@ -357,7 +357,7 @@ def _label(r: dict[str, Any]) -> str:
     if r["mode"] == "embed":
         return "tape_standin"
     mode = "ar" if r["mode"] == "autoregressive" else f"m{r['steps']}"
-    extra = "" if r.get("precision", "fp32") == "fp32" else " bf16"
+    extra = "" if r.get("precision", "fp32") == "fp32" else f" {r['precision']}"
     if r.get("residues") not in (None, MODELS[r["model"]]().max_residues):
         extra += f" {r['residues']}aa"
     return f"{r['model']} {mode}{extra}"

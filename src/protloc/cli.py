@@ -558,9 +558,9 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16"),
+        choices=("fp32", "bf16", "int8"),
         default="fp32",
-        help="transformer weights: fp32 (as trained) or bf16 (2-3x faster on CPUs with AVX512-BF16 and on GPUs)",
+        help="transformer weights: fp32 (as trained), bf16 or int8 (faster; see benchmarks/celle_speed.py)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_predict)
@@ -633,7 +633,7 @@ def _add_fill(subparsers) -> None:
     p.add_argument("--steps", type=int, default=8, help="passes over all masked positions")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="transformer weights")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="transformer weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_fill)
 
@@ -837,9 +837,9 @@ def _add_screen(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16"),
+        choices=("fp32", "bf16", "int8"),
         default="fp32",
-        help="transformer weights: fp32 (as trained) or bf16 (2-3x faster on CPUs with AVX512-BF16 and on GPUs)",
+        help="transformer weights: fp32 (as trained), bf16 or int8 (faster; see benchmarks/celle_speed.py)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_screen)
@@ -911,9 +911,9 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16"),
+        choices=("fp32", "bf16", "int8"),
         default="fp32",
-        help="transformer weights: fp32 (as trained) or bf16 (2-3x faster on CPUs with AVX512-BF16 and on GPUs)",
+        help="transformer weights: fp32 (as trained), bf16 or int8 (faster; see benchmarks/celle_speed.py)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_evaluate)

@@ -534,7 +534,7 @@ def run_predict(
     device
         Torch device (``None``: CUDA when available).
     precision
-        ``"fp32"`` or ``"bf16"`` transformer weights (:func:`~protloc.train.celle.load_celle_run`).
+        ``"fp32"``, ``"bf16"`` or ``"int8"`` transformer weights (:func:`~protloc.train.celle.set_precision`).
     overwrite
         Replace an existing non-empty ``out``.
     progress
@@ -794,7 +794,7 @@ def run_fill(
     samples, temperature, top_k_fraction, steps, seed
         Sampling (:class:`~protloc.eval.predict.SamplingConfig`); ``top_k_fraction`` of the 20 residues.
     device, precision
-        Torch device (``None``: CUDA when available) and transformer weights (``"fp32"`` / ``"bf16"``).
+        Torch device (``None``: CUDA when available) and transformer weights (``"fp32"`` / ``"bf16"`` / ``"int8"``).
     overwrite
         Replace an existing non-empty ``out``.
     progress
@@ -992,7 +992,7 @@ def run_evaluate(
     device
         Torch device (``None``: CUDA when available).
     precision
-        ``"fp32"`` or ``"bf16"`` transformer weights (:func:`~protloc.train.celle.load_celle_run`).
+        ``"fp32"``, ``"bf16"`` or ``"int8"`` transformer weights (:func:`~protloc.train.celle.set_precision`).
     overwrite
         Replace an existing non-empty ``out``.
     progress

@@ -77,6 +77,7 @@ from protloc.train.loop import check_config as _check
 
 __all__ = [
     "PRECISIONS",
+    "set_precision",
     "CelleDataConfig",
     "CelleOptimConfig",
     "CelleRun",
@@ -1074,8 +1075,27 @@ class CelleRun:
         return int(self.extra["image_size"])
 
 
-#: Weight precisions of a loaded CELL-E for prediction (:func:`load_celle_run`).
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: Weight precisions of a loaded CELL-E for prediction (:func:`load_celle_run`, :func:`set_precision`):
+#: the floating dtype of the model; ``int8`` adds int8 weights in the transformer blocks' linear layers.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
+
+
+def set_precision(model: Celle, precision: str) -> Celle:
+    """Put a CELL-E in a prediction precision, in place.
+
+    ``"fp32"``: as trained. ``"bf16"``: every weight (and so the KV cache) in bfloat16. ``"int8"``: bf16,
+    with the transformer blocks' linear layers holding int8 weights and per-channel scales
+    (:class:`protloc.nn.quant.Int8Linear`; a decoding step reads a quarter of the fp32 bytes). For
+    inference only: the reduced precisions cannot be trained or saved as checkpoints.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    model.to(PRECISIONS[precision])
+    if precision == "int8":
+        from protloc.nn.quant import quantize_linears
+
+        quantize_linears(model.blocks)
+    return model
 
 
 def load_celle_run(
@@ -1099,10 +1119,9 @@ def load_celle_run(
     map_location
         Device.
     precision
-        ``"fp32"`` (as trained) or ``"bf16"``: the transformer's weights (and so its KV cache) in
-        bfloat16 for prediction, 2-3x faster on CPUs with AVX512-BF16 and on GPUs, with token
-        probabilities within about 1e-2 of fp32 (``benchmarks/celle_speed.py`` measures both). The
-        tokenizers stay in fp32.
+        ``"fp32"`` (as trained), ``"bf16"`` or ``"int8"`` (:func:`set_precision`): faster prediction on
+        CPUs with AVX512-BF16 and on GPUs, with token probabilities close to fp32
+        (``benchmarks/celle_speed.py`` measures the speed and the difference). The tokenizers stay in fp32.
 
     Raises
     ------
@@ -1119,7 +1138,7 @@ def load_celle_run(
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     model, config, extra = load_checkpoint(ckpt, model_cls=Celle, config_cls=CelleConfig, map_location=map_location)
-    model.to(PRECISIONS[precision])
+    set_precision(model, precision)
     tok = extra.get("tokenizers")
     if not isinstance(tok, dict):
         raise InputError("the checkpoint records no tokenizers (not a `protloc train celle` run?)", path=ckpt)
