@@ -185,6 +185,12 @@ class LayerKVCache:
         self.parent.v[self.index, :, :, start:stop] = v
         return self.parent.k[self.index, :, :, :stop], self.parent.v[self.index, :, :, :stop]
 
+    def buffers(self) -> tuple[Tensor, Tensor]:
+        """The whole contiguous key and value buffers ``[B, H, max_len, Dh]``. A product with the whole
+        buffers (positions past the written ones masked) avoids the copy that a bf16 batched product
+        makes of the strided ``[:length]`` views."""
+        return self.parent.k[self.index], self.parent.v[self.index]
+
 
 class KVCache:
     """Pre-allocated keys, values and key-padding mask of every layer, for incremental decoding.
@@ -388,7 +394,17 @@ class Attention(nn.Module):
         # One new query in reduced precision on a CPU (a decoding step): two small matmuls beat the CPU
         # flash kernel, which is slow in bf16 (measured 0.3 vs 1.3 ms per layer at 1258 keys).
         explicit = return_attention or (n == 1 and q.dtype != torch.float32 and q.device.type == "cpu")
-        if explicit:
+        if explicit and not return_attention and cache is not None:
+            # The whole cache buffers, with unwritten and padded keys masked: contiguous operands, no copy.
+            k_all, v_all = cache.buffers()
+            n_key, max_len = k.shape[2], k_all.shape[2]
+            allowed = torch.arange(max_len, device=x.device) < n_key  # [max_len]
+            if mask.mask is not None:  # padded keys: [B or 1, 1, 1, n_key]
+                allowed = F.pad(mask.mask, (0, max_len - n_key), value=False) & allowed
+            scores = (q @ k_all.transpose(-1, -2)).float() / math.sqrt(self.dim_head)  # [B, H, 1, max_len]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            out = scores.softmax(dim=-1).to(v_all.dtype) @ v_all
+        elif explicit:
             scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.dim_head)  # [B, H, n, n_key]
             full = mask.mask
             if mask.is_causal:
