@@ -15,10 +15,11 @@ weights and random inputs (the cost does not depend on the values):
 Modes: ``ar`` is the autoregressive CELL-E (text + nucleus in one cached step, then 255 cached one-token
 steps); ``masked S`` is the CELL-E 2 mode with ``S`` bidirectional full passes.
 
-Cases are ``model:mode:batch[:precision][:rN]``: ``bf16`` runs the transformer in bfloat16 (``protloc predict
---precision bf16``; default fp32), ``rN`` gives sequences of ``N`` residues instead of a full window (the
-padding after them is left out of the passes, so a typical protein, e.g. ``r430``, the median of the
-reference world, costs less than the worst case; such rows are not compared to the reference).
+Cases are ``model:mode:batch[:precision][:rN]``: ``bf16`` runs the transformer in bfloat16, ``int8`` with
+int8 weights in its blocks (``protloc predict --precision bf16|int8``; default fp32); ``rN`` gives
+sequences of ``N`` residues instead of a full window (the padding after them is left out of the passes,
+so a typical protein, e.g. ``r430``, the median of the reference world, costs less than the worst case;
+such rows are not compared to the reference).
 
 Text input: a random ``text_emb [B, 1001, 768]`` (all positions real: a full-length sequence) with its
 ``text_ids`` / ``text_mask`` is given directly. The sequence embedder (TAPE in the paper; not installed
@@ -80,8 +81,9 @@ REFERENCE_S = {"depth4": 6.5, "paper": 31 * 60.0}
 DEFAULT_CASES = (
     "tiny:ar:1,tiny:ar:8,tiny:m8:1,tiny:m8:8,"
     "depth4:ar:1,depth4:ar:8,depth4:m8:1,depth4:m8:8,"
-    "paper:ar:1,paper:ar:1:bf16,paper:ar:1:bf16:r430,paper:m1:1,paper:m8:1,paper:m8:1:bf16,"
-    "tape_standin,paper:ar:8,paper:ar:8:bf16"
+    "depth4:ar:1:bf16,depth4:ar:1:int8,"
+    "paper:ar:1,paper:ar:1:bf16,paper:ar:1:int8,paper:ar:1:int8:r430,paper:m1:1,paper:m1:1:bf16,paper:m8:1,"
+    "paper:m8:1:bf16,tape_standin,paper:ar:8,paper:ar:8:bf16,paper:ar:8:int8"
 )
 QUICK_CASES = "tiny:ar:1,tiny:ar:8,tiny:m8:1,tiny:m8:8,depth4:ar:1,depth4:m1:1"
 #: Counting FLOPs costs a whole extra generation: from this many positions x depth x batch (x steps), count
