@@ -17,8 +17,13 @@ The test trains everything itself, from nothing, in ``tmp_path`` (no shipped wei
 
 It asserts that the NLS raises the predicted nucleus proportion by a clear margin, while the control
 peptides barely move it, and that the model already tells held-out NLS proteins from held-out diffuse
-ones (plus that the sequence lowers the validation loss on held-out proteins). Every seed is fixed; the
-run is single-threaded and deterministic.
+ones. Every seed is fixed; the run is single-threaded and deterministic.
+
+What it does not show: at this scale the model learns "K/R-rich stretch -> nucleus", not the exact NLS
+rule. A composition-matched scramble (``KPKVKRK``, no NLS by the world's rules) raised the prediction as
+much as the NLS (+0.15); training proteins with such decoys (nuclear weight unchanged) left neither learnt
+within this budget. The test can fail: in a world whose localizations were shuffled against the sequences,
+the NLS delta was -0.08 and the wild-type gap -0.02.
 
 Scale (the ``make_synthetic_proteins`` stand-in below): ``make_world`` draws synthetic proteins of
 150-700 residues with signals anywhere in them; a CELL-E that could read those in a test would be far too
@@ -50,7 +55,6 @@ from protloc.data.world.render import RenderParams
 from protloc.data.world.synthetic import HUMAN_COMPOSITION, explain, plant_signal, sequence_weights
 from protloc.eval.predict import SamplingConfig, predict
 from protloc.train.celle import TrainCelleConfig, load_celle_run, train_celle
-from protloc.train.loop import MetricsLogger
 from protloc.train.vqgan import TrainVQGANConfig, train_vqgan
 
 S = 16  # model image side: 64 px crops area-averaged 4x (1.6 um per pixel, a nucleus is ~7 px across)
@@ -187,20 +191,19 @@ def test_nls_insertion_raises_predicted_nucleus_proportion(tmp_path, monkeypatch
     world = _build_world(tmp_path, monkeypatch)
     store = tmp_path / "prepared" / "celle.zarr"
 
-    # The world is what the test needs: its fields of view show NLS proteins nuclear and the others not.
+    # The world is what the test needs: by its rules and in its fields of view, NLS proteins are nuclear and
+    # the others are not.
     truth = pd.read_csv(world / "truth.csv")
     nls = truth["label"] == "nucleoplasm"
     assert nls.sum() == 24 and (truth.loc[~nls, "label"] == "cytosol").all()
-    assert truth.loc[nls, "nucleus_proportion"].min() > 0.85 > 0.55 > truth.loc[~nls, "nucleus_proportion"].max()
+    rule, image = truth["nucleus_proportion_expected"], truth["nucleus_proportion"]
+    assert rule[nls].min() > 0.95 and rule[~nls].max() < 0.5
+    assert image[nls].mean() > 0.85 and image[~nls].mean() < 0.55
 
     nucleus_vq = _train_tokenizer(store, "nucleus", tmp_path / "vq_nucleus", ch=8, steps=100)
     threshold_vq = _train_tokenizer(store, "threshold", tmp_path / "vq_threshold", ch=8, steps=400)
     run_dir = _train_celle(store, nucleus_vq, threshold_vq, tmp_path / "celle", steps=300)
     t_train = time.perf_counter() - t0
-
-    # On the held-out validation proteins the sequence explains part of the threshold image.
-    val = [r for r in MetricsLogger.read(run_dir / "metrics.jsonl") if r["split"] == "val"][-1]
-    assert val["blank_loss_threshold"] - val["loss_threshold"] > 0.1, val
 
     run = load_celle_run(run_dir)
     seqs = read_fasta(tmp_path / "prepared" / "sequences.fasta")
@@ -221,11 +224,11 @@ def test_nls_insertion_raises_predicted_nucleus_proportion(tmp_path, monkeypatch
                   for nuc in nuclei], axis=0)  # fmt: skip
     wt_nls, wt_plain = float(wt[: len(held_nls)].mean()), float(wt[len(held_nls) :].mean())
 
-    # 2. The screen: an NLS or the control inserted into the held-out plain proteins.
+    # 2. The screen: the NLS or a control peptide inserted into the held-out plain proteins.
     tables = []
     for seq in held_plain:
         variants = insertion_variants(seq, {"NLS": NLS, **controls}, positions=_positions(seq))
-        for v in variants[1:]:  # the world's own rules: the NLS makes the protein nuclear, the control does not
+        for v in variants[1:]:  # the world's own rules: the NLS makes the protein nuclear, a control does not
             expected = _nuclear_weight(v.sequence) - _nuclear_weight(seq)
             assert (expected > 0.4) if v.name.startswith("NLS") else (abs(expected) < 0.01), (v.name, expected)
         tables += [run_screen(run, variants, nuc, sampling=sampling) for nuc in nuclei]
@@ -237,13 +240,14 @@ def test_nls_insertion_raises_predicted_nucleus_proportion(tmp_path, monkeypatch
         "wild_type_nls": round(wt_nls, 4),
         "wild_type_plain": round(wt_plain, 4),
         "delta": {k: round(v, 4) for k, v in by_variant.items() if k != "wild type"},
-        "val_loss_threshold": round(val["loss_threshold"], 4),
-        "val_blank_loss_threshold": round(val["blank_loss_threshold"], 4),
         "seconds_training": round(t_train, 1),
         "seconds_total": round(time.perf_counter() - t0, 1),
     }
     print("planted NLS signal:", json.dumps(measured))
 
+    # Seed 0 (this test): wild types 0.67 vs 0.49, NLS +0.17 / +0.15, controls -0.02 to -0.05. With world and
+    # training seeds 1-3 instead: wild-type gaps 0.16-0.22, NLS deltas 0.12-0.14 (each position >= 0.115),
+    # control means within +-0.02.
     assert wt_nls - wt_plain > 0.1, measured
     assert delta["NLS"] > 0.08, measured
     assert (by_variant.filter(like="NLS@") > 0.05).all(), measured
