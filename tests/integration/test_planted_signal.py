@@ -41,8 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
-import torch
 
 from protloc.analysis.screens import insertion_variants, run_screen
 from protloc.config import apply_overrides
@@ -65,15 +63,6 @@ NLS = "PKKKRKV"  # SV40 large T antigen, the classical monopartite NLS
 
 _AA = np.array(list(HUMAN_COMPOSITION))
 _AA_P = np.array(list(HUMAN_COMPOSITION.values())) / sum(HUMAN_COMPOSITION.values())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy machine they slow training down badly.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------- sequences
