@@ -175,9 +175,7 @@ def fill_residues(
             pick = (filter_top_k(logits, sampling.top_k_fraction) + noise).argmax(dim=-1)  # [B, keep]
             conf = p.gather(-1, pick[..., None])[..., 0]
             # Commit per sample so that floor(n cos(pi/2 (t + 1) / T)) of its n positions stay masked.
-            left = torch.tensor(
-                [_masked_left(t, sampling.steps, int(k)) for k in total.tolist()], device=device
-            )  # [B]
+            left = torch.tensor([_masked_left(t, sampling.steps, int(k)) for k in total.tolist()], device=device)  # [B]
             n_commit = (todo.sum(dim=1) - left).clamp_min(0)
             conf_all = torch.full((b, n), -1.0, device=device)
             conf_all[:, :keep] = torch.where(todo[:, :keep], conf, -1.0)
@@ -330,4 +328,3 @@ def fill_sequences(
         "step": result.step.reshape(b, n, L)[:, :, 1:].cpu(),
         "alphabet": letters,
     }
-
