@@ -28,6 +28,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prepared", type=Path, default=Path("runs/celle/prepared"))
     ap.add_argument("--runs", type=Path, default=Path("runs/celle/bench"))
+    ap.add_argument("--celle", type=Path, default=None, help="the sequence model's run (default RUNS/celle)")
+    ap.add_argument(
+        "--no-sequence", type=Path, default=None, help="the ablation's run (default RUNS/celle_no_sequence)"
+    )
     ap.add_argument("--max-crops", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -38,12 +42,12 @@ def main() -> None:
     seqs = read_sequences(args.prepared / "sequences.fasta")
     common = dict(sequences=seqs, max_crops=args.max_crops, seed=args.seed, progress=True)
     t0 = time.perf_counter()
-    run = load_celle_run(args.runs / "celle")
+    run = load_celle_run(args.celle or args.runs / "celle")
     results = {
         "VQGAN ceiling": vqgan_ceiling(run, store, batch_size=32, **common),
         "CELL-E tiny": evaluate_celle(run, store, batch_size=32, **common),
         "CELL-E tiny, no sequence": evaluate_celle(
-            load_celle_run(args.runs / "celle_no_sequence"), store, batch_size=32, **common
+            load_celle_run(args.no_sequence or args.runs / "celle_no_sequence"), store, batch_size=32, **common
         ),
         "sequence-only ridge": sequence_baseline(store, image_size=run.image_size, **common),
     }
@@ -51,6 +55,8 @@ def main() -> None:
     print(format_table(results))
     out = {
         "prepared": str(args.prepared),
+        "celle": str(args.celle or args.runs / "celle"),
+        "no_sequence": str(args.no_sequence or args.runs / "celle_no_sequence"),
         "max_crops": args.max_crops,
         "seed": args.seed,
         "seconds": seconds,

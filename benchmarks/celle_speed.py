@@ -98,9 +98,18 @@ def _cpu_flash_flop(query_shape, key_shape, value_shape, *args: Any, out_shape=N
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _int8_mm_flop(x_shape, w_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    """FLOPs of ``torch._weight_int8pack_mm`` (the int8-weight product of ``--precision int8``): ``2 M N K``."""
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]
+
+
 def _flop_counter() -> FlopCounterMode:
     return FlopCounterMode(
-        display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flop}
+        display=False,
+        custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flop,
+            torch.ops.aten._weight_int8pack_mm: _int8_mm_flop,
+        },
     )
 
 

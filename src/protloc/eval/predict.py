@@ -290,7 +290,10 @@ def _generate_autoregressive(
 ) -> GenerationResult:
     c = model.config
     b, G, o = nucleus.shape[0], c.grid_tokens, c.threshold_offset
-    cache = model.new_cache(b)
+    # The cache holds what is fed: the text up to the batch's longest sequence (padding left out), the
+    # nucleus grid and G - 1 threshold tokens.
+    keep = int(text["text_mask"].bool().any(dim=0).nonzero().max()) + 1  # type: ignore[union-attr]
+    cache = model.new_cache(b, max_len=keep + 2 * G - 1)
     # Text (embedded once, outside) + the whole nucleus grid in one step; the last row predicts threshold token 0.
     # The padding after the batch's longest sequence is left out (exact): a protein costs its own length.
     logits = model.forward_step(cache, nucleus=nucleus, trim_text=True, **text)[:, -1, o:]  # [B, K]

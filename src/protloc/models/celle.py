@@ -662,9 +662,15 @@ class Celle(nn.Module):
     # incremental decoding
 
     def new_cache(
-        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_len: int | None = None,
     ) -> CelleCache:
-        """An empty :class:`CelleCache` for :meth:`forward_step` (autoregressive mode)."""
+        """An empty :class:`CelleCache` for :meth:`forward_step` (autoregressive mode), holding ``max_len``
+        positions (default :attr:`CelleConfig.input_len`; fewer suffice when the text padding is left out)."""
         if not self.autoregressive:
             raise ConfigError("incremental decoding needs mode='autoregressive' (masked mode is bidirectional)")
         c = self.config
@@ -674,7 +680,7 @@ class Celle(nn.Module):
             batch_size=batch_size,
             heads=c.heads,
             dim_head=c.dim_head,
-            max_len=c.input_len,
+            max_len=c.input_len if max_len is None else max_len,
             device=device if device is not None else ref.device,
             dtype=dtype if dtype is not None else ref.dtype,
         )

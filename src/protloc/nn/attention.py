@@ -185,11 +185,11 @@ class LayerKVCache:
         self.parent.v[self.index, :, :, start:stop] = v
         return self.parent.k[self.index, :, :, :stop], self.parent.v[self.index, :, :, :stop]
 
-    def buffers(self) -> tuple[Tensor, Tensor]:
-        """The whole contiguous key and value buffers ``[B, H, max_len, Dh]``. A product with the whole
-        buffers (positions past the written ones masked) avoids the copy that a bf16 batched product
-        makes of the strided ``[:length]`` views."""
-        return self.parent.k[self.index], self.parent.v[self.index]
+    def buffers(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The whole contiguous key and value buffers ``[B, H, max_len, Dh]`` and the positions
+        ``0 .. max_len - 1``. A product with the whole buffers (positions past the written ones masked)
+        avoids the copy that a bf16 batched product makes of the strided ``[:length]`` views."""
+        return self.parent.k[self.index], self.parent.v[self.index], self.parent.positions
 
 
 class KVCache:
@@ -222,6 +222,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.key_mask = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
+        self.positions = torch.arange(max_len, device=device)  # for length masks over the whole buffers
         self.max_len = max_len
         self.length = 0
         self.layers = [LayerKVCache(self, i) for i in range(num_layers)]
@@ -381,8 +382,8 @@ class Attention(nn.Module):
             cos, sin = rotary
             if cos.dim() == 3:
                 cos, sin = cos[:, None], sin[:, None]
-            q = apply_rotary_cos_sin(q, cos, sin)
-            k = apply_rotary_cos_sin(k, cos, sin)
+            # Queries and keys in one call (half the small ops of a decoding step).
+            q, k = apply_rotary_cos_sin(torch.stack([q, k]), cos, sin).unbind(0)
         offset = 0
         if cache is not None:
             offset = cache.parent.length
@@ -396,9 +397,9 @@ class Attention(nn.Module):
         explicit = return_attention or (n == 1 and q.dtype != torch.float32 and q.device.type == "cpu")
         if explicit and not return_attention and cache is not None:
             # The whole cache buffers, with unwritten and padded keys masked: contiguous operands, no copy.
-            k_all, v_all = cache.buffers()
+            k_all, v_all, positions = cache.buffers()
             n_key, max_len = k.shape[2], k_all.shape[2]
-            allowed = torch.arange(max_len, device=x.device) < n_key  # [max_len]
+            allowed = positions < n_key  # [max_len]
             if mask.mask is not None:  # padded keys: [B or 1, 1, 1, n_key]
                 allowed = F.pad(mask.mask, (0, max_len - n_key), value=False) & allowed
             scores = (q @ k_all.transpose(-1, -2)).float() / math.sqrt(self.dim_head)  # [B, H, 1, max_len]
@@ -499,9 +500,14 @@ class TokenShift2D(nn.Module):
             state = x.new_zeros(b, w, c)
         # ext[:, w + k] holds raster index grid_start + k; ext[:, :w] the previous row.
         ext = torch.cat([state, x], dim=1)  # [B, w + n, C]
-        g = torch.arange(grid_start, grid_start + n, device=x.device)
-        has_above = (g >= w).to(x.dtype)[None, :, None]
-        has_left = (g % w != 0).to(x.dtype)[None, :, None]
+        has_above: Tensor | float
+        has_left: Tensor | float
+        if n == 1:  # a decoding step: plain numbers, no index tensors to build
+            has_above, has_left = float(grid_start >= w), float(grid_start % w != 0)
+        else:
+            g = torch.arange(grid_start, grid_start + n, device=x.device)
+            has_above = (g >= w).to(x.dtype)[None, :, None]
+            has_left = (g % w != 0).to(x.dtype)[None, :, None]
         q = c // 4
         above = ext[:, 0:n, :q] * has_above  # raster index g - w
         left = ext[:, w - 1 : w - 1 + n, q : 2 * q] * has_left  # raster index g - 1
