@@ -7,7 +7,7 @@ Each case is one model configuration x generation mode x batch size, timed aroun
 :func:`protloc.eval.predict.generate` (eval mode, no autograd, as ``protloc predict`` runs it) on random
 weights and random inputs (the cost does not depend on the values):
 
-- ``tiny``: :meth:`CelleConfig.tiny` (depth 2, width 64, 128 residues, 8 x 8 grids);
+- ``tiny``: :meth:`CelleConfig.tiny` (depth 2, width 64, 300 residues, 8 x 8 grids);
 - ``depth4``: the paper layout (1001 text + 256 nucleus + 256 threshold positions, width 768, 16 x 64
   heads) at depth 4, the configuration the reference's ~6.5 s per (cached) prediction was measured at;
 - ``paper``: the published depth-32 model.
