@@ -347,3 +347,20 @@ def test_compartment_gallery():
         assert nucleus.shape == protein.shape == (64, 64)
         assert nucleus.dtype == protein.dtype == np.uint16
         assert nucleus.max() > 2 * np.median(nucleus)  # a nucleus is in view
+
+
+def test_world_from_a_protein_table():
+    nls = "MSDEAAGTPKKKRKVEDGSAALLAGWSTQE"
+    plain = "MSDEAAGTAGSLEDGSAALLAGWSTQEAAN"
+    table = world_proteins(protein_table=pd.DataFrame({"protein_id": ["a", "b"], "sequence": [nls, plain]}),
+                           include_engineered=False)  # fmt: skip
+    assert list(table["protein_id"]) == ["a", "b"] and not table["engineered"].any()
+    # Weights from the sequence rules when the table has none: the NLS protein is nuclear.
+    assert table["nucleus_proportion_expected"].iloc[0] > 0.9 > table["nucleus_proportion_expected"].iloc[1]
+    np.testing.assert_allclose(table[list(WEIGHT_COLUMNS)].sum(axis=1), 1.0)
+    with pytest.raises(ConfigError, match="lacks column"):
+        world_proteins(protein_table=pd.DataFrame({"protein_id": ["a"]}))
+    with pytest.raises(InputError, match="row 2"):
+        world_proteins(protein_table=pd.DataFrame({"protein_id": ["a", "b"], "sequence": [nls, "MK*J"]}))
+    with pytest.raises(ConfigError, match="weight columns"):
+        world_proteins(protein_table=pd.DataFrame({"protein_id": ["a"], "sequence": [nls], "w_cytosol": [1.0]}))

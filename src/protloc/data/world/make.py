@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from protloc._fs import atomic_dir, check_overwrite
 from protloc.data.io import write_table
-from protloc.data.sequences import write_fasta
+from protloc.data.sequences import validate_sequence, write_fasta
 from protloc.data.world.compartments import COMPARTMENTS, NUCLEAR, WEIGHT_COLUMNS
 from protloc.data.world.render import (
     NucleusTemplate,
@@ -83,12 +83,42 @@ def _normalised_weights(df: pd.DataFrame) -> np.ndarray:
     return w / sums
 
 
+def _custom_proteins(table: pd.DataFrame) -> pd.DataFrame:
+    """A user's protein table: ``protein_id`` and ``sequence``, optional ``w_*`` weights (else from the
+    sequence rules), ``label`` (else the argmax compartment), ``uniprot_id`` and ``gene_name``."""
+    if not isinstance(table, pd.DataFrame) or table.empty:
+        raise ConfigError("protein_table must be a non-empty pandas DataFrame")
+    missing = [c for c in ("protein_id", "sequence") if c not in table]
+    if missing:
+        raise ConfigError(f"protein_table lacks column(s) {missing}")
+    out = table.copy().reset_index(drop=True)
+    out["protein_id"] = out["protein_id"].astype(str)
+    out["sequence"] = [
+        validate_sequence(str(seq), name=f"protein_table row {i + 1} ({pid})")
+        for i, (pid, seq) in enumerate(zip(out["protein_id"], out["sequence"], strict=True))
+    ]
+    given = [c for c in WEIGHT_COLUMNS if c in out]
+    if given and len(given) != len(WEIGHT_COLUMNS):
+        raise ConfigError(f"protein_table has some weight columns but lacks {sorted(set(WEIGHT_COLUMNS) - set(given))}")
+    if not given:
+        weights = np.stack([sequence_weights(seq) for seq in out["sequence"]])
+        for j, col in enumerate(WEIGHT_COLUMNS):
+            out[col] = weights[:, j]
+    if "label" not in out:
+        w = out[list(WEIGHT_COLUMNS)].to_numpy(dtype=np.float64)
+        out["label"] = [COMPARTMENTS[int(np.argmax(row))] for row in w]
+    if "uniprot_id" not in out:
+        out["uniprot_id"] = ""
+    return out
+
+
 def world_proteins(
     *,
     proteins: int | None = 100,
     seed: int = 0,
     mode: str = "real",
     include_engineered: bool = True,
+    protein_table: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The protein table of a world (what :func:`make_world` writes to ``proteins.csv``).
 
@@ -105,6 +135,11 @@ def world_proteins(
     include_engineered
         Append the engineered constructs (GFP, GFP + NLS, ...) with weights from the sequence rules and
         ``engineered=True``; they get no fields of view.
+    protein_table
+        Image these proteins instead (``proteins`` and ``mode`` are then not used): columns
+        ``protein_id`` and ``sequence``, optionally the twelve ``w_*`` compartment weights (else from the
+        sequence rules of :func:`~protloc.data.world.synthetic.sequence_weights`), ``label``,
+        ``uniprot_id``, ``gene_name``. E.g. short proteins with chosen signals for a test.
 
     Returns
     -------
@@ -116,7 +151,10 @@ def world_proteins(
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if proteins is not None and (not isinstance(proteins, int | np.integer) or proteins < 1):
         raise ConfigError(f"proteins must be a positive integer or None, got {proteins!r}")
-    if mode == "real":
+    if protein_table is not None:
+        table = _custom_proteins(protein_table)
+        weights = _normalised_weights(table)
+    elif mode == "real":
         from protloc.data.world import assets  # lazy: the asset tables are only needed here
 
         table = assets.load_proteins()
@@ -232,6 +270,7 @@ def make_world(
     overwrite: bool = False,
     progress: bool = True,
     params: RenderParams | None = None,
+    protein_table: pd.DataFrame | None = None,
 ) -> Path:
     """Render the reference cell world into ``out``.
 
@@ -263,6 +302,8 @@ def make_world(
     params
         Renderer parameters (``size`` and ``z`` are taken from the arguments above). With
         ``real_nucleus_fraction > 0`` the real nucleus patches come from the packaged assets.
+    protein_table
+        Your own proteins instead of sampled / generated ones (see :func:`world_proteins`).
 
     Returns
     -------
@@ -282,7 +323,9 @@ def make_world(
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     out_path = check_overwrite(out, overwrite=overwrite)
     params = replace(params or RenderParams(), size=int(size), z=int(z))
-    table = world_proteins(proteins=proteins, seed=seed, mode=mode, include_engineered=include_engineered)
+    table = world_proteins(
+        proteins=proteins, seed=seed, mode=mode, include_engineered=include_engineered, protein_table=protein_table
+    )
     bank = _load_bank(params)
 
     imaged = table[~table["engineered"]].reset_index(drop=True)
@@ -325,6 +368,7 @@ def make_world(
                         bar.update()
         finally:
             bar.close()
+        mode = "protein_table" if protein_table is not None else mode  # what world.json records
         _write_tables(tmp, table, imaged, jobs, results, params=params, seed=seed, mode=mode,
                       proteins=proteins, fovs=fovs, include_engineered=include_engineered)  # fmt: skip
     logger.info("wrote the %s world (%d proteins, %d fields of view) to %s", mode, len(imaged), len(jobs), out_path)
