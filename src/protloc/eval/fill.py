@@ -38,7 +38,7 @@ from torch import Tensor
 
 from protloc.data.sequences import Tokenizer, validate_sequence
 from protloc.errors import ConfigError, InputError
-from protloc.eval.predict import SamplingConfig, _masked_left, filter_top_k
+from protloc.eval.predict import SamplingConfig, _masked_left, _sample
 from protloc.models.celle import Celle
 
 if TYPE_CHECKING:
@@ -168,11 +168,8 @@ def fill_residues(
                 threshold=threshold, trim_text=True,
             )  # fmt: skip
             keep = out.logits.shape[1] - 2 * c.grid_tokens  # text rows kept by trim_text
-            logits = out.logits[:, :keep].index_select(-1, allowed).float() / sampling.temperature  # [B, keep, A]
-            p = logits.softmax(dim=-1)
-            u = torch.rand(logits.shape, generator=generator, device=generator.device).to(device)
-            noise = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
-            pick = (filter_top_k(logits, sampling.top_k_fraction) + noise).argmax(dim=-1)  # [B, keep]
+            # The image modes' sampler: tempered softmax, top-k of the alphabet, Gumbel-max.
+            pick, p = _sample(out.logits[:, :keep].index_select(-1, allowed), sampling, generator)  # [B, keep](, A)
             conf = p.gather(-1, pick[..., None])[..., 0]
             # Commit per sample so that floor(n cos(pi/2 (t + 1) / T)) of its n positions stay masked.
             left = torch.tensor([_masked_left(t, sampling.steps, int(k)) for k in total.tolist()], device=device)  # [B]

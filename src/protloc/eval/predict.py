@@ -53,7 +53,7 @@ from torch import Tensor
 from protloc.data.sequences import crop_is_full_end, crop_sequence, validate_sequence
 from protloc.errors import ConfigError, InputError
 from protloc.eval.metrics import nucleus_mask, nucleus_proportion
-from protloc.models.celle import Celle
+from protloc.models.celle import Celle, trimmed_text_len
 from protloc.models.vqgan import VQGAN
 
 if TYPE_CHECKING:
@@ -292,8 +292,7 @@ def _generate_autoregressive(
     b, G, o = nucleus.shape[0], c.grid_tokens, c.threshold_offset
     # The cache holds what is fed: the text up to the batch's longest sequence (padding left out), the
     # nucleus grid and G - 1 threshold tokens.
-    keep = int(text["text_mask"].bool().any(dim=0).nonzero().max()) + 1  # type: ignore[union-attr]
-    cache = model.new_cache(b, max_len=keep + 2 * G - 1)
+    cache = model.new_cache(b, max_len=trimmed_text_len(text["text_mask"]) + 2 * G - 1)  # type: ignore[arg-type]
     # Text (embedded once, outside) + the whole nucleus grid in one step; the last row predicts threshold token 0.
     # The padding after the batch's longest sequence is left out (exact): a protein costs its own length.
     logits = model.forward_step(cache, nucleus=nucleus, trim_text=True, **text)[:, -1, o:]  # [B, K]

@@ -78,6 +78,7 @@ __all__ = [
     "CelleOutput",
     "MODES",
     "SEGMENTS",
+    "trimmed_text_len",
 ]
 
 #: Training / inference modes: CELL-E (causal, next-token) and CELL-E 2 (bidirectional, masked tokens).
@@ -335,6 +336,12 @@ class CelleCache:
     def length(self) -> int:
         """Layout positions processed so far (skipped padding included)."""
         return self.kv.length + self.skipped
+
+
+def trimmed_text_len(text_mask: Tensor) -> int:
+    """Text positions up to the batch's last real token (``text_mask [B, L]``): what a pass with
+    ``trim_text=True`` keeps of the text segment (BOS is always real, so at least 1)."""
+    return int(text_mask.bool().any(dim=0).nonzero().max()) + 1
 
 
 def _flatten_grid(tokens: Tensor, name: str) -> Tensor:
@@ -649,7 +656,7 @@ class Celle(nn.Module):
         key_mask = torch.cat([key_text, key_text.new_ones(b, G + n_thr)], dim=1)  # [B, P]
         ranges = [(0, x.shape[1])]
         if trim_text:
-            keep = int(key_text.any(dim=0).nonzero().max()) + 1  # BOS is always real
+            keep = trimmed_text_len(key_text)
             if keep < c.text_len:
                 x = torch.cat([x[:, :keep], x[:, c.text_len :]], dim=1)
                 key_mask = torch.cat([key_mask[:, :keep], key_mask[:, c.text_len :]], dim=1)
@@ -737,8 +744,7 @@ class Celle(nn.Module):
             x_text, key_text = self._embed_text(text_emb, text_ids, text_mask)
             keep = tl
             if trim_text:
-                real = key_text.any(dim=0).nonzero()
-                keep = int(real.max()) + 1  # BOS is always real, so at least 1
+                keep = trimmed_text_len(key_text)
                 x_text, key_text = x_text[:, :keep], key_text[:, :keep]
                 cache.skipped = tl - keep
             pieces.append(x_text)
