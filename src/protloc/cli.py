@@ -491,6 +491,29 @@ def _add_interpret(subparsers) -> None:
 
 
 # ------------------------------------------------------------------------------------------- predict
+def _add_sampling_options(
+    p: argparse.ArgumentParser,
+    *,
+    top_k_help: str = "share of threshold codes kept (paper: 0.25)",
+    steps_help: str = "decoding passes of a masked (CELL-E 2) model",
+) -> None:
+    """--temperature, --top-k-fraction and --steps of the CELL-E commands (SamplingConfig)."""
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-k-fraction", type=float, default=0.25, help=top_k_help)
+    p.add_argument("--steps", type=int, default=8, help=steps_help)
+
+
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device and --precision of the commands that load a CELL-E (train.celle.PRECISIONS)."""
+    p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="transformer weights: fp32 (as trained), bf16 or int8 (faster; see benchmarks/celle_speed.py)",
+    )
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from protloc.errors import InputError
     from protloc.workflows import run_predict
@@ -550,18 +573,10 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--nucleus", type=Path, default=None, help="2-D grey nucleus image; None: reference nucleus")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--samples", type=int, default=1, help="draws per sequence (threshold = pixel-wise majority)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    p.add_argument("--top-k-fraction", type=float, default=0.25, help="share of threshold codes kept (paper: 0.25)")
-    p.add_argument("--steps", type=int, default=8, help="decoding passes of a masked (CELL-E 2) model")
+    _add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed + batch size: same outputs)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per generation batch")
-    p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "int8"),
-        default="fp32",
-        help="transformer weights: fp32 (as trained), bf16 or int8 (faster; see benchmarks/celle_speed.py)",
-    )
+    _add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_predict)
 
@@ -628,12 +643,11 @@ def _add_fill(subparsers) -> None:
     p.add_argument("--nucleus", type=Path, default=None, help="2-D grey nucleus image; None: reference nucleus")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--samples", type=int, default=1, help="fills per sequence")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    p.add_argument("--top-k-fraction", type=float, default=0.25, help="share of the 20 residues kept before sampling")
-    p.add_argument("--steps", type=int, default=8, help="passes over all masked positions")
+    _add_sampling_options(
+        p, top_k_help="share of the 20 residues kept before sampling", steps_help="passes over all masked positions"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="transformer weights")
+    _add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_fill)
 
@@ -829,18 +843,10 @@ def _add_screen(subparsers) -> None:
     kind.add_argument("--method", choices=["rollout", "mean"], default=None,
                       help="attention over layers; None: rollout")
     p.add_argument("--samples", type=int, default=1, help="draws per variant (mean and sd of the proportion)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    p.add_argument("--top-k-fraction", type=float, default=0.25, help="share of threshold codes kept (paper: 0.25)")
-    p.add_argument("--steps", type=int, default=8, help="decoding passes of a masked (CELL-E 2) model")
+    _add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (shared by all variants)")
     p.add_argument("--batch-size", type=int, default=8, help="variants per generation batch (same results)")
-    p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "int8"),
-        default="fp32",
-        help="transformer weights: fp32 (as trained), bf16 or int8 (faster; see benchmarks/celle_speed.py)",
-    )
+    _add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_screen)
 
@@ -904,17 +910,9 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--no-ceiling", action="store_true", help="leave out the VQGAN-ceiling row")
     p.add_argument("--no-baseline", action="store_true", help="leave out the sequence-baseline row")
     p.add_argument("--batch-size", type=int, default=8, help="crops per forward pass")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    p.add_argument("--top-k-fraction", type=float, default=0.25, help="share of threshold codes kept (paper: 0.25)")
-    p.add_argument("--steps", type=int, default=8, help="decoding passes of a masked (CELL-E 2) model")
+    _add_sampling_options(p)
     p.add_argument("--sampling-seed", type=int, default=0, help="seed of the token sampling (shared by all models)")
-    p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "int8"),
-        default="fp32",
-        help="transformer weights: fp32 (as trained), bf16 or int8 (faster; see benchmarks/celle_speed.py)",
-    )
+    _add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_evaluate)
 
