@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +318,46 @@ _DEFAULT_NUCLEUS_DIAMETER_UM = 12.0
 _DEFAULT_PIXEL_SIZE_UM = 0.4
 
 
+def _square_to_model(
+    image: np.ndarray,
+    size: int,
+    *,
+    source: str,
+    name: str,
+    scale: Callable[[np.ndarray], np.ndarray],
+    check: Callable[[np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A 2-D image -> ``[size, size]`` float32: its largest centred square, ``scale``-d (to [0, 1]), then
+    area-averaged to ``size`` (as the CELL-E data pipeline resizes its crops). ``check`` sees the whole
+    2-D image first."""
+    import torch
+
+    arr = check_image(image, path=source, name=f"{name} image")  # numeric, non-empty, finite
+    if arr.ndim > 2:
+        arr = np.squeeze(arr)  # a [1, Y, X] or [Y, X, 1] grey image
+    if arr.ndim != 2:
+        raise InputError(
+            f"the {name} image must be a 2-D grey image, got shape {tuple(np.shape(image))}", path=source
+        )
+    arr = arr.astype(np.float64)
+    if check is not None:
+        check(arr)
+    h, w = arr.shape
+    if min(h, w) < size:
+        raise InputError(
+            f"the {name} image is {h} x {w} px; the model needs at least {size} x {size} (its image size)",
+            path=source,
+        )
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    crop = scale(arr[y0 : y0 + side, x0 : x0 + side])
+    t = torch.from_numpy(crop.astype(np.float32))[None, None]
+    if side != size:
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="area")
+    out = t[0, 0].clamp(0.0, 1.0).numpy().astype(np.float32)
+    return out, {"input_shape": [int(h), int(w)], "crop": {"y": int(y0), "x": int(x0), "side": int(side)}}
+
+
 def _nucleus_to_model(image: np.ndarray, size: int, *, source: str) -> tuple[np.ndarray, dict[str, Any]]:
     """A 2-D grey image -> the ``[size, size]`` float32 nucleus crop in [0, 1] a CELL-E model sees.
 
@@ -325,34 +365,16 @@ def _nucleus_to_model(image: np.ndarray, size: int, *, source: str) -> tuple[np.
     area-averaged to ``size`` (as the CELL-E data pipeline resizes its crops): the result lies in
     [0, 1] without necessarily reaching both ends.
     """
-    import torch
 
-    arr = check_image(image, path=source, name="nucleus image")  # numeric, non-empty, finite
-    if arr.ndim > 2:
-        arr = np.squeeze(arr)  # a [1, Y, X] or [Y, X, 1] grey image
-    if arr.ndim != 2:
-        raise InputError(
-            f"the nucleus image must be a 2-D grey image, got shape {tuple(np.shape(image))}", path=source
-        )
-    arr = arr.astype(np.float64)
-    h, w = arr.shape
-    if min(h, w) < size:
-        raise InputError(
-            f"the nucleus image is {h} x {w} px; the model needs at least {size} x {size} (its image size)",
-            path=source,
-        )
-    side = min(h, w)
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    crop = arr[y0 : y0 + side, x0 : x0 + side]
-    lo, hi = float(crop.min()), float(crop.max())
-    if not hi > lo:
-        raise InputError(f"the nucleus image is constant ({lo:g}) in its centred square: nothing to scale", path=source)
-    crop = (crop - lo) / (hi - lo)
-    t = torch.from_numpy(crop.astype(np.float32))[None, None]
-    if side != size:
-        t = torch.nn.functional.interpolate(t, size=(size, size), mode="area")
-    out = t[0, 0].clamp(0.0, 1.0).numpy().astype(np.float32)
-    return out, {"input_shape": [int(h), int(w)], "crop": {"y": int(y0), "x": int(x0), "side": int(side)}}
+    def minmax(crop: np.ndarray) -> np.ndarray:
+        lo, hi = float(crop.min()), float(crop.max())
+        if not hi > lo:
+            raise InputError(
+                f"the nucleus image is constant ({lo:g}) in its centred square: nothing to scale", path=source
+            )
+        return (crop - lo) / (hi - lo)
+
+    return _square_to_model(image, size, source=source, name="nucleus", scale=minmax)
 
 
 def _reference_nucleus(size: int, field_px: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -419,23 +441,34 @@ def _check_predict_out(out: Path, overwrite: bool) -> None:
 
 
 def _gather_sequences(
-    sequences: Mapping[str, str] | str | None, fasta: str | os.PathLike | None
+    sequences: Mapping[str, str] | str | None,
+    fasta: str | os.PathLike | None,
+    *,
+    check: Callable[[str, str], Any] | None = None,
 ) -> list[tuple[str, str]]:
+    """``(name, sequence)`` records from a mapping / string or a FASTA file, validated as amino-acid
+    sequences, or by ``check(sequence, name)`` instead (which raises on bad input)."""
     if (sequences is None) == (fasta is None):
         raise InputError("give either sequences or a FASTA file (exactly one)")
     if fasta is not None:
         path = Path(fasta)
         if not path.is_file():
             raise InputError("FASTA file not found", path=path)
-        records = list(read_fasta(path).items())
+        records = list(read_fasta(path, validate=check is None).items())
         if not records:
             raise InputError("the FASTA file holds no sequences", path=path)
-        return records
-    if isinstance(sequences, str):
-        sequences = {"query": sequences}
-    records = [(str(name), validate_sequence(seq, name=str(name))) for name, seq in sequences.items()]
-    if not records:
-        raise InputError("no sequences to predict")
+    else:
+        if isinstance(sequences, str):
+            sequences = {"query": sequences}
+        records = [
+            (str(name), seq if check is not None else validate_sequence(seq, name=str(name)))
+            for name, seq in sequences.items()
+        ]
+        if not records:
+            raise InputError("no sequences to predict")
+    if check is not None:
+        for name, seq in records:
+            check(seq, name)
     return records
 
 
@@ -721,28 +754,17 @@ def _model_names(checkpoints: Sequence[Path], names: Sequence[str] | None) -> li
 def _threshold_to_model(image: np.ndarray, size: int, *, source: str) -> np.ndarray:
     """A 2-D threshold image -> the binary ``[size, size]`` float32 crop a CELL-E tokenizer takes: the
     centred square (as for the nucleus), scaled by its maximum, area-averaged to ``size``, then >= 0.5."""
-    import torch
 
-    arr = check_image(image, path=source, name="threshold image")
-    if arr.ndim > 2:
-        arr = np.squeeze(arr)
-    if arr.ndim != 2:
-        raise InputError(f"the threshold image must be 2-D, got shape {tuple(np.shape(image))}", path=source)
-    arr = arr.astype(np.float64)
-    if (arr < 0).any():
-        raise InputError("the threshold image has negative pixels", path=source)
-    h, w = arr.shape
-    if min(h, w) < size:
-        raise InputError(f"the threshold image is {h} x {w} px; the model needs at least {size} x {size}", path=source)
-    side = min(h, w)
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    crop = arr[y0 : y0 + side, x0 : x0 + side]
-    top = float(crop.max())
-    crop = crop / top if top > 0 else crop
-    t = torch.from_numpy(crop.astype(np.float32))[None, None]
-    if side != size:
-        t = torch.nn.functional.interpolate(t, size=(size, size), mode="area")
-    return (t[0, 0] >= 0.5).numpy().astype(np.float32)
+    def non_negative(arr: np.ndarray) -> None:
+        if (arr < 0).any():
+            raise InputError("the threshold image has negative pixels", path=source)
+
+    def by_max(crop: np.ndarray) -> np.ndarray:
+        top = float(crop.max())
+        return crop / top if top > 0 else crop
+
+    out, _ = _square_to_model(image, size, source=source, name="threshold", scale=by_max, check=non_negative)
+    return (out >= 0.5).astype(np.float32)
 
 
 def run_fill(
@@ -770,7 +792,8 @@ def run_fill(
     sequence is filled against the same two images, in ``steps`` passes for all its masked positions.
     Writes into ``out`` (written beside it and moved into place when complete):
 
-    - ``filled.fasta``: per sequence and sample, the filled sequence (``>NAME_sampleK``);
+    - ``filled.fasta``: per sequence and sample, the filled sequence (``>NAME_sampleK``, ``NAME`` made
+      file-name safe and unique as in :func:`run_predict`);
     - ``residues.csv``: per filled position and sample, ``name``, ``sample``, ``position`` (1-based),
       ``residue``, ``probability`` (of that residue), ``step`` (the pass that committed it) and one
       ``p_<residue>`` column per residue of the alphabet;
@@ -823,18 +846,8 @@ def run_fill(
 
     t0 = time.perf_counter()
     out = Path(out)
-    if (sequences is None) == (fasta is None):
-        raise InputError("give either sequences or a FASTA file (exactly one)")
-    if fasta is not None:
-        if not Path(fasta).is_file():
-            raise InputError("FASTA file not found", path=fasta)
-        records = list(read_fasta(fasta, validate=False).items())
-        if not records:
-            raise InputError("the FASTA file holds no sequences", path=fasta)
-    else:
-        records = list(({"query": sequences} if isinstance(sequences, str) else dict(sequences)).items())
-    for name, seq in records:
-        parse_masked(seq, name=str(name))  # names the sequence and residue on bad input, before loading
+    # parse_masked names the sequence and residue on bad input, before anything is loaded.
+    records = _gather_sequences(sequences, fasta, check=lambda seq, name: parse_masked(seq, name=name))
     sampling = SamplingConfig(
         temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps, samples=samples
     )
@@ -866,12 +879,14 @@ def run_fill(
             positions = result["positions"][i]
             probs = result["probs"][i].numpy()  # [samples, L, A]
             steps_of = result["step"][i].numpy()
+            chosen_p = []  # probability of each filled residue, over samples and positions
             for k, filled in enumerate(result["filled"][i]):
-                fasta_records[f"{'_'.join(str(name).split())}_sample{k + 1}"] = filled
+                fasta_records[f"{stems[i]}_sample{k + 1}"] = filled  # unique even when names repeat
                 for pos in positions:
                     res = filled[pos]
+                    chosen_p.append(float(probs[k, pos, alphabet.index(res)]))
                     row = {"name": name, "sample": k + 1, "position": pos + 1, "residue": res,
-                           "probability": float(probs[k, pos, alphabet.index(res)]), "step": int(steps_of[k, pos])}
+                           "probability": chosen_p[-1], "step": int(steps_of[k, pos])}
                     row.update({f"p_{a}": float(probs[k, pos, j]) for j, a in enumerate(alphabet)})
                     rows.append(row)  # fmt: skip
             mean = probs[:, positions].mean(axis=0)  # [P, A]
@@ -889,7 +904,7 @@ def run_fill(
                 "length": len(seq),
                 "masked": len(positions),
                 "filled": result["filled"][i],
-                "mean_probability": float(np.mean([r["probability"] for r in rows if r["name"] == name])),
+                "mean_probability": float(np.mean(chosen_p)),
                 "plot": file,
             })  # fmt: skip
         write_fasta(tmp / "filled.fasta", fasta_records)
