@@ -141,39 +141,30 @@ def _add_prepare(subparsers) -> None:
 
 # ---------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from protloc.data.prepare import PrepareConfig, prepare
-    from protloc.data.world.make import make_world
+    from protloc.demo import DemoConfig, run_demo
 
-    out = Path(args.out)
-    world = out / "world"
-    t0 = time.perf_counter()
-    if (world / "world.json").is_file() and not args.fresh:
-        logger.info("reusing the reference world in %s (pass --fresh to rebuild)", world)
-    else:
-        make_world(
-            world,
-            proteins=args.proteins,
-            fovs=args.fovs,
-            seed=args.seed,
-            size=512,
-            mode="real",
-            workers=args.workers,
-            overwrite=True,
-            progress=not args.quiet,
-        )
-    t_world = time.perf_counter() - t0
-    summary = prepare(
-        world / "fovs.csv",
-        out / "prepared",
-        config=PrepareConfig(),
-        sequences=world / "sequences.fasta",
+    config = DemoConfig(
+        proteins=args.proteins or None,
+        fovs=args.fovs,
+        seed=args.seed,
         workers=args.workers,
-        overwrite=True,
-        progress=not args.quiet,
+        train=args.train,
+        train_scale=args.train_scale,
+        allow_mismatch=args.allow_mismatch,
+        eval_crops=args.eval_crops or None,
+        gallery=args.gallery,
+        samples=args.samples,
+        construct_nuclei=args.construct_nuclei,
+        device=args.device or "cpu",
+        precision=args.precision,
     )
-    summary = {"world_seconds": round(t_world, 1), **summary}
-    _print_table("demo", summary)
-    print(f"outputs in {out}")
+    metrics = run_demo(args.out, config=config, fresh=args.fresh, progress=not args.quiet)
+    stages = {
+        k: ("reused" if v.get("reused") else f"{v.get('seconds', 0):.0f} s") for k, v in metrics["stages"].items()
+    }
+    _print_table("demo stages", stages)
+    _print_table("demo results", metrics.get("summary", {}))
+    print(f"report: {Path(args.out) / 'report' / 'index.html'}")
     return 0
 
 
@@ -181,17 +172,79 @@ def _add_demo(subparsers) -> None:
     p = _sub(
         subparsers,
         "demo",
-        help="the main job on the embedded reference world",
-        description="Build the reference world and prepare its crops (what `make demo` runs).",
-        example="protloc demo --out runs/demo",
+        help="both papers' main results on the embedded reference world -> OUT/report/index.html",
+        description=(
+            "Build the reference cell world (all 384 proteins x 4 fields of view), prepare its crops, then -- with "
+            "the shipped tiny weights, or with --train from their recipes -- embed the test crops with cytoself, "
+            "draw the UMAP atlas, feature spectra and feature zeroing, evaluate CELL-E on held-out proteins beside "
+            "the VQGAN ceiling and a sequence-only baseline, predict a gallery of held-out proteins, run the GFP / "
+            "GFP+NLS experiment and two in-silico screens, and write a self-contained HTML report with PNGs and "
+            "metrics.json. Finished stages are reused: an interrupted demo resumes where it stopped."
+        ),
+        example="""
+        protloc demo                          # shipped weights, about 6-8 min on 2 CPU cores
+        protloc demo --train                  # train all four models first (about an hour on 2 cores)
+        protloc demo --train --train-scale 0.2 --out runs/demo_quick   # shorter schedules
+        """,
     )
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--proteins", type=int, default=100)
-    p.add_argument("--fovs", type=int, default=4)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    p.add_argument("--train", action="store_true", help="train the models instead of using the shipped weights")
+    p.add_argument("--train-scale", type=float, default=1.0, help="multiply every training schedule by this")
+    p.add_argument("--proteins", type=int, default=0, help="reference-world proteins (0 = all 384)")
+    p.add_argument("--fovs", type=int, default=4, help="fields of view per protein")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--fresh", action="store_true", help="rebuild the world even if it exists")
+    p.add_argument("--workers", type=int, default=2, help="processes for building and preparing the world")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="use the shipped weights on a non-default world (the report warns)")
+    p.add_argument("--eval-crops", type=int, default=400, help="held-out crops evaluated (0 = all)")
+    p.add_argument("--gallery", type=int, default=8, help="held-out proteins in the prediction gallery")
+    p.add_argument("--samples", type=int, default=8, help="draws per CELL-E prediction")
+    p.add_argument("--construct-nuclei", type=int, default=8, help="nucleus images of the GFP/NLS experiment")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32", help="CELL-E precision")
+    p.add_argument("--fresh", action="store_true", help="delete a previous demo in OUT first")
     p.set_defaults(func=_cmd_demo)
+
+
+# ------------------------------------------------------------------------------------------- weights
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from protloc.pretrained import PREFIX, list_pretrained, read_recipe, weights_dir
+
+    if args.name:
+        recipe = read_recipe(args.name)
+        print(json.dumps(recipe, indent=2))
+        return 0
+    print(f"shipped models in {weights_dir()} (use as --checkpoint {PREFIX}NAME):")
+    for row in list_pretrained():
+        if not row["available"]:
+            print(f"  {row['name']:<22} MISSING from this installation")
+            continue
+        print(f"  {row['name']:<22} {row['megabytes']:>5.2f} MB  {row['steps']:>5} steps  {row['summary']}")
+    print("trained on: " + (list_pretrained()[0].get("trained_on") or "?"))
+    print("details (training config, command, validation, float16 fidelity): protloc weights NAME")
+    return 0
+
+
+def _add_weights(subparsers) -> None:
+    p = _sub(
+        subparsers,
+        "weights",
+        help="list the shipped tiny models (or show one's recipe)",
+        description=(
+            "protloc ships four small models trained on the reference cell world: cytoself-tiny, "
+            "vqgan-nucleus-tiny, vqgan-threshold-tiny and celle-tiny. They are the default --checkpoint of embed, "
+            "interpret, predict, screen and evaluate, and what `protloc demo` uses unless --train. With NAME, print "
+            "its recipe.json: training configuration, the command that reproduces it, the world it saw, its "
+            "validation numbers and how close the float16-stored copy is to the float32 original."
+        ),
+        example="""
+        protloc weights
+        protloc weights celle-tiny
+        protloc predict --checkpoint pretrained:celle-tiny --sequence MSKGEELFTG --out pred
+        """,
+    )
+    p.add_argument("name", nargs="?", default=None, help="a shipped model to describe")
+    p.set_defaults(func=_cmd_weights)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -339,7 +392,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from protloc.eval.embed import embed
 
     path = embed(
-        args.checkpoint,
+        _checkpoint(args.checkpoint, "cytoself-tiny"),
         args.store,
         args.out,
         split=args.split,
@@ -365,7 +418,7 @@ def _add_embed(subparsers) -> None:
         ),
         example="protloc embed --checkpoint runs/cytoself --store runs/prepared/cytoself.zarr --out runs/emb.h5ad",
     )
-    p.add_argument("--checkpoint", required=True, type=Path, help="run folder (uses best/) or checkpoint folder")
+    p.add_argument("--checkpoint", default=None, help=_CKPT_HELP.format(default="cytoself-tiny"))
     p.add_argument("--store", required=True, type=Path, help="crop store")
     p.add_argument("--out", required=True, type=Path, help="output .h5ad")
     p.add_argument("--split", default=None, help="only this split (train/val/test)")
@@ -460,7 +513,8 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
     from protloc.workflows import run_interpret
 
     summary = run_interpret(
-        args.checkpoint, args.store, args.out, protein=args.protein, top=args.top, n_crops=args.crops,
+        _checkpoint(args.checkpoint, "cytoself-tiny"), args.store, args.out, protein=args.protein, top=args.top,
+        n_crops=args.crops,
         split=args.split, level=args.level,
     )
     _print_table("feature zeroing", summary)
@@ -479,7 +533,7 @@ def _add_interpret(subparsers) -> None:
         example="protloc interpret --checkpoint runs/cytoself --store runs/prepared/cytoself.zarr --protein NPM1 "
         "--out runs/interpret",
     )
-    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--checkpoint", default=None, help=_CKPT_HELP.format(default="cytoself-tiny"))
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--protein", required=True)
@@ -522,7 +576,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise InputError("--name names a --sequence; FASTA record ids name the outputs of --fasta")
     sequences = {args.name or "query": args.sequence} if args.sequence is not None else None
     summary = run_predict(
-        checkpoint=args.checkpoint, out=args.out, sequences=sequences, fasta=args.fasta, nucleus=args.nucleus,
+        checkpoint=_checkpoint(args.checkpoint, "celle-tiny"), out=args.out, sequences=sequences, fasta=args.fasta,
+        nucleus=args.nucleus,
         samples=args.samples, temperature=args.temperature, top_k_fraction=args.top_k_fraction, steps=args.steps,
         seed=args.seed, batch_size=args.batch_size, device=args.device, precision=args.precision,
         overwrite=args.overwrite, progress=not args.quiet,
@@ -565,7 +620,7 @@ def _add_predict(subparsers) -> None:
             --temperature 0.8 --seed 1 --out runs/predict_fasta
         """,
     )
-    p.add_argument("--checkpoint", required=True, type=Path, help="CELL-E run folder (uses best/) or checkpoint")
+    p.add_argument("--checkpoint", default=None, help=_CKPT_HELP.format(default="celle-tiny"))
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--sequence", default=None, help="one amino-acid sequence")
     what.add_argument("--fasta", type=Path, default=None, help="FASTA file of sequences (ids name the outputs)")
@@ -590,7 +645,8 @@ def _cmd_fill(args: argparse.Namespace) -> int:
         raise InputError("--name names a --sequence; FASTA record ids name the outputs of --fasta")
     sequences = {args.name or "query": args.sequence} if args.sequence is not None else None
     summary = run_fill(
-        checkpoint=args.checkpoint, out=args.out, threshold=args.threshold, sequences=sequences, fasta=args.fasta,
+        checkpoint=_checkpoint(args.checkpoint, None), out=args.out, threshold=args.threshold, sequences=sequences,
+        fasta=args.fasta,
         nucleus=args.nucleus, samples=args.samples, temperature=args.temperature,
         top_k_fraction=args.top_k_fraction, steps=args.steps, seed=args.seed, device=args.device,
         precision=args.precision, overwrite=args.overwrite, progress=not args.quiet,
@@ -634,7 +690,8 @@ def _add_fill(subparsers) -> None:
             --samples 4 --steps 4 --out runs/fill_fasta
         """,
     )
-    p.add_argument("--checkpoint", required=True, type=Path, help="CELL-E run folder (uses best/) or checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="masked-mode CELL-E trained with text masked: run folder (uses best/) or checkpoint folder")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--sequence", default=None, help="one sequence with '_' at the residues to fill")
     what.add_argument("--fasta", type=Path, default=None, help="FASTA file of sequences with '_' (ids name them)")
@@ -748,7 +805,8 @@ def _cmd_screen(args: argparse.Namespace) -> int:
     else:
         kwargs = {"method": args.method or "rollout"}
     summary = run_screen_workflow(
-        checkpoint=args.checkpoint, out=args.out, mode=mode, sequence=args.sequence, name=args.name,
+        checkpoint=_checkpoint(args.checkpoint, "celle-tiny"), out=args.out, mode=mode, sequence=args.sequence,
+        name=args.name,
         fasta=args.fasta, record_id=args.id, nucleus=args.nucleus, samples=args.samples,
         temperature=args.temperature, top_k_fraction=args.top_k_fraction, steps=args.steps, seed=args.seed,
         batch_size=args.batch_size, device=args.device, precision=args.precision, overwrite=args.overwrite,
@@ -818,7 +876,7 @@ def _add_screen(subparsers) -> None:
             --out runs/screen_attention
         """,
     )
-    p.add_argument("--checkpoint", required=True, type=Path, help="CELL-E run folder (uses best/) or checkpoint")
+    p.add_argument("--checkpoint", default=None, help=_CKPT_HELP.format(default="celle-tiny"))
     p.add_argument("--sequence", default=None, help="the wild-type amino-acid sequence")
     p.add_argument("--name", default=None, help="name of the --sequence; None: query")
     p.add_argument("--fasta", type=Path, default=None, help="FASTA file holding the wild type (pick it with --id)")
@@ -856,7 +914,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from protloc.workflows import run_evaluate
 
     summary = run_evaluate(
-        checkpoints=args.checkpoint, names=args.name, store=args.store, out=args.out, sequences=args.sequences,
+        checkpoints=[_checkpoint(c, None) for c in args.checkpoint] if args.checkpoint
+        else [_checkpoint(None, "celle-tiny")], names=args.name, store=args.store, out=args.out,
+        sequences=args.sequences,
         split=None if args.split == "all" else args.split, max_crops=args.max_crops, seed=args.seed,
         augment=not args.no_augment, ceiling=not args.no_ceiling, baseline=not args.no_baseline,
         train_split=args.train_split, batch_size=args.batch_size, temperature=args.temperature,
@@ -895,8 +955,9 @@ def _add_evaluate(subparsers) -> None:
             --store prep/celle.zarr --split test --max-crops 500 --seed 1 --out runs/evaluate_test
         """,
     )
-    p.add_argument("--checkpoint", required=True, action="append", type=Path,
-                   help="CELL-E run folder (uses best/) or checkpoint folder (repeatable)")
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="CELL-E run folder (uses best/), checkpoint folder or pretrained:NAME (repeatable); "
+                   "default: the shipped celle-tiny")
     p.add_argument("--name", action="append", default=None,
                    help="row name of each --checkpoint, in order (default: CELL-E, or the folder names)")
     p.add_argument("--store", required=True, type=Path, help="CELL-E crop store (OUT/celle.zarr of protloc prepare)")
@@ -928,6 +989,18 @@ def _fmt(v) -> str:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+_CKPT_HELP = (
+    "run folder (uses best/), checkpoint folder, or pretrained:NAME (see `protloc weights`); default: the shipped "
+    "{default}"
+)
+
+
+def _checkpoint(value: str | None, default: str | None) -> Path:
+    from protloc.pretrained import resolve_checkpoint
+
+    return resolve_checkpoint(value, default=default)
+
+
 def _print_table(title: str, summary: dict) -> None:
     width = max((len(str(k)) for k in summary), default=0)
     print(f"== {title} ==")
@@ -950,6 +1023,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
+    _add_weights(sub)
     _add_world(sub)
     _add_prepare(sub)
     _add_train(sub)
@@ -991,7 +1065,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"protloc: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("protloc: interrupted", file=sys.stderr)
+        print(
+            "protloc: interrupted. Outputs are written atomically, so nothing half-written was kept; run the same "
+            "command again to continue (finished demo stages are reused; training takes --resume).",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -4,6 +4,8 @@
   :func:`protloc.analysis.screens.run_screen`, along the sequence when every variant has its own
   position (deletion scans, truncation series, one substitution per position), as points per position
   when several variants share one (full mutational scans), else one bar per variant (insertion screens).
+- :func:`plot_constructs`: the engineered-construct experiment (GFP vs GFP + NLS, Fig. 4) over several
+  nucleus images.
 - :func:`plot_residue_attention`: the per-residue attention of
   :func:`protloc.analysis.screens.residue_attention` for protein-present and background patches, and their
   difference, with the top residues labelled.
@@ -21,7 +23,7 @@ from matplotlib.figure import Figure
 
 from protloc.errors import InputError
 
-__all__ = ["plot_residue_attention", "plot_screen"]
+__all__ = ["plot_constructs", "plot_residue_attention", "plot_screen"]
 
 _REQUIRED = ("name", "kind", "position", "nucleus_proportion", "delta")
 
@@ -140,4 +142,42 @@ def plot_residue_attention(result: Mapping[str, Any], sequence: str, *, ax: Axes
     ax.set_xlabel("residue")
     ax.set_ylabel(f"attention ({method})" if method else "attention")
     ax.legend(loc="best", fontsize=7, frameon=False)
+    return fig
+
+
+def plot_constructs(per_image: pd.DataFrame, *, ax: Axes | None = None, title: str | None = None) -> Figure:
+    """Nucleus proportion of engineered constructs on several nucleus images (CELL-E Fig. 4).
+
+    Parameters
+    ----------
+    per_image
+        The first table of :func:`~protloc.analysis.screens.construct_experiment` (``image``,
+        ``construct``, ``nucleus_proportion``); constructs are drawn in their order of appearance.
+    ax
+        Axes to draw on; default a new figure.
+    title
+        Axes title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One column per construct: a bar at the mean and a grey line per nucleus image joining its
+        constructs (the same image and sampling noise), so a construct that raises the nucleus proportion
+        on every image shows as lines that all go up.
+    """
+    missing = [c for c in ("image", "construct", "nucleus_proportion") if c not in per_image.columns]
+    if missing:
+        raise InputError(f"construct table lacks column(s) {', '.join(missing)}")
+    if len(per_image) == 0:
+        raise InputError("empty construct table")
+    names = list(dict.fromkeys(per_image["construct"]))
+    wide = per_image.pivot(index="image", columns="construct", values="nucleus_proportion")[names]
+    fig, ax = _axes(ax, (max(4.0, 1.1 * len(names) + 1.5), 3.6))
+    x = np.arange(len(names))
+    ax.bar(x, wide.mean(axis=0).to_numpy(), color="tab:blue", alpha=0.35, width=0.6)
+    for _, row in wide.iterrows():
+        ax.plot(x, row.to_numpy(dtype=float), color="0.35", lw=0.8, marker="o", ms=3, alpha=0.8)
+    ax.set_xticks(x, [str(n).replace("_", " ") for n in names], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("nucleus proportion")
+    ax.set_title(title or f"constructs on {len(wide)} nucleus images", fontsize=10)
     return fig

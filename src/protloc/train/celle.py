@@ -1098,6 +1098,16 @@ def set_precision(model: Celle, precision: str) -> Celle:
     return model
 
 
+def _tokenizer_path(recorded: str, ckpt: Path) -> Path:
+    """A recorded tokenizer path; a relative one is relative to the CELL-E checkpoint folder.
+
+    Training records absolute paths; relative ones let a model travel with its tokenizers (the shipped
+    ``celle-tiny`` finds ``../vqgan-nucleus-tiny`` beside it).
+    """
+    path = Path(recorded)
+    return path if path.is_absolute() else ckpt / path
+
+
 def load_celle_run(
     path: str | os.PathLike,
     *,
@@ -1107,8 +1117,8 @@ def load_celle_run(
 ) -> CelleRun:
     """Load a trained CELL-E (``best/`` of a run folder, else ``last/``, or a checkpoint folder).
 
-    The tokenizers are loaded from the paths recorded at training time and checked against the
-    recorded SHA-256 of their weights.
+    The tokenizers are loaded from the paths recorded at training time (a relative one from the
+    checkpoint folder) and checked against the recorded SHA-256 of their weights.
 
     Parameters
     ----------
@@ -1143,10 +1153,11 @@ def load_celle_run(
     if not isinstance(tok, dict):
         raise InputError("the checkpoint records no tokenizers (not a `protloc train celle` run?)", path=ckpt)
     nucleus, _, _ = load_tokenizer(
-        tok["nucleus"], "nucleus", sha256=tok.get("nucleus_sha256"), map_location=map_location
+        _tokenizer_path(tok["nucleus"], ckpt), "nucleus", sha256=tok.get("nucleus_sha256"), map_location=map_location
     )
     threshold, _, _ = load_tokenizer(
-        tok["threshold"], "threshold", sha256=tok.get("threshold_sha256"), map_location=map_location
+        _tokenizer_path(tok["threshold"], ckpt), "threshold", sha256=tok.get("threshold_sha256"),
+        map_location=map_location,
     )
     emb = embedder or EmbedderConfig(path=str(extra.get("embedder_path") or ""))
     encoder = SequenceEncoder(config, emb, device=map_location, blank=extra.get("text") == "none")

@@ -1,0 +1,125 @@
+"""Weights shipped with protloc: small ``tiny`` models trained on the reference cell world.
+
+Four checkpoints live in ``protloc/weights/`` (installed with the package, no download):
+
+- ``cytoself-tiny``: cytoself (``tiny`` preset) for ``protloc embed`` / ``atlas`` / ``interpret``;
+- ``vqgan-nucleus-tiny`` and ``vqgan-threshold-tiny``: CELL-E's two image tokenizers;
+- ``celle-tiny``: the CELL-E transformer (``tiny`` preset, one-hot residues), which finds its two
+  tokenizers beside it.
+
+Each folder holds ``model.safetensors`` (stored in float16 to keep the package small; loaded into the
+float32 model), ``config.json`` and ``recipe.json``: the training configuration, the command that
+reproduces it, the world it was trained on, its validation numbers and how far the float16 copy is from
+the float32 original. They are what ``protloc demo`` uses unless asked to train, and the default
+``--checkpoint`` of ``protloc predict``, ``embed``, ``fill``, ``screen``, ``evaluate`` and ``interpret``.
+
+Anywhere a checkpoint path is accepted, ``pretrained:NAME`` names one of them.
+
+These models are small and were trained on a synthetic (if realistic) world: they demonstrate the
+methods and make the tool usable at once. For real images, train on your own data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from protloc.errors import InputError
+
+__all__ = ["PREFIX", "PRETRAINED", "list_pretrained", "pretrained_path", "resolve_checkpoint", "weights_dir"]
+
+#: Prefix that names a shipped checkpoint wherever a checkpoint path is accepted.
+PREFIX = "pretrained:"
+
+#: Shipped checkpoint name -> model kind.
+PRETRAINED: dict[str, str] = {
+    "cytoself-tiny": "cytoself",
+    "vqgan-nucleus-tiny": "vqgan",
+    "vqgan-threshold-tiny": "vqgan",
+    "celle-tiny": "celle",
+}
+
+
+def weights_dir() -> Path:
+    """The folder of the shipped checkpoints (``protloc/weights``)."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+def pretrained_path(name: str) -> Path:
+    """The checkpoint folder of a shipped model.
+
+    Parameters
+    ----------
+    name
+        One of :data:`PRETRAINED` (with or without the ``pretrained:`` prefix).
+
+    Raises
+    ------
+    InputError
+        For an unknown name, or when the package was installed without its weights.
+    """
+    key = name[len(PREFIX) :] if name.startswith(PREFIX) else name
+    if key not in PRETRAINED:
+        raise InputError(f"no shipped model called {key!r}; shipped: {', '.join(PRETRAINED)}")
+    path = weights_dir() / key
+    if not (path / "model.safetensors").is_file():
+        raise InputError(
+            f"the shipped model {key!r} is missing from this installation (reinstall protloc from its source)",
+            path=path,
+        )
+    return path
+
+
+def resolve_checkpoint(spec: str | os.PathLike | None, *, default: str | None = None) -> Path:
+    """A checkpoint path from a user's argument.
+
+    Parameters
+    ----------
+    spec
+        A path, ``pretrained:NAME``, or ``None`` for ``default``.
+    default
+        Shipped model used when ``spec`` is ``None``.
+
+    Raises
+    ------
+    InputError
+        When ``spec`` is ``None`` and there is no default, or a shipped name is unknown.
+    """
+    if spec is None:
+        if default is None:
+            raise InputError("no checkpoint given")
+        return pretrained_path(default)
+    text = os.fspath(spec)
+    if text.startswith(PREFIX):
+        return pretrained_path(text)
+    return Path(text)
+
+
+def read_recipe(name: str) -> dict[str, Any]:
+    """The ``recipe.json`` of a shipped model (training config, command, world, validation numbers)."""
+    path = pretrained_path(name) / "recipe.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the recipe: {exc}", path=path) from exc
+
+
+def list_pretrained() -> list[dict[str, Any]]:
+    """One row per shipped model: ``name``, ``kind``, ``megabytes``, ``steps``, ``trained_on`` and ``summary``."""
+    rows = []
+    for name, kind in PRETRAINED.items():
+        path = weights_dir() / name
+        weights = path / "model.safetensors"
+        row: dict[str, Any] = {"name": name, "kind": kind, "available": weights.is_file()}
+        if weights.is_file():
+            recipe = read_recipe(name)
+            row.update(
+                megabytes=round(weights.stat().st_size / 2**20, 2),
+                steps=recipe.get("steps"),
+                trained_on=recipe.get("trained_on", {}).get("description"),
+                summary=recipe.get("summary", ""),
+            )
+        rows.append(row)
+    return rows

@@ -1,0 +1,109 @@
+"""``protloc demo`` end to end on a small world with the shipped weights, and its report in headless Chromium.
+
+The full demo (all 384 proteins) is what ``make demo`` runs; here a 12-protein world keeps the whole
+pipeline -- world, prepare, embed, atlas, spectra, feature zeroing, evaluation, gallery, constructs,
+screens, report -- to about a minute. ``--allow-mismatch`` is needed because the shipped weights were
+trained on the full world (the report then warns).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from protloc import cli
+from protloc.demo import DemoConfig, run_demo
+from protloc.errors import ConfigError
+
+ARGS = ["--proteins", "12", "--fovs", "4", "--allow-mismatch", "--gallery", "3", "--samples", "2",
+        "--construct-nuclei", "2", "--eval-crops", "24", "--workers", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert cli.main(["-q", "demo", "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def test_demo_writes_every_stage_and_the_report(demo_dir: Path, capsys) -> None:
+    report = demo_dir / "report"
+    page = (report / "index.html").read_text()
+    metrics = json.loads((report / "metrics.json").read_text())
+    for key in ("atlas", "spectrum", "evaluate", "gallery", "constructs", "nls_scan", "attention", "summary"):
+        assert key in metrics, key
+    assert metrics["weights"] == "shipped" and metrics["mismatch"] is True
+    assert "some “held-out” proteins may have been seen in training" in page
+    # figures are embedded, not linked: the page needs nothing beside it
+    assert "src=\"data:image/png;base64," in page
+    assert not re.search(r"src=\"(?!data:)", page) and "http://" not in page and "https://" not in page
+    pngs = {p.name for p in report.glob("*.png")}
+    assert {"atlas.png", "spectrum_heatmap.png", "constructs.png", "nls_scan.png", "attention.png"} <= pngs
+    assert len([p for p in pngs if p.startswith("gallery_")]) == 3
+    ev = metrics["evaluate"]["over_proteins"]
+    assert {"CELL-E tiny", "VQGAN ceiling", "sequence-only ridge"} <= set(ev)
+    assert 0.0 <= ev["CELL-E tiny"]["nucleus_proportion_accuracy"][0] <= 1.0
+    rows = metrics["constructs"]["rows"]
+    assert [r["construct"] for r in rows] == ["GFP", "GFP_NLS_nucleoplasmin", "GFP_NLS_NMyc", "GFP_random_peptide"]
+    assert all(r["images"] == 2 for r in rows)
+    assert metrics["atlas"]["crops"] > 0
+
+
+def test_demo_resumes_and_refuses_other_settings(demo_dir: Path, capsys) -> None:
+    before = {p: p.stat().st_mtime_ns for p in (demo_dir / "atlas").iterdir()}
+    assert cli.main(["-q", "demo", "--out", str(demo_dir), *ARGS]) == 0
+    stages = json.loads((demo_dir / "stages.json").read_text())
+    assert all(stages[s]["reused"] for s in ("world", "prepared", "cytoself", "atlas", "evaluate", "gallery"))
+    assert {p: p.stat().st_mtime_ns for p in (demo_dir / "atlas").iterdir()} == before
+    out = capsys.readouterr().out
+    assert "demo stages" in out and "reused" in out and "report:" in out
+    # another setting in the same folder: one clear line, nothing touched
+    rc = cli.main(["-q", "demo", "--out", str(demo_dir), *ARGS, "--gallery", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other settings (gallery)" in err and "--fresh" in err
+    assert {p: p.stat().st_mtime_ns for p in (demo_dir / "atlas").iterdir()} == before
+
+
+def test_shipped_weights_need_the_default_world(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trained on the default reference world"):
+        run_demo(tmp_path / "d", config=DemoConfig(proteins=12))
+    assert not (tmp_path / "d").exists()
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_report_renders_in_headless_chromium(demo_dir: Path, tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: .ci/run installs Debian's chromium before the tests")
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    page = (demo_dir / "report" / "index.html").resolve()
+    cmd = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=8000", "--window-size=1280,900",
+        "--dump-dom", page.as_uri(),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], "console messages:\n" + "\n".join(console)
+    body = re.search(r"<body([^>]*)>", proc.stdout)
+    assert body, proc.stdout[:500]
+    attrs = dict(re.findall(r'(data-[a-z]+)="([^"]*)"', body.group(1)))
+    assert attrs.get("data-errors") == "0", attrs
+    assert attrs.get("data-atlas", "").startswith("rendered:"), attrs
+    assert int(attrs["data-atlas"].split(":")[1]) > 0
+    assert attrs.get("data-gallery") == "3/3", attrs
