@@ -1,5 +1,5 @@
 # protloc: two entry points, both self-installing into .venv.
-#   make demo   -- build the reference world and run the main job on it
+#   make demo   -- build the reference world and run both papers' main results on it -> runs/demo/report/
 #   make test   -- lint + the test suite
 # GPU users: make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 # (any CUDA build of torch works; the default below is the CPU wheel).
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# make demo: shipped weights (a few minutes); make demo TRAIN=1: train all four models first (about an hour
+# on 2 CPU cores; TRAIN_SCALE=0.2 shortens every schedule).
+TRAIN ?=
+TRAIN_SCALE ?= 1.0
+
 demo: $(STAMP)
-	$(VENV)/bin/protloc demo --out $(DEMO_OUT)
+	$(VENV)/bin/protloc demo --out $(DEMO_OUT) $(if $(TRAIN),--train --train-scale $(TRAIN_SCALE))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protloc.analysis.screens import Variant, run_screen
+from protloc.analysis.screens import construct_experiment
 from protloc.data.datasets import CelleDataset
 from protloc.data.world.assets import load_engineered_records
 from protloc.eval.predict import SamplingConfig
@@ -50,33 +50,29 @@ def main() -> None:
     c = run.model.config
     records = {r["id"]: r for r in load_engineered_records()}
     seqs = {k: records[k]["sequence"] for k in CONSTRUCTS}
-    too_long = {k: len(s) for k, s in seqs.items() if len(s) > c.max_residues}
-    if too_long:
-        raise SystemExit(f"the model's window ({c.max_residues} residues) cuts the constructs' C-termini: {too_long}")
-    variants = [Variant(k, s, "wild type" if k == "GFP" else "insertion") for k, s in seqs.items()]
     store = args.prepared / "celle.zarr"
     val = CelleDataset(
         store, split="val", sequences=read_sequences(args.prepared / "sequences.fasta"), image_size=run.image_size,
         max_residues=c.max_residues,
     )  # fmt: skip
     picks = np.linspace(0, len(val) - 1, args.nuclei).astype(int)
+    nuclei = torch.stack([val[int(i)]["nucleus"] for i in picks]).float()
     sampling = SamplingConfig(samples=args.samples, seed=args.seed)
-    props = np.zeros((args.nuclei, len(variants)))
-    for j, i in enumerate(picks):
-        table = run_screen(run, variants, val[int(i)]["nucleus"][None], sampling=sampling)
-        props[j] = table["nucleus_proportion"].to_numpy()
-    delta = props - props[:, :1]
+    per_image, summary = construct_experiment(run, seqs, nuclei, sampling=sampling)
+    wide = per_image.pivot(index="image", columns="construct", values="nucleus_proportion")
+    props = wide[list(CONSTRUCTS)].to_numpy()
     rows = []
-    for k, name in enumerate(CONSTRUCTS):
+    for r in summary.to_dict(orient="records"):
+        name = r["construct"]
         rows.append({
             "construct": name,
-            "length": len(seqs[name]),
+            "length": r["length"],
             "peptide": records[name].get("peptide", ""),
-            "nucleus_proportion_mean": float(props[:, k].mean()),
-            "nucleus_proportion_sd": float(props[:, k].std(ddof=1)) if args.nuclei > 1 else 0.0,
-            "delta_vs_gfp_mean": float(delta[:, k].mean()),
-            "delta_vs_gfp_sd": float(delta[:, k].std(ddof=1)) if args.nuclei > 1 else 0.0,
-            "above_gfp": int((delta[:, k] > 0).sum()),
+            "nucleus_proportion_mean": r["nucleus_proportion"],
+            "nucleus_proportion_sd": r["nucleus_proportion_sd"] if args.nuclei > 1 else 0.0,
+            "delta_vs_gfp_mean": r["delta"],
+            "delta_vs_gfp_sd": r["delta_sd"] if args.nuclei > 1 else 0.0,
+            "above_gfp": r["above_reference"],
         })  # fmt: skip
     print(f"{'construct':<24} {'aa':>4} {'nucleus proportion':>20} {'delta vs GFP':>18} {'above GFP':>10}")
     for r in rows:

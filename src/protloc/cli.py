@@ -179,12 +179,14 @@ def _add_demo(subparsers) -> None:
             "draw the UMAP atlas, feature spectra and feature zeroing, evaluate CELL-E on held-out proteins beside "
             "the VQGAN ceiling and a sequence-only baseline, predict a gallery of held-out proteins, run the GFP / "
             "GFP+NLS experiment and two in-silico screens, and write a self-contained HTML report with PNGs and "
-            "metrics.json. Finished stages are reused: an interrupted demo resumes where it stopped."
+            "metrics.json. Finished stages are reused: an interrupted demo resumes where it stopped. With the shipped "
+            "weights it takes a few minutes on 2 CPU cores; --train trains the four models first from the recipes "
+            "the shipped weights came from (about an hour on 2 cores; --train-scale 0.2 shortens every schedule)."
         ),
         example="""
-        protloc demo                          # shipped weights, about 6-8 min on 2 CPU cores
-        protloc demo --train                  # train all four models first (about an hour on 2 cores)
-        protloc demo --train --train-scale 0.2 --out runs/demo_quick   # shorter schedules
+        protloc demo
+        protloc demo --train
+        protloc demo --train --train-scale 0.2 --out runs/demo_quick
         """,
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")

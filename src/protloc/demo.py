@@ -299,9 +299,10 @@ def _gallery(run: Any, prepared: Path, out: Path, config: DemoConfig, progress: 
     from protloc.plotting.celle import plot_prediction
     from protloc.train.celle import read_sequences
 
+    full = read_sequences(prepared / "sequences.fasta")
     ds = CelleDataset(
-        prepared / "celle.zarr", split="val", sequences=read_sequences(prepared / "sequences.fasta"),
-        image_size=run.image_size, max_residues=run.model.config.max_residues,
+        prepared / "celle.zarr", split="val", sequences=full, image_size=run.image_size,
+        max_residues=run.model.config.max_residues,
     )  # fmt: skip
     picks = _gallery_picks(ds, prepared, config.gallery)
     sampling = SamplingConfig(samples=config.samples, seed=config.seed)
@@ -341,7 +342,7 @@ def _gallery(run: Any, prepared: Path, out: Path, config: DemoConfig, progress: 
                 "protein_id": protein,
                 "label": _label_of(prepared, protein),
                 "crop_index": int(ds.crop_index[i]),
-                "length": len(item["sequence"]),
+                "length": len(full[protein]),
                 "nucleus_proportion_true": true_prop,
                 "nucleus_proportion_pred": pred_prop,
                 "file": name,
@@ -421,6 +422,18 @@ def _constructs(run: Any, prepared: Path, out: Path, config: DemoConfig, progres
     return result
 
 
+def _val_nucleus(run: Any, prepared: Path) -> np.ndarray:
+    """The nucleus image of the first held-out crop, as the model sees it (``[S, S]`` in [0, 1])."""
+    from protloc.data.datasets import CelleDataset
+    from protloc.train.celle import read_sequences
+
+    ds = CelleDataset(
+        prepared / "celle.zarr", split="val", sequences=read_sequences(prepared / "sequences.fasta"),
+        image_size=run.image_size, max_residues=run.model.config.max_residues,
+    )  # fmt: skip
+    return ds[0]["nucleus"][0].float().numpy()
+
+
 def _nan_none(o: Any) -> Any:
     if isinstance(o, float | np.floating) and not np.isfinite(o):
         return None
@@ -431,14 +444,17 @@ def _nan_none(o: Any) -> Any:
     return str(o)
 
 
-def _screens(checkpoint: Path, out: Path, config: DemoConfig, progress: bool) -> dict[str, Any]:
+def _screens(
+    checkpoint: Path, nucleus: np.ndarray, out: Path, config: DemoConfig, progress: bool
+) -> dict[str, Any]:
     from protloc.data.world.assets import load_engineered_records
     from protloc.workflows import run_screen_workflow
 
     records = {r["id"]: r for r in load_engineered_records()}
     gfp = records["GFP"]["sequence"]
-    common = {"checkpoint": checkpoint, "samples": config.samples, "seed": config.seed, "device": config.device,
-              "precision": config.precision, "progress": progress}  # fmt: skip
+    # a held-out nucleus image (a field of cells, like the training crops) rather than the single reference nucleus
+    common = {"checkpoint": checkpoint, "nucleus": nucleus, "samples": config.samples, "seed": config.seed,
+              "device": config.device, "precision": config.precision, "progress": progress}  # fmt: skip
     with atomic_dir(out) as tmp:
         insertion = run_screen_workflow(
             out=tmp / "nls_scan", mode="insert", sequence=gfp, name="GFP",
@@ -568,7 +584,7 @@ def run_demo(
     stages.run(
         "screens",
         lambda: (out / "screens" / "attention" / "summary.json").is_file(),
-        lambda: _screens(models["celle"], out / "screens", config, progress),
+        lambda: _screens(models["celle"], _val_nucleus(celle_run(), prepared), out / "screens", config, progress),
     )
     elapsed = time.perf_counter() - t_start
     info = {

@@ -187,8 +187,9 @@ def _evaluate_section(page: _Page, out: Path, metrics: dict[str, Any]) -> None:
     body = (
         f"<p>CELL-E on held-out proteins ({_esc(n_prot)} proteins, {_esc(n_img)} crops; mean ± sd over proteins, "
         "paper Table S.1). Every row sees the same crops and flips. <b>VQGAN ceiling</b>: the threshold "
-        "tokenizer's own reconstruction of the true image, the best any CELL-E could do. <b>Sequence-only "
-        "ridge</b>: a baseline that predicts the nucleus proportion from amino-acid composition alone.</p>"
+        "tokenizer's own reconstruction of the true image, the best any CELL-E could do. <b>Sequence "
+        "baseline</b>: ridge regression from amino-acid and dipeptide composition to the nucleus proportion, fitted on "
+        "the training proteins (no image).</p>"
         + _table(["model"] + [label for _, label in _EVAL_METRICS], rows, cls="num")
     )
     page.add("evaluate", "CELL-E: held-out accuracy", body)

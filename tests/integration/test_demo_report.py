@@ -47,7 +47,7 @@ def test_demo_writes_every_stage_and_the_report(demo_dir: Path, capsys) -> None:
     assert {"atlas.png", "spectrum_heatmap.png", "constructs.png", "nls_scan.png", "attention.png"} <= pngs
     assert len([p for p in pngs if p.startswith("gallery_")]) == 3
     ev = metrics["evaluate"]["over_proteins"]
-    assert {"CELL-E tiny", "VQGAN ceiling", "sequence-only ridge"} <= set(ev)
+    assert {"CELL-E tiny", "VQGAN ceiling", "sequence baseline"} <= set(ev)
     assert 0.0 <= ev["CELL-E tiny"]["nucleus_proportion_accuracy"][0] <= 1.0
     rows = metrics["constructs"]["rows"]
     assert [r["construct"] for r in rows] == ["GFP", "GFP_NLS_nucleoplasmin", "GFP_NLS_NMyc", "GFP_random_peptide"]

@@ -95,3 +95,25 @@ def test_world_then_prepare(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exists" in err[0]
+
+
+def test_interrupt_says_how_to_continue(monkeypatch, capsys):
+    import protloc.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_weights", interrupted)
+    rc = main(["weights"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted" in err and "--resume" in err
+
+
+def test_weights_lists_the_shipped_models(capsys):
+    assert main(["weights"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cytoself-tiny", "vqgan-nucleus-tiny", "vqgan-threshold-tiny", "celle-tiny"):
+        assert name in out
+    assert main(["weights", "celle-tiny"]) == 0
+    assert json.loads(capsys.readouterr().out)["command"].startswith("protloc train celle")
+    assert main(["weights", "celle-huge"]) == 2
