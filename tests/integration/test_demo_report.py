@@ -45,7 +45,8 @@ def test_demo_writes_every_stage_and_the_report(demo_dir: Path, capsys) -> None:
     assert not re.search(r"src=\"(?!data:)", page) and "http://" not in page and "https://" not in page
     pngs = {p.name for p in report.glob("*.png")}
     assert {"atlas.png", "spectrum_heatmap.png", "constructs.png", "nls_scan.png", "attention.png"} <= pngs
-    assert len([p for p in pngs if p.startswith("gallery_")]) == 3
+    n_gallery = len(metrics["gallery"]["items"])  # one per held-out protein, at most --gallery
+    assert 1 <= n_gallery <= 3 and len([p for p in pngs if p.startswith("gallery_")]) == n_gallery
     ev = metrics["evaluate"]["over_proteins"]
     assert {"CELL-E tiny", "VQGAN ceiling", "sequence baseline"} <= set(ev)
     assert 0.0 <= ev["CELL-E tiny"]["nucleus_proportion_accuracy"][0] <= 1.0
@@ -84,26 +85,46 @@ def _chromium() -> str | None:
     return None
 
 
-def test_report_renders_in_headless_chromium(demo_dir: Path, tmp_path: Path) -> None:
+def _render(page: Path, profile: Path) -> tuple[list[str], dict[str, str]]:
+    """Open a page in headless Chromium: its console messages and the ``data-*`` attributes of ``<body>``."""
     browser = _chromium()
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("Chromium is missing: .ci/run installs Debian's chromium before the tests")
         pytest.skip("Chromium not installed (apt-get install chromium)")
-    page = (demo_dir / "report" / "index.html").resolve()
     cmd = [
         browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=8000", "--window-size=1280,900",
-        "--dump-dom", page.as_uri(),
+        f"--user-data-dir={profile}", "--virtual-time-budget=8000", "--window-size=1280,900",
+        "--dump-dom", page.resolve().as_uri(),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
-    assert console == [], "console messages:\n" + "\n".join(console)
     body = re.search(r"<body([^>]*)>", proc.stdout)
     assert body, proc.stdout[:500]
-    attrs = dict(re.findall(r'(data-[a-z]+)="([^"]*)"', body.group(1)))
+    return console, dict(re.findall(r'(data-[a-z]+)="([^"]*)"', body.group(1)))
+
+
+def test_report_renders_in_headless_chromium(demo_dir: Path, tmp_path: Path) -> None:
+    console, attrs = _render(demo_dir / "report" / "index.html", tmp_path / "profile")
+    assert console == [], "console messages:\n" + "\n".join(console)
     assert attrs.get("data-errors") == "0", attrs
     assert attrs.get("data-atlas", "").startswith("rendered:"), attrs
     assert int(attrs["data-atlas"].split(":")[1]) > 0
-    assert attrs.get("data-gallery") == "3/3", attrs
+    n = len(json.loads((demo_dir / "report" / "metrics.json").read_text())["gallery"]["items"])
+    assert attrs.get("data-gallery") == f"{n}/{n}", attrs
+
+
+def test_the_browser_check_catches_a_broken_page(demo_dir: Path, tmp_path: Path) -> None:
+    """The check above can fail: a script error and a broken gallery image are both caught."""
+    page = (demo_dir / "report" / "index.html").read_text()
+    at = page.index('<div id="gallery">')
+    broken = page[:at] + page[at:].replace('src="data:image/png;base64,', 'src="data:image/png;base64,AAAA', 1)
+    broken = broken.replace("</main>", "<script>notDefinedAnywhere();</script></main>", 1)
+    path = tmp_path / "broken.html"
+    path.write_text(broken)
+    console, attrs = _render(path, tmp_path / "profile")
+    assert any("notDefinedAnywhere" in line for line in console)
+    assert attrs.get("data-errors") not in (None, "0"), attrs
+    done, total = map(int, attrs["data-gallery"].split("/"))
+    assert done == total - 1, attrs
