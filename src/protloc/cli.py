@@ -258,7 +258,7 @@ def _cmd_train_cytoself(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.store is not None:
         overrides.append(f"data.store={args.store}")
-    cfg = load_config(TrainCytoselfConfig, base=base, path=args.config, overrides=overrides)
+    cfg = load_config(TrainCytoselfConfig, base=base, path=_train_config_path(args), overrides=overrides)
     summary = train_cytoself(cfg, run_dir=args.out, resume=args.resume, progress=not args.quiet)
     _print_table("train cytoself", summary)
     return 0
@@ -274,7 +274,7 @@ def _cmd_train_vqgan(args: argparse.Namespace) -> int:
         overrides.append(f"data.store={args.store}")
     if args.kind is not None:
         overrides.append(f"kind={args.kind}")
-    cfg = load_config(TrainVQGANConfig, base=preset(), path=args.config, overrides=overrides)
+    cfg = load_config(TrainVQGANConfig, base=preset(), path=_train_config_path(args), overrides=overrides)
     summary = train_vqgan(cfg, run_dir=args.out, resume=args.resume, progress=not args.quiet)
     _print_table(f"train vqgan ({cfg.kind})", {k: v for k, v in summary.items() if k != "last_val"})
     _print_table("last validation", summary["last_val"])
@@ -295,11 +295,20 @@ def _cmd_train_celle(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(TrainCelleConfig, base=preset(), path=args.config, overrides=overrides)
+    cfg = load_config(TrainCelleConfig, base=preset(), path=_train_config_path(args), overrides=overrides)
     summary = train_celle(cfg, run_dir=args.out, resume=args.resume, progress=not args.quiet)
     _print_table("train celle", {k: v for k, v in summary.items() if k != "last_val"})
     _print_table("last validation", summary["last_val"])
     return 0
+
+
+def _train_config_path(args: argparse.Namespace) -> Path | None:
+    """The YAML a run starts from: --config, or, when resuming without one, the run's own config.yaml
+    (so `--resume` needs no other option; options given again still override it)."""
+    if args.config is None and args.resume and (Path(args.out) / "config.yaml").is_file():
+        logger.info("resuming with %s", Path(args.out) / "config.yaml")
+        return Path(args.out) / "config.yaml"
+    return args.config
 
 
 def _common_train_args(p: argparse.ArgumentParser, store_help: str) -> None:
@@ -308,7 +317,8 @@ def _common_train_args(p: argparse.ArgumentParser, store_help: str) -> None:
     p.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="starting configuration")
     p.add_argument("--config", type=Path, default=None, help="YAML file applied on top of the preset")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. schedule.max_steps=200")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last with the run's own OUT/config.yaml (options given now override it)")
 
 
 def _add_train(subparsers) -> None:

@@ -163,6 +163,11 @@ def test_cli_trains_both_tokenizers_and_celle(world, tmp_path, capsys):
         )
         assert code == 0
         assert (tmp_path / kind / "last" / "model.safetensors").is_file()
+    # --resume alone continues with the run's own config.yaml (image size, kind, store, ...)
+    assert main(["-q", "train", "vqgan", "--out", str(tmp_path / "nucleus"), "--resume",
+                 "--set", "schedule.max_steps=3"]) == 0  # fmt: skip
+    meta = json.loads((tmp_path / "nucleus" / "last" / "config.json").read_text())
+    assert meta["extra"]["step"] == 3 and meta["image_size"] == 32 and meta["extra"]["kind"] == "nucleus"
     args = ["-q", "train", "celle", "--store", str(store), "--out", str(tmp_path / "celle")]
     args += ["--nucleus-vqgan", str(tmp_path / "nucleus"), "--threshold-vqgan", str(tmp_path / "threshold")]
     args += ["--set", "schedule.max_steps=2", "--set", "schedule.eval_every=2", "--set", "data.batch_size=4"]

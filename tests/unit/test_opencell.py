@@ -105,7 +105,7 @@ def test_axes_argument_overrides_wrong_metadata(tmp_path):
     # ImageJ often saves a 2-channel image as a 2-slice z-stack
     nuc, pro = two_channels(z=None)
     path = write_tiff(tmp_path / "ij.tif", np.stack([nuc, pro]), axes="ZYX")
-    with pytest.raises(InputError, match=names(path) + r".*no channel axis.*axes ZYX.*pass axes="):
+    with pytest.raises(InputError, match=names(path) + r".*no channel axis.*axes ZYX.*--set axes="):
         read_fov(path)
     fov = read_fov(path, axes="CYX")
     np.testing.assert_array_equal(fov.nucleus, nuc)

@@ -6,7 +6,7 @@ import pytest
 
 from protloc.cli import main
 from protloc.config import apply_overrides
-from protloc.data.io import CropStore, read_table, write_table, write_tiff
+from protloc.data.io import CropStore, read_image, read_table, write_table, write_tiff
 from protloc.data.prepare import PrepareConfig, parse_fractions, prepare, spread_order
 from protloc.data.sequences import read_fasta, write_fasta
 from protloc.errors import ConfigError, InputError
@@ -188,3 +188,52 @@ def test_caps_and_stratified_fov_split(fov_dir):
     # stratified: every protein with >= 3 fields of view is in all three splits
     assert (store.obs.groupby("protein_id")["split"].nunique() == 3).all()
     assert not (out / "celle.zarr").exists()
+
+
+def test_channel_order_and_axes_options(fov_dir):
+    """Files with the protein first (and axes metadata that lies) give the same crops once told so."""
+    table = read_table(fov_dir / "fovs.csv").iloc[:3].copy()  # P1's three 2-D projections
+    write_table(table, fov_dir / "ref.csv")
+    swapped = []
+    for row in table.itertuples(index=False):
+        arr = read_image(fov_dir / row.path)
+        path = f"fovs/{row.fov_id}_swapped.tif"
+        write_tiff(fov_dir / path, arr[::-1].copy(), axes="ZYX")  # protein first, channels labelled as slices
+        swapped.append({**row._asdict(), "path": path})
+    write_table(pd.DataFrame(swapped), fov_dir / "swapped.csv")
+    ref = prepare(fov_dir / "ref.csv", fov_dir / "r", config=_cfg(celle=False), progress=False)
+    got = prepare(fov_dir / "swapped.csv", fov_dir / "s", config=_cfg(celle=False, channel_order="protein,nucleus",
+                  axes="CYX"), progress=False)  # fmt: skip
+    assert got["cytoself_crops"] == ref["cytoself_crops"] > 0
+    a, b = CropStore.open(fov_dir / "r" / "cytoself.zarr"), CropStore.open(fov_dir / "s" / "cytoself.zarr")
+    np.testing.assert_array_equal(a["protein"][:], b["protein"][:])
+    with pytest.raises(ConfigError, match="channel_order"):
+        _cfg(channel_order="dapi,gfp")
+    with pytest.raises(ConfigError, match="axes"):
+        _cfg(axes="QYX")
+
+
+def test_empty_sequence_cells_are_missing_not_the_residues_nan(fov_dir):
+    table = read_table(fov_dir / "fovs.csv")
+    seqs = [SEQS[p] for p in table["protein_id"]]
+    seqs[0] = ""  # another row of P1 carries its sequence
+    write_table(table.assign(sequence=seqs), fov_dir / "with_seq.csv")
+    prepare(fov_dir / "with_seq.csv", fov_dir / "o1", config=_cfg(cytoself=False), progress=False)
+    assert read_fasta(fov_dir / "o1" / "sequences.fasta") == SEQS
+    # a protein whose every cell is empty is named, not read as "NAN"
+    seqs = ["" if p == "P3" else SEQS[p] for p in table["protein_id"]]
+    write_table(table.assign(sequence=seqs), fov_dir / "no_p3.csv")
+    with pytest.raises(InputError, match="no sequence for protein 'P3'"):
+        prepare(fov_dir / "no_p3.csv", fov_dir / "o2", config=_cfg(cytoself=False), progress=False)
+
+
+def test_sequences_may_be_a_table(fov_dir):
+    write_table(pd.DataFrame({"protein_id": list(SEQS), "sequence": list(SEQS.values())}), fov_dir / "s.tsv")
+    prepare(fov_dir / "fovs.csv", fov_dir / "o", config=_cfg(cytoself=False), sequences=fov_dir / "s.tsv",
+            progress=False)  # fmt: skip
+    assert read_fasta(fov_dir / "o" / "sequences.fasta") == SEQS
+    write_table(pd.DataFrame({"protein_id": ["P1", "P2", "P3"], "sequence": [SEQS["P1"], "", SEQS["P3"]]}),
+                fov_dir / "bad.csv")  # fmt: skip
+    with pytest.raises(InputError, match=r"bad.csv: row 1: required column 'sequence' is empty"):
+        prepare(fov_dir / "fovs.csv", fov_dir / "o3", config=_cfg(cytoself=False), sequences=fov_dir / "bad.csv",
+                progress=False)  # fmt: skip

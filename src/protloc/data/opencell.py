@@ -93,7 +93,8 @@ def _infer_fov_axes(shape: tuple[int, ...], *, path: Path) -> str:
             return "YXC"
         raise InputError(
             f"cannot tell which axis holds the 2 channels (nucleus, protein) in an image of shape {shape}; "
-            "expected (2, Y, X) or (Y, X, 2), or pass axes= (e.g. 'ZYX' files are single-channel)",
+            "expected (2, Y, X) or (Y, X, 2), or give the axes (protloc prepare --set axes=CYX; "
+            "e.g. 'ZYX' files are single-channel)",
             path=path,
         )
     if len(shape) == 2:
@@ -180,7 +181,8 @@ def read_fov(
     if "C" not in ax:
         raise InputError(
             f"found no channel axis (axes {ax}, shape {shape}); a field of view needs 2 channels "
-            "(nucleus, protein); if one of the axes is really the channel axis, pass axes=",
+            "(nucleus, protein); if one of the axes is really the channel axis, give the axes "
+            "(protloc prepare --set axes=CYX, ...)",
             path=p,
         )
     extra = set(ax) - set("ZCYX")

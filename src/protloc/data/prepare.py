@@ -124,6 +124,13 @@ class PrepareConfig:
         far below the noise of fluorescence images; ``float32`` keeps full precision.
     chunk
         Crops per Zarr chunk.
+    channel_order
+        What the image files' channels 0 and 1 hold: ``"nucleus,protein"`` (OpenCell's order, default) or
+        ``"protein,nucleus"``.
+    axes
+        Axes of every image file, e.g. ``"ZCYX"``, ``"CZYX"``, ``"CYX"``, ``"YXC"``; empty (default): from the
+        file's ImageJ / tifffile metadata, else inferred from the shape. Set it when a file's metadata is
+        wrong (ImageJ stacks often label channels as slices).
     """
 
     params: PrepareParams = field(default_factory=PrepareParams)
@@ -135,8 +142,19 @@ class PrepareConfig:
     celle_max_crops_per_fov: int = 4
     store_dtype: str = "float16"
     chunk: int = 64
+    channel_order: str = "nucleus,protein"
+    axes: str = ""
 
     def __post_init__(self) -> None:
+        if self.channel_order not in ("nucleus,protein", "protein,nucleus"):
+            raise ConfigError(
+                f"channel_order must be 'nucleus,protein' or 'protein,nucleus', got {self.channel_order!r}"
+            )
+        if self.axes and (len(set(self.axes)) != len(self.axes) or not set(self.axes) <= set("TZCYXS")
+                          or not {"Y", "X"} <= set(self.axes)):  # fmt: skip
+            raise ConfigError(
+                f"axes must be letters of TZCYXS including Y and X, each once (e.g. ZCYX), got {self.axes!r}"
+            )
         if self.store_dtype not in ("float16", "float32"):
             raise ConfigError(f"store_dtype must be float16 or float32, got {self.store_dtype!r}")
         if self.cytoself_max_crops_per_fov < 0 or self.celle_max_crops_per_fov < 0:
@@ -211,6 +229,20 @@ def read_fov_table(path: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
+def _blank(value: object) -> bool:
+    """An empty table cell (pandas reads it as NaN): no sequence, not the residues ``NAN``."""
+    return value is None or (isinstance(value, float) and np.isnan(value)) or not str(value).strip()
+
+
+def _sequence_table(source: Path) -> dict[str, str]:
+    """``protein_id`` -> sequence from a CSV/TSV with those columns (read_table names an empty cell's row)."""
+    table = read_table(source, required=("protein_id", "sequence"), unique=("protein_id",), dtype=str)
+    return {
+        str(pid): validate_sequence(str(s), name=str(pid), path=source)
+        for pid, s in zip(table["protein_id"], table["sequence"], strict=True)
+    }
+
+
 def _collect_sequences(
     fovs: pd.DataFrame, fov_table: Path, sequences: str | os.PathLike | None
 ) -> dict[str, str] | None:
@@ -220,22 +252,23 @@ def _collect_sequences(
     seqs: dict[str, str] | None = None
     if sequences is not None:
         source = Path(sequences)
-        seqs = read_fasta(source)
+        if source.suffix.lower() in (".csv", ".tsv", ".tab", ".txt"):
+            seqs = _sequence_table(source)
+        else:
+            seqs = read_fasta(source)
     elif "sequence" in fovs.columns:
         source = fov_table
         seqs = {}
         for i, (pid, s) in enumerate(zip(fovs["protein_id"].astype(str), fovs["sequence"], strict=True)):
+            if _blank(s):
+                continue  # another row of the protein may carry it; a protein with none is named below
             s = validate_sequence(str(s), name=pid, path=fov_table)
             if pid in seqs and seqs[pid] != s:
                 raise InputError(f"protein {pid!r} has two different sequences", path=fov_table, row=i)
             seqs[pid] = s
     elif (fov_table.parent / "proteins.csv").is_file():
         source = fov_table.parent / "proteins.csv"
-        table = read_table(source, required=("protein_id", "sequence"), unique=("protein_id",))
-        seqs = {
-            str(pid): validate_sequence(str(s), name=str(pid), path=source)
-            for pid, s in zip(table["protein_id"], table["sequence"], strict=True)
-        }
+        seqs = _sequence_table(source)
     if seqs is None:
         return None
     missing = [p for p in proteins if p not in seqs]
@@ -319,10 +352,10 @@ def _cap(arrays: dict[str, np.ndarray], centres: np.ndarray, cap: int, shape: tu
     return {k: v[keep] for k, v in arrays.items()}, centres[keep]
 
 
-def _process_one(item: tuple[int, str, PrepareParams, int, int, str]) -> tuple[int, FovCrops, int]:
+def _process_one(item: tuple[int, str, PrepareParams, int, int, str, str, str]) -> tuple[int, FovCrops, int]:
     """Worker: read one FOV and cut its crops (top level so it pickles for process pools)."""
-    index, path, params, cyto_cap, celle_cap, store_dtype = item
-    fov = read_fov(path)
+    index, path, params, cyto_cap, celle_cap, store_dtype, channel_order, axes = item
+    fov = read_fov(path, channels=tuple(channel_order.split(",")), axes=axes or None)
     crops = process_fov(fov.nucleus, fov.protein, params=params, source=path)
     n_nuclei = int(crops.labels.max()) if crops.labels.size else 0
     shape = crops.labels.shape
@@ -434,7 +467,8 @@ def prepare(
         if not do_celle:
             params = dataclasses.replace(params, celle_size=0)
         items.append(
-            (i, str(row.path), params, cfg.cytoself_max_crops_per_fov, cfg.celle_max_crops_per_fov, cfg.store_dtype)
+            (i, str(row.path), params, cfg.cytoself_max_crops_per_fov, cfg.celle_max_crops_per_fov, cfg.store_dtype,
+             cfg.channel_order, cfg.axes)
         )
 
     dt = cfg.store_dtype
