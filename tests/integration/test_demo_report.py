@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from protloc import cli
 from protloc.demo import DemoConfig, run_demo
@@ -69,6 +70,24 @@ def test_demo_resumes_and_refuses_other_settings(demo_dir: Path, capsys) -> None
     err = capsys.readouterr().err
     assert rc == 2 and "other settings (gallery)" in err and "--fresh" in err
     assert {p: p.stat().st_mtime_ns for p in (demo_dir / "atlas").iterdir()} == before
+
+
+def test_demo_trains_the_four_models_from_the_shipped_recipes(demo_dir: Path, tmp_path: Path) -> None:
+    """``make demo TRAIN=1`` on a small world, schedules scaled to a few steps (the world is reused)."""
+    out = tmp_path / "trained"
+    for stage in ("world", "prepared"):
+        shutil.copytree(demo_dir / stage, out / stage)
+    args = [a for a in ARGS if a != "--allow-mismatch"]
+    assert cli.main(["-q", "demo", "--out", str(out), *args, "--train", "--train-scale", "0.004"]) == 0
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["weights"] == "trained here" and metrics["mismatch"] is False
+    assert set(metrics["models"]) == {"cytoself", "vqgan_nucleus", "vqgan_threshold", "celle"}
+    for name, steps in (("cytoself", 12), ("vqgan_nucleus", 6), ("vqgan_threshold", 6), ("celle", 10)):
+        assert (out / "train" / name / "done.json").is_file()
+        recipe = yaml.safe_load((out / "train" / f"{name}.recipe.yaml").read_text())
+        assert recipe["schedule"]["max_steps"] == steps, name  # the shipped recipe, scaled
+        assert Path(metrics["models"][name]).parent == out / "train"
+    assert "some “held-out” proteins" not in (out / "report" / "index.html").read_text()
 
 
 def test_shipped_weights_need_the_default_world(tmp_path: Path) -> None:
