@@ -18,6 +18,8 @@ command                function                        returns
 =====================  ==============================  =============================================
 ``world make``         :func:`make_world`              the world folder
 ``prepare``            :func:`prepare`                 summary dict (crop counts, splits)
+``import ...``         :func:`import_cytoself_crops`,  summary dict (cytoself's released crops, CELL-E
+                       :func:`import_celle_manifest`   manifests -> crop stores)
 ``train ...``          :func:`train`                   summary dict (steps, last validation)
 ``embed``              :func:`embed`                   AnnData (obsm ``global``, code indices)
 ``atlas``              :func:`atlas`                   scores dict; adds ``obsm["X_umap"]``
@@ -45,6 +47,7 @@ import pandas as pd
 
 from protloc.analysis.atlas import atlas as _atlas
 from protloc.analysis.screens import construct_experiment
+from protloc.data.imports import import_celle_manifest, import_cytoself_crops
 from protloc.errors import ConfigError, InputError
 from protloc.plotting.atlas import plot_atlas
 from protloc.plotting.celle import plot_prediction, plot_residue_probabilities
@@ -61,6 +64,8 @@ __all__ = [
     "evaluate",
     "feature_zeroing",
     "fill",
+    "import_celle_manifest",
+    "import_cytoself_crops",
     "list_pretrained",
     "load_celle",
     "load_cytoself",
@@ -320,13 +325,21 @@ def feature_zeroing(
 
 
 # ----------------------------------------------------------------------------------------- CELL-E
-def load_celle(checkpoint: str | os.PathLike | None = None, *, device: str = "cpu", precision: str = "fp32") -> Any:
+def load_celle(
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    embedder_path: str | os.PathLike | None = None,
+) -> Any:
     """A trained CELL-E with its tokenizers (``None``: the shipped ``celle-tiny``); see
-    :func:`protloc.train.celle.load_celle_run`."""
-    from protloc.train.celle import load_celle_run
+    :func:`protloc.train.celle.load_celle_run`. ``embedder_path`` replaces the ESM-2 / TAPE weights path
+    recorded at training time."""
+    from protloc.train.celle import EmbedderConfig, load_celle_run
 
+    embedder = EmbedderConfig(path=str(embedder_path)) if embedder_path else None
     return load_celle_run(resolve_checkpoint(checkpoint, default="celle-tiny"), map_location=device,
-                          precision=precision)  # fmt: skip
+                          precision=precision, embedder=embedder)  # fmt: skip
 
 
 def _run_and_nucleus(checkpoint: Any, nucleus: Any, device: str, precision: str) -> tuple[Any, np.ndarray, dict]:

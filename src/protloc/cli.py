@@ -139,6 +139,118 @@ def _add_prepare(subparsers) -> None:
     p.set_defaults(func=_cmd_prepare)
 
 
+# -------------------------------------------------------------------------------------------- import
+def _cmd_import_cytoself(args: argparse.Namespace) -> int:
+    from protloc.data.imports import import_cytoself_crops
+
+    summary = import_cytoself_crops(
+        args.src,
+        args.out,
+        seed=args.seed,
+        fractions=args.fractions,
+        stratify=args.stratify,
+        crop_size=args.crop_size,
+        rescale=not args.as_released,
+        allow_crop_split=args.split_by_crop,
+        store_dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    _print_table("imported cytoself crops", summary)
+    print(f"next: protloc train cytoself --store {Path(args.out) / 'cytoself.zarr'} --out runs/cytoself")
+    return 0
+
+
+def _cmd_import_celle(args: argparse.Namespace) -> int:
+    from protloc.data.imports import import_celle_manifest
+
+    summary = import_celle_manifest(
+        args.manifest,
+        args.out,
+        image_size=args.image_size,
+        keep_split=not args.ignore_split,
+        fractions=args.fractions,
+        seed=args.seed,
+        store_dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    _print_table("imported CELL-E manifest", summary)
+    print(f"next: protloc train vqgan --kind nucleus --store {Path(args.out) / 'celle.zarr'} --out runs/vq_nucleus")
+    return 0
+
+
+def _add_import(subparsers) -> None:
+    p = subparsers.add_parser(
+        "import",
+        help="cytoself's released crops or a CELL-E manifest -> crop stores (instead of prepare)",
+        description=(
+            "Write data that comes already cut into the crop stores `protloc train` and `protloc embed` read, with "
+            "the channels, value ranges, splits and side files of `protloc prepare`."
+        ),
+        epilog="example:\n  protloc import cytoself-crops --src released/ --out cytoself_data",
+        formatter_class=_Formatter,
+    )
+    isub = p.add_subparsers(dest="import_command", metavar="SOURCE", required=True)
+    c = _sub(
+        isub,
+        "cytoself-crops",
+        help="cytoself's released crops (Image_data*.npy + Label_data*.csv, or <name>_pro.npy ...) -> cytoself.zarr",
+        description=(
+            "Read cytoself's released crops, either the full set (Image_dataXX.npy [N, 100, 100, 4] with "
+            "Label_dataXX.csv) or per protein (<name>_pro.npy, <name>_nuc.npy, <name>_nucdist.npy, <name>_label.csv), "
+            "and write OUT/cytoself.zarr + cytoself.csv (protein, nucleus in [0, 1], nucleus_distance in [-1, 1], "
+            "scaled per crop as `protloc prepare` does), OUT/proteins.csv and OUT/summary.json. protein_id comes from "
+            "the label column 'name' (else 'ensg'), label from 'loc_grade1'; crops are split 8:1:1 by field of view "
+            "(FOV_id), as `prepare` splits. Label tables without FOV_id are refused unless --split-by-crop."
+        ),
+        example="""
+        protloc import cytoself-crops --src released/ --out cytoself_data
+        protloc import cytoself-crops --src released/ --out cytoself_data --seed 1 --fractions reference --overwrite
+        """,
+    )
+    c.add_argument("--src", required=True, type=Path, help="folder of the released .npy / .csv files")
+    c.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
+    c.add_argument("--seed", type=int, default=0, help="split seed")
+    c.add_argument("--fractions", default="paper",
+                   help="split fractions: paper (0.8/0.1/0.1), reference (0.82/0.098/0.082) or train=..,val=..,test=..")
+    c.add_argument("--stratify", action="store_true", help="split each protein's fields of view separately")
+    c.add_argument("--crop-size", type=int, default=100, help="expected crop side in pixels")
+    c.add_argument("--split-by-crop", action="store_true",
+                   help="split crops without a FOV_id one by one instead of refusing (neighbours may straddle splits)")
+    c.add_argument("--as-released", action="store_true", help="store the values as released, without rescaling")
+    c.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="type of the stored crops")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.set_defaults(func=_cmd_import_cytoself)
+
+    m = _sub(
+        isub,
+        "celle-manifest",
+        help="a CELL-E manifest (nucleus / protein image pairs + sequences) -> celle.zarr",
+        description=(
+            "Read a CELL-E manifest (CSV/TSV: nucleus_image, protein_image, protein_id, sequence or metadata_json, "
+            "optional split, label, fov_id) and write OUT/celle.zarr + celle.csv (nucleus, protein in [0, 1], "
+            "threshold = protein >= mean, as `protloc prepare` writes them), OUT/sequences.fasta, OUT/proteins.csv "
+            "and OUT/summary.json. One crop per row: images larger than --image-size are centre-cropped, smaller ones "
+            "refused. The manifest's split column is kept; without one, proteins are split 80/20."
+        ),
+        example="""
+        protloc import celle-manifest --manifest manifest.csv --out celle_data
+        protloc import celle-manifest --manifest manifest.tsv --out celle_data --ignore-split --seed 1 --overwrite
+        """,
+    )
+    m.add_argument("--manifest", required=True, type=Path, help="the CELL-E manifest (CSV/TSV)")
+    m.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
+    m.add_argument("--image-size", type=int, default=256, help="crop side in pixels (larger images: centre crop)")
+    m.add_argument("--ignore-split", action="store_true",
+                   help="split proteins 80/20 even when the manifest has a split column")
+    m.add_argument("--fractions", default="paper", help="protein split fractions: paper (0.8/0.2) or train=..,val=..")
+    m.add_argument("--seed", type=int, default=0, help="protein split seed")
+    m.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="type of the stored images")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.set_defaults(func=_cmd_import_celle)
+
+
 # ---------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
     from protloc.demo import DemoConfig, run_demo
@@ -210,12 +322,24 @@ def _add_demo(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------- weights
 def _cmd_weights(args: argparse.Namespace) -> int:
+    from protloc.errors import ConfigError
     from protloc.pretrained import PREFIX, list_pretrained, read_recipe, weights_dir
 
     if args.name:
         recipe = read_recipe(args.name)
+        if args.write_config is not None:
+            import yaml
+
+            from protloc._fs import atomic_write_text
+
+            atomic_write_text(args.write_config, yaml.safe_dump(recipe["training_config"], sort_keys=False))
+            print(f"training config of {args.name} written to {args.write_config}; reproduce it with:")
+            print("  " + recipe["command"].replace("recipe.yaml", str(args.write_config)))
+            return 0
         print(json.dumps(recipe, indent=2))
         return 0
+    if args.write_config is not None:
+        raise ConfigError("--write-config needs a model NAME")
     print(f"shipped models in {weights_dir()} (use as --checkpoint {PREFIX}NAME):")
     for row in list_pretrained():
         if not row["available"]:
@@ -242,10 +366,13 @@ def _add_weights(subparsers) -> None:
         example="""
         protloc weights
         protloc weights celle-tiny
+        protloc weights celle-tiny --write-config celle_recipe.yaml
         protloc predict --checkpoint pretrained:celle-tiny --sequence MSKGEELFTG --out pred
         """,
     )
     p.add_argument("name", nargs="?", default=None, help="a shipped model to describe")
+    p.add_argument("--write-config", type=Path, default=None, metavar="YAML",
+                   help="write NAME's training configuration to this YAML (for `protloc train ... --config`)")
     p.set_defaults(func=_cmd_weights)
 
 
@@ -578,6 +705,11 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
         default="fp32",
         help="transformer weights: fp32 (as trained), bf16 or int8 (faster; see benchmarks/celle_speed.py)",
     )
+    p.add_argument(
+        "--embedder-path",
+        default=None,
+        help="ESM-2 / TAPE weights, when they moved since training (default: the path recorded in the checkpoint)",
+    )
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -592,6 +724,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         nucleus=args.nucleus,
         samples=args.samples, temperature=args.temperature, top_k_fraction=args.top_k_fraction, steps=args.steps,
         seed=args.seed, batch_size=args.batch_size, device=args.device, precision=args.precision,
+        embedder_path=args.embedder_path,
         overwrite=args.overwrite, progress=not args.quiet,
     )
     _print_table("predict", {
@@ -661,7 +794,7 @@ def _cmd_fill(args: argparse.Namespace) -> int:
         fasta=args.fasta,
         nucleus=args.nucleus, samples=args.samples, temperature=args.temperature,
         top_k_fraction=args.top_k_fraction, steps=args.steps, seed=args.seed, device=args.device,
-        precision=args.precision, overwrite=args.overwrite, progress=not args.quiet,
+        precision=args.precision, embedder_path=args.embedder_path, overwrite=args.overwrite, progress=not args.quiet,
     )  # fmt: skip
     _print_table("fill", {
         "checkpoint": f"{summary['checkpoint']} (step {summary['step']})",
@@ -821,7 +954,8 @@ def _cmd_screen(args: argparse.Namespace) -> int:
         name=args.name,
         fasta=args.fasta, record_id=args.id, nucleus=args.nucleus, samples=args.samples,
         temperature=args.temperature, top_k_fraction=args.top_k_fraction, steps=args.steps, seed=args.seed,
-        batch_size=args.batch_size, device=args.device, precision=args.precision, overwrite=args.overwrite,
+        batch_size=args.batch_size, device=args.device, precision=args.precision, embedder_path=args.embedder_path,
+        overwrite=args.overwrite,
         progress=not args.quiet, **kwargs,
     )
     seq = summary["sequence"]
@@ -933,7 +1067,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         augment=not args.no_augment, ceiling=not args.no_ceiling, baseline=not args.no_baseline,
         train_split=args.train_split, batch_size=args.batch_size, temperature=args.temperature,
         top_k_fraction=args.top_k_fraction, steps=args.steps, sampling_seed=args.sampling_seed,
-        device=args.device, precision=args.precision, overwrite=args.overwrite, progress=not args.quiet,
+        device=args.device, precision=args.precision, embedder_path=args.embedder_path, overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     crops = next(iter(summary["models"].values()))["images"]
     print(f"mean +- sd over proteins ({crops} crops of split {args.split}, seed {args.seed}):")
@@ -1038,6 +1173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weights(sub)
     _add_world(sub)
     _add_prepare(sub)
+    _add_import(sub)
     _add_train(sub)
     _add_embed(sub)
     _add_atlas(sub)

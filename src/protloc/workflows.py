@@ -478,17 +478,22 @@ def _check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
-def _load_celle(checkpoint: str | os.PathLike, device: str | None, precision: str = "fp32") -> tuple[Any, str]:
-    """Load a CELL-E run or checkpoint folder on ``device`` (``None``: CUDA when available) in ``precision``."""
+def _load_celle(
+    checkpoint: str | os.PathLike, device: str | None, precision: str = "fp32",
+    embedder_path: str | os.PathLike | None = None,
+) -> tuple[Any, str]:
+    """Load a CELL-E run or checkpoint folder on ``device`` (``None``: CUDA when available) in ``precision``;
+    ``embedder_path`` replaces the ESM-2 / TAPE weights path recorded at training time (moved weights)."""
     import torch
 
-    from protloc.train.celle import load_celle_run
+    from protloc.train.celle import EmbedderConfig, load_celle_run
 
     ckpt = Path(checkpoint)
     if not ckpt.exists():
         raise InputError("checkpoint not found (give a `protloc train celle` run or checkpoint folder)", path=ckpt)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_celle_run(ckpt, map_location=device, precision=precision), device
+    embedder = EmbedderConfig(path=str(embedder_path)) if embedder_path else None
+    return load_celle_run(ckpt, map_location=device, precision=precision, embedder=embedder), device
 
 
 def _model_nucleus(run: Any, nucleus: str | os.PathLike | np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -522,6 +527,7 @@ def run_predict(
     batch_size: int = 8,
     device: str | None = "cpu",
     precision: str = "fp32",
+    embedder_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -568,6 +574,9 @@ def run_predict(
         Torch device (``None``: CUDA when available).
     precision
         ``"fp32"``, ``"bf16"`` or ``"int8"`` transformer weights (:func:`~protloc.train.celle.set_precision`).
+    embedder_path
+        ESM-2 / TAPE weights to use instead of the path recorded at training time (when the weights moved);
+        ignored by models with one-hot / descriptor / learned residues.
     overwrite
         Replace an existing non-empty ``out``.
     progress
@@ -608,7 +617,7 @@ def run_predict(
     _check_batch_size(batch_size)
     _check_predict_out(out, overwrite)
     t_load = time.perf_counter()
-    run, device = _load_celle(checkpoint, device, precision)
+    run, device = _load_celle(checkpoint, device, precision, embedder_path)
     size, max_residues = run.image_size, run.model.config.max_residues
     nuc, nucleus_info = _model_nucleus(run, nucleus)
     load_seconds = time.perf_counter() - t_load
@@ -782,6 +791,7 @@ def run_fill(
     seed: int = 0,
     device: str | None = "cpu",
     precision: str = "fp32",
+    embedder_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -818,6 +828,9 @@ def run_fill(
         Sampling (:class:`~protloc.eval.predict.SamplingConfig`); ``top_k_fraction`` of the 20 residues.
     device, precision
         Torch device (``None``: CUDA when available) and transformer weights (``"fp32"`` / ``"bf16"`` / ``"int8"``).
+    embedder_path
+        ESM-2 / TAPE weights to use instead of the path recorded at training time (when the weights moved);
+        ignored by models with one-hot / descriptor / learned residues.
     overwrite
         Replace an existing non-empty ``out``.
     progress
@@ -852,7 +865,7 @@ def run_fill(
         temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps, samples=samples
     )
     _check_predict_out(out, overwrite)
-    run, device = _load_celle(checkpoint, device, precision)
+    run, device = _load_celle(checkpoint, device, precision, embedder_path)
     size = run.image_size
     nuc, nucleus_info = _model_nucleus(run, nucleus)
     if isinstance(threshold, np.ndarray):
@@ -950,6 +963,7 @@ def run_evaluate(
     sampling_seed: int = 0,
     device: str | None = "cpu",
     precision: str = "fp32",
+    embedder_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -1008,6 +1022,9 @@ def run_evaluate(
         Torch device (``None``: CUDA when available).
     precision
         ``"fp32"``, ``"bf16"`` or ``"int8"`` transformer weights (:func:`~protloc.train.celle.set_precision`).
+    embedder_path
+        ESM-2 / TAPE weights to use instead of the path recorded at training time (when the weights moved);
+        ignored by models with one-hot / descriptor / learned residues.
     overwrite
         Replace an existing non-empty ``out``.
     progress
@@ -1035,7 +1052,7 @@ def run_evaluate(
         vqgan_ceiling,
     )
     from protloc.eval.predict import SamplingConfig
-    from protloc.train.celle import _default_sequences, load_celle_run, read_sequences
+    from protloc.train.celle import EmbedderConfig, _default_sequences, load_celle_run, read_sequences
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -1077,7 +1094,8 @@ def run_evaluate(
         t0 = time.perf_counter()
         key = ckpt.resolve()
         if key not in loaded:  # the same run twice is loaded once
-            loaded[key] = load_celle_run(ckpt, map_location=device, precision=precision)
+            embedder = EmbedderConfig(path=str(embedder_path)) if embedder_path else None
+            loaded[key] = load_celle_run(ckpt, map_location=device, precision=precision, embedder=embedder)
         run = loaded[key]
         if first_run is None:
             first_run = run
@@ -1300,6 +1318,7 @@ def run_screen_workflow(
     batch_size: int = 8,
     device: str | None = "cpu",
     precision: str = "fp32",
+    embedder_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -1376,7 +1395,7 @@ def run_screen_workflow(
     else:
         variants, mode_settings = [], {"method": method, "present_min": present_min, "background_max": background_max}
     _check_predict_out(out, overwrite)
-    run, device = _load_celle(checkpoint, device, precision)
+    run, device = _load_celle(checkpoint, device, precision, embedder_path)
     nuc, nucleus_info = _model_nucleus(run, nucleus)
     nuc_t = torch.from_numpy(nuc)[None, None]
     max_residues = run.model.config.max_residues

@@ -117,3 +117,18 @@ def test_weights_lists_the_shipped_models(capsys):
     assert main(["weights", "celle-tiny"]) == 0
     assert json.loads(capsys.readouterr().out)["command"].startswith("protloc train celle")
     assert main(["weights", "celle-huge"]) == 2
+
+
+def test_weights_write_config_reproduces_the_recipe(tmp_path, capsys):
+    from protloc.config import load_config
+    from protloc.pretrained import read_recipe
+    from protloc.train.vqgan import TrainVQGANConfig
+
+    path = tmp_path / "recipe.yaml"
+    assert main(["weights", "vqgan-threshold-tiny", "--write-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"--config {path}" in out and "protloc train vqgan --kind threshold" in out
+    cfg = load_config(TrainVQGANConfig, path=path)
+    assert cfg.kind == "threshold"
+    assert cfg.schedule.max_steps == read_recipe("vqgan-threshold-tiny")["training_config"]["schedule"]["max_steps"]
+    assert main(["weights", "--write-config", str(path)]) == 2

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import argparse
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,19 +146,9 @@ def test_pad_embeddings():
 # ---------------------------------------------------------------------------------------------- ESM-2
 
 
-def _write_tiny_fair_esm(path: Path) -> torch.nn.Module:
-    esm = pytest.importorskip("esm")
-    torch.manual_seed(0)
-    model = esm.ESM2(num_layers=1, embed_dim=32, attention_heads=2, alphabet="ESM-1b", token_dropout=True).eval()
-    cfg = argparse.Namespace(encoder_layers=1, encoder_embed_dim=32, encoder_attention_heads=2, token_dropout=True)
-    state = {f"encoder.sentence_encoder.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"cfg": {"model": cfg}, "model": state}, path)
-    return model
-
-
-def test_esm2_fair_esm_local_checkpoint(tmp_path):
+def test_esm2_fair_esm_local_checkpoint(tmp_path, write_tiny_esm2):
     path = tmp_path / "tiny_esm2.pt"
-    ref = _write_tiny_fair_esm(path)
+    ref = write_tiny_esm2(path)
     emb = build_embedder("esm2", path=path)
     assert emb.dim == 32 and emb.frozen and emb.source == "fair-esm"
     assert all(not p.requires_grad for p in emb.parameters())
