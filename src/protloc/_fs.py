@@ -7,15 +7,18 @@ bad input never leaves a half-written file where a good one was (or should be).
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from protloc.errors import InputError
 
-__all__ = ["atomic_path", "atomic_dir", "atomic_write_text", "check_overwrite"]
+__all__ = ["atomic_path", "atomic_dir", "atomic_write_json", "atomic_write_text", "check_overwrite", "json_ready"]
 
 
 def _umask() -> int:
@@ -92,3 +95,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with NumPy scalars and arrays made plain, non-finite floats as ``None`` (strict JSON has no
+    NaN), paths and other objects as strings."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_ready(v) for v in obj]
+    item = getattr(obj, "item", None)  # NumPy / torch scalars
+    if callable(item) and getattr(obj, "ndim", 1) == 0:
+        return json_ready(item())
+    tolist = getattr(obj, "tolist", None)  # NumPy arrays
+    if callable(tolist):
+        return json_ready(tolist())
+    return str(obj)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented, strict JSON (see :func:`json_ready`) atomically."""
+    return atomic_write_text(path, json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n")

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from protloc._fs import atomic_dir, atomic_path, atomic_write_text
+from protloc._fs import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 from protloc.errors import ConfigError, InputError
 from protloc.pretrained import pretrained_path, read_recipe
 
@@ -173,7 +173,7 @@ class _Stages:
         return result
 
     def _save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.record, indent=2) + "\n")
+        atomic_write_json(self.path, self.record)
 
 
 def _check_settings(out: Path, config: DemoConfig, fresh: bool) -> None:
@@ -200,7 +200,7 @@ def _check_settings(out: Path, config: DemoConfig, fresh: bool) -> None:
                 path=out,
             )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"settings": config.identity()}, indent=2) + "\n")
+    atomic_write_json(path, {"settings": config.identity()})
 
 
 def _scaled(cfg: dict[str, Any], scale: float) -> dict[str, Any]:
@@ -258,7 +258,7 @@ def _train_models(out: Path, prepared: Path, config: DemoConfig, progress: bool)
         resume = (run_dir / "last").is_dir()
         logger.info("train %s (%d steps%s)", key, cfg.schedule.max_steps, ", resuming" if resume else "")
         summary = train_fn(cfg, run_dir=run_dir, resume=resume, progress=progress)
-        atomic_write_text(run_dir / "done.json", json.dumps(summary, indent=2, default=str) + "\n")
+        atomic_write_json(run_dir / "done.json", summary)
     return runs
 
 
@@ -348,7 +348,7 @@ def _gallery(run: Any, prepared: Path, out: Path, config: DemoConfig, progress: 
                 "file": name,
             })  # fmt: skip
         summary = {"split": "val", "samples": config.samples, "seed": config.seed, "items": rows}
-        atomic_write_text(tmp / "gallery.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(tmp / "gallery.json", summary)
     return summary
 
 
@@ -418,7 +418,7 @@ def _constructs(run: Any, prepared: Path, out: Path, config: DemoConfig, progres
             "peptides": {k: records[k].get("peptide", "") for k in CONSTRUCTS},
             "rows": summary.to_dict(orient="records"),
         }
-        atomic_write_text(tmp / "constructs.json", json.dumps(result, indent=2, default=_nan_none) + "\n")
+        atomic_write_json(tmp / "constructs.json", result)
     return result
 
 
@@ -432,16 +432,6 @@ def _val_nucleus(run: Any, prepared: Path) -> np.ndarray:
         image_size=run.image_size, max_residues=run.model.config.max_residues,
     )  # fmt: skip
     return ds[0]["nucleus"][0].float().numpy()
-
-
-def _nan_none(o: Any) -> Any:
-    if isinstance(o, float | np.floating) and not np.isfinite(o):
-        return None
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    return str(o)
 
 
 def _screens(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from protloc import __version__
-from protloc._fs import atomic_dir, atomic_write_text
+from protloc._fs import atomic_dir, atomic_write_json, atomic_write_text, json_ready
 from protloc.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -406,31 +406,7 @@ def build_report(out: str | os.PathLike, info: Mapping[str, Any]) -> dict[str, A
             f"<script>{_RENDER_CHECK}</script></body></html>\n"
         )
         atomic_write_text(tmp / "index.html", doc)
-        metrics = _clean(metrics)
-        atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2, default=_json_default) + "\n")
+        metrics = json_ready(metrics)
+        atomic_write_json(tmp / "metrics.json", metrics)
     logger.info("report written to %s", out / "report" / "index.html")
     return metrics
-
-
-def _clean(o: Any) -> Any:
-    """Non-finite floats -> None, so ``metrics.json`` stays valid JSON."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, Mapping):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_clean(v) for v in o]
-    return o
-
-
-def _json_default(o: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(o, np.integer):
-            return int(o)
-        if isinstance(o, np.floating):
-            return float(o) if np.isfinite(o) else None
-    except ImportError:  # pragma: no cover
-        pass
-    return str(o)

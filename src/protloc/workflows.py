@@ -6,7 +6,6 @@ cli``): each function here is what one command does, callable from Python with k
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from protloc._fs import atomic_dir, atomic_path, atomic_write_text
+from protloc._fs import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 from protloc.analysis.atlas import atlas as compute_atlas
 from protloc.analysis.interpret import feature_zeroing, top_codes
 from protloc.analysis.spectrum import bicluster, consensus_spectra, family_correlation, spectra_from_indices
@@ -47,20 +46,8 @@ def _safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return None if not np.isfinite(o) else float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, float) and not np.isfinite(o):
-        return None
-    return str(o)
-
-
 def _write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return atomic_write_json(path, obj)
 
 
 def _load_split(embeddings: str | os.PathLike, split: str | None, keys: Sequence[str]) -> ad.AnnData:

@@ -581,3 +581,16 @@ def test_cropstore_open_not_a_store(tmp_path):
     (tmp_path / "plain.zarr").mkdir()
     with pytest.raises(InputError, match=r"plain\.zarr"):
         CropStore.open(tmp_path / "plain.zarr")
+
+
+def test_atomic_write_json_is_strict(tmp_path):
+    import json
+
+    from protloc._fs import atomic_write_json
+
+    path = atomic_write_json(tmp_path / "x.json", {
+        "nan": float("nan"), "inf": np.float32("inf"), "arr": np.arange(3), "i": np.int64(4), 1: (1.5, None),
+        "p": tmp_path / "a",
+    })  # fmt: skip
+    got = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert got == {"nan": None, "inf": None, "arr": [0, 1, 2], "i": 4, "1": [1.5, None], "p": str(tmp_path / "a")}
