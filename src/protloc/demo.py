@@ -146,9 +146,7 @@ class DemoConfig:
 class _Stages:
     """Runs stages in order, skipping finished ones, timing each and logging ``[i/n] name``."""
 
-    def __init__(self, out: Path, config: DemoConfig, stages: list[str]) -> None:
-        self.out = out
-        self.config = config
+    def __init__(self, out: Path, stages: list[str]) -> None:
         self.names = stages
         self.path = out / "stages.json"
         self.record: dict[str, Any] = {}
@@ -204,10 +202,14 @@ def _check_settings(out: Path, config: DemoConfig, fresh: bool) -> None:
 
 
 def _scaled(cfg: dict[str, Any], scale: float) -> dict[str, Any]:
+    """A training config with every schedule length (steps, evaluation and save intervals, warm-up,
+    discriminator start) multiplied by ``scale`` (at least 1 step each)."""
     sched = cfg.get("schedule", {})
-    for key in ("max_steps", "eval_every", "save_every"):
+    for key in ("max_steps", "eval_every"):
         if sched.get(key):
             sched[key] = max(1, round(sched[key] * scale))
+    if cfg.get("save_every"):
+        cfg["save_every"] = max(1, round(cfg["save_every"] * scale))
     loss = cfg.get("loss", {})
     if loss.get("disc_start"):
         loss["disc_start"] = max(1, round(loss["disc_start"] * scale))
@@ -498,7 +500,7 @@ def run_demo(
         )
     _check_settings(out, config, fresh)
     names = [s for s in DEMO_STAGES if config.train or s != "train"]
-    stages = _Stages(out, config, names)
+    stages = _Stages(out, names)
     t_start = time.perf_counter()
 
     world, prepared = out / "world", out / "prepared"

@@ -118,6 +118,8 @@ def run_atlas(
     out.mkdir(parents=True, exist_ok=True)
     adata = _load_split(embeddings, split, ["global"])
     cmap = _read_complexes(complexes)
+    # UMAP has no progress to report; say what is running (about a minute for 6,000 crops on 2 cores)
+    logger.info("UMAP and k-NN scores of %d crops ...", adata.n_obs)
     result = compute_atlas(adata, label_key=label_key, complexes=cmap, split=None, random_state=seed)
     coords = adata.obsm["X_umap"]
     fig = plot_atlas(adata, color=label_key, title=f"cytoself atlas ({split or 'all'} crops)")
