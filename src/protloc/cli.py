@@ -574,6 +574,7 @@ def _cmd_atlas(args: argparse.Namespace) -> int:
     result = run_atlas(
         args.embeddings, args.out, split=None if args.split == "all" else args.split, label_key=args.label_key,
         complexes=args.complexes, store=args.store, seed=args.seed, max_thumbnails=args.thumbnails,
+        overwrite=args.overwrite,
     )
     cs = result["clustering_score"]
     knn = result.get("knn", {}).get("features", {})
@@ -609,6 +610,7 @@ def _add_atlas(subparsers) -> None:
     p.add_argument("--store", type=Path, default=None, help="crop store, for hover thumbnails")
     p.add_argument("--thumbnails", type=int, default=600, help="at most this many hover thumbnails")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_atlas)
 
 
@@ -617,7 +619,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
 
     summary = run_spectrum(
         args.embeddings, args.out, split=None if args.split == "all" else args.split, label_key=args.label_key,
-        queries=args.query or [], n_clusters=args.clusters, level=args.level,
+        queries=args.query or [], n_clusters=args.clusters, level=args.level, overwrite=args.overwrite,
     )
     _print_table("spectrum", {k: v for k, v in summary.items() if k != "queries"})
     for q, r in summary["queries"].items():
@@ -645,6 +647,7 @@ def _add_spectrum(subparsers) -> None:
     p.add_argument("--query", action="append", metavar="PROTEIN", help="protein to profile (repeatable)")
     p.add_argument("--clusters", type=int, default=11, help="top-level feature clusters")
     p.add_argument("--level", choices=["local", "global"], default="local")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_spectrum)
 
 
@@ -654,7 +657,7 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
     summary = run_interpret(
         _checkpoint(args.checkpoint, "cytoself-tiny"), args.store, args.out, protein=args.protein, top=args.top,
         n_crops=args.crops,
-        split=args.split, level=args.level,
+        split=args.split, level=args.level, overwrite=args.overwrite,
     )
     _print_table("feature zeroing", summary)
     return 0
@@ -680,6 +683,7 @@ def _add_interpret(subparsers) -> None:
     p.add_argument("--crops", type=int, default=4, help="crops to show")
     p.add_argument("--split", default=None)
     p.add_argument("--level", choices=["local", "global"], default="local")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_interpret)
 
 
@@ -794,7 +798,8 @@ def _cmd_fill(args: argparse.Namespace) -> int:
         fasta=args.fasta,
         nucleus=args.nucleus, samples=args.samples, temperature=args.temperature,
         top_k_fraction=args.top_k_fraction, steps=args.steps, seed=args.seed, device=args.device,
-        precision=args.precision, embedder_path=args.embedder_path, overwrite=args.overwrite, progress=not args.quiet,
+        precision=args.precision, embedder_path=args.embedder_path, overwrite=args.overwrite,
+        progress=not args.quiet,
     )  # fmt: skip
     _print_table("fill", {
         "checkpoint": f"{summary['checkpoint']} (step {summary['step']})",

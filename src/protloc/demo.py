@@ -528,8 +528,8 @@ def run_demo(
     stages.run(
         "atlas",
         lambda: (out / "atlas" / "scores.json").is_file(),
-        lambda: _in_dir(out / "atlas", lambda d: run_atlas(emb, d, split="test", store=prepared / "cytoself.zarr",
-                                                           max_thumbnails=config.thumbnails, seed=config.seed)),
+        lambda: run_atlas(emb, out / "atlas", split="test", store=prepared / "cytoself.zarr",
+                          max_thumbnails=config.thumbnails, seed=config.seed, overwrite=True),
     )  # fmt: skip
     import anndata as ad
 
@@ -539,13 +539,13 @@ def run_demo(
     stages.run(
         "spectrum",
         lambda: (out / "spectrum" / "spectrum.json").is_file(),
-        lambda: _in_dir(out / "spectrum", lambda d: run_spectrum(emb, d, queries=[query])),
+        lambda: run_spectrum(emb, out / "spectrum", queries=[query], overwrite=True),
     )
     stages.run(
         "interpret",
         lambda: any((out / "interpret").glob("feature_zeroing_*.json")),
-        lambda: _in_dir(out / "interpret", lambda d: run_interpret(
-            models["cytoself"], prepared / "cytoself.zarr", d, protein=query, split="test", device=config.device)),
+        lambda: run_interpret(models["cytoself"], prepared / "cytoself.zarr", out / "interpret", protein=query,
+                              split="test", device=config.device, overwrite=True),
     )  # fmt: skip
     stages.run(
         "evaluate",
@@ -590,9 +590,3 @@ def run_demo(
     }
     metrics = stages.run("report", lambda: False, lambda: build_report(out, info))
     return metrics
-
-
-def _in_dir(dest: Path, fn: Callable[[Path], Any]) -> Any:
-    """Run a workflow that writes into a folder so that the folder appears only when it is complete."""
-    with atomic_dir(dest) as tmp:
-        return fn(tmp)

@@ -6,6 +6,8 @@ cli``): each function here is what one command does, callable from Python with k
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -50,12 +52,36 @@ def _write_json(path: Path, obj: Any) -> Path:
     return atomic_write_json(path, obj)
 
 
+def _writes_folder(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Make a workflow that writes into its ``out`` folder atomic and refuse a non-empty ``out``.
+
+    The wrapped function writes into a temporary folder beside ``out`` that replaces ``out`` only when the
+    function returns, so bad input found halfway (an unknown query protein, say) leaves nothing behind and
+    an earlier result intact. The wrapper adds the keyword ``overwrite`` (replace a non-empty ``out``).
+    """
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, overwrite: bool = False, **kwargs: Any) -> Any:
+        bound = sig.bind(*args, **kwargs)
+        out = Path(bound.arguments["out"])
+        _check_predict_out(out, overwrite)
+        with atomic_dir(out) as tmp:
+            bound.arguments["out"] = tmp
+            return fn(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
 def _load_split(embeddings: str | os.PathLike, split: str | None, keys: Sequence[str]) -> ad.AnnData:
     """An in-memory AnnData with only the rows of ``split`` and only the ``obsm`` keys asked for."""
     path = Path(embeddings)
     if not path.is_file():
         raise InputError("embeddings file not found", path=path)
-    backed = ad.read_h5ad(path, backed="r")
+    try:
+        backed = ad.read_h5ad(path, backed="r")
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot read the embeddings: not an .h5ad file, or a damaged one ({exc})", path=path) from exc
     obs = backed.obs.copy()
     uns = dict(backed.uns)
     backed.file.close()
@@ -74,6 +100,7 @@ def _load_split(embeddings: str | os.PathLike, split: str | None, keys: Sequence
     return sub
 
 
+@_writes_folder
 def run_atlas(
     embeddings: str | os.PathLike,
     out: str | os.PathLike,
@@ -160,6 +187,7 @@ def _thumbnails(store: str | os.PathLike, obs: pd.DataFrame, max_n: int) -> list
     return thumbs
 
 
+@_writes_folder
 def run_spectrum(
     embeddings: str | os.PathLike,
     out: str | os.PathLike,
@@ -241,6 +269,7 @@ def run_spectrum(
     return summary
 
 
+@_writes_folder
 def run_interpret(
     checkpoint: str | os.PathLike,
     store: str | os.PathLike,

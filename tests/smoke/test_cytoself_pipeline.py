@@ -83,7 +83,12 @@ def test_cytoself_commands(tmp_path, capsys):
     assert (out / "spectrum_heatmap.png").is_file() and (out / "families_P0.csv").is_file()
     spectra = pd.read_csv(out / "spectra.csv", index_col=0)
     np.testing.assert_allclose(spectra.sum(axis=1), 1.0, atol=1e-6)
+    before = sorted(p.name for p in out.iterdir())
     assert main(["-q", "spectrum", "--embeddings", str(emb), "--out", str(out), "--query", "NOPE"]) == 2
+    assert main(["-q", "spectrum", "--embeddings", str(emb), "--out", str(out), "--query", "P0"]) == 2  # exists
+    assert sorted(p.name for p in out.iterdir()) == before  # the earlier result is untouched
+    assert main(["-q", "spectrum", "--embeddings", str(emb), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "families_P0.csv").exists()  # replaced as a whole
 
     out = tmp_path / "interpret"
     assert main(["-q", "interpret", "--checkpoint", str(run), "--store", str(store), "--out", str(out),

@@ -372,6 +372,17 @@ class CropDataset(Dataset):
 
     def _read_sorted(self, name: str, uniq: np.ndarray) -> np.ndarray:
         """Read sorted, unique crop indices of one channel: one Zarr call per chunk touched."""
+        try:
+            return self._read_chunks(name, uniq)
+        except (RuntimeError, ValueError, OSError, EOFError) as exc:
+            # a damaged or truncated chunk surfaces as a codec error deep in zarr / numcodecs
+            first = int(uniq[0]) if uniq.size else 0
+            raise InputError(
+                f"cannot read channel {name!r} near crop {first}: a chunk is damaged or truncated ({exc})",
+                path=self.store_path,
+            ) from exc
+
+    def _read_chunks(self, name: str, uniq: np.ndarray) -> np.ndarray:
         arr = self._zarr_arrays()[name]
         out = np.empty((uniq.size, self.size, self.size), dtype=arr.dtype)
         if uniq.size == 0:

@@ -1059,6 +1059,16 @@ class CropStoreWriter:
         return False
 
 
+def _describe(indices: Any) -> str:
+    """A short description of a crop selection for error messages."""
+    if isinstance(indices, slice):
+        return f"{indices.start or 0}:{'' if indices.stop is None else indices.stop}"
+    if isinstance(indices, int | np.integer):
+        return str(int(indices))
+    idx = np.asarray(indices).ravel()
+    return f"{idx[:3].tolist()}{'...' if idx.size > 3 else ''} ({idx.size} crops)"
+
+
 class CropStore:
     """A read-only crop store: ``<name>.zarr`` (one ``[N, S, S]`` array per channel) + ``<name>.csv``.
 
@@ -1274,6 +1284,15 @@ class CropStore:
         for name in names:
             if name not in self._channels:
                 raise InputError(f"no channel {name!r}; the store has {self._channels}", path=self._path)
+        try:
+            return self._read(indices, names)
+        except (RuntimeError, ValueError, OSError, EOFError) as exc:
+            # a damaged or truncated chunk surfaces as a codec error deep in zarr / numcodecs
+            raise InputError(
+                f"cannot read crops {_describe(indices)}: a chunk is damaged or truncated ({exc})", path=self._path
+            ) from exc
+
+    def _read(self, indices: int | slice | Sequence[int] | np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         n = self._n
         if isinstance(indices, slice):
             return {name: np.asarray(self._group[name][indices]) for name in names}
