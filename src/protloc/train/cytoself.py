@@ -57,6 +57,7 @@ from protloc.train.loop import (
     check_store_splits,
     infinite_loader,
     make_accelerator,
+    remove_stale_temporaries,
     seed_everything,
 )
 from protloc.train.loop import (
@@ -472,6 +473,11 @@ def train_cytoself(
     step = epoch = batch_in_epoch = images_seen = 0
     best_val, best_step, stopped_early = math.inf, -1, False
     metrics = MetricsLogger(run / METRICS_FILE)
+    if main:
+        remove_stale_temporaries(run)
+        if not resume and metrics.drop_after(-1):
+            # metrics of an earlier attempt that died before its first checkpoint: this run starts over
+            logger.info("cleared the metrics of an earlier attempt that never reached a checkpoint")
     if resume:
         load_model_weights(last_dir, model, strict=True)
         state = load_trainer_state(last_dir)

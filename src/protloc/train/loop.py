@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +32,7 @@ __all__ = [
     "MetricsLogger",
     "PlateauController",
     "check_resume_model",
+    "remove_stale_temporaries",
     "check_run_options",
     "check_run_dir",
     "check_store_splits",
@@ -424,6 +426,28 @@ def check_run_dir(run: Path, *, resume: bool) -> tuple[Path, Path]:
     elif last_dir.exists():
         raise InputError("the run folder already holds a run (last/); resume it or choose another folder", path=run)
     return last_dir, best_dir
+
+
+def remove_stale_temporaries(run: Path) -> list[str]:
+    """Delete what killed writes left in a run folder: ``.NAME.*.tmp`` and ``.NAME.old-PID`` entries.
+
+    Checkpoints and metrics are written to such temporary siblings and renamed into place (``protloc._fs``);
+    a process killed mid-write (SIGKILL, power loss) leaves them behind. Call it on the main process only.
+    Returns the names removed.
+    """
+    removed = []
+    if not run.is_dir():
+        return removed
+    for entry in run.iterdir():
+        if entry.name.startswith(".") and (entry.name.endswith(".tmp") or ".old-" in entry.name):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted write in %s", len(removed), run)
+    return removed
 
 
 def check_resume_model(last_dir: Path, model_config: Any, *, config_cls: type, model_cls: type) -> dict[str, Any]:
