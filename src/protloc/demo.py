@@ -221,6 +221,8 @@ def _scaled(cfg: dict[str, Any], scale: float) -> dict[str, Any]:
 
 def _train_models(out: Path, prepared: Path, config: DemoConfig, progress: bool) -> dict[str, Path]:
     """Train cytoself, both VQGANs and CELL-E from the shipped recipes (resuming a stopped run)."""
+    import yaml
+
     from protloc.config import load_config, save_config
     from protloc.train.celle import TrainCelleConfig, train_celle
     from protloc.train.cytoself import TrainCytoselfConfig, train_cytoself
@@ -250,8 +252,6 @@ def _train_models(out: Path, prepared: Path, config: DemoConfig, progress: bool)
         if (run_dir / "done.json").is_file():
             logger.info("train %s: finished before, reused", key)
             continue
-        import yaml
-
         recipe = _scaled(read_recipe(shipped)["training_config"], config.train_scale)
         recipe_path = train_dir / f"{key}.recipe.yaml"
         atomic_write_text(recipe_path, yaml.safe_dump(recipe, sort_keys=False))
