@@ -540,6 +540,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        shard_size=args.shard_size,
     )
     print(f"embeddings written to {path}")
     return 0
@@ -563,6 +564,8 @@ def _add_embed(subparsers) -> None:
     p.add_argument("--split", default=None, help="only this split (train/val/test)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--include-local", action="store_true", help="also store the full local representation")
+    p.add_argument("--shard-size", type=int, default=4096,
+                   help="crops per resumable shard: run the same command again after an interruption to continue")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_embed)

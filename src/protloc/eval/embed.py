@@ -7,6 +7,14 @@ the AnnData skeleton (``obs``, ``uns``) is written first, then the ``obsm`` arra
 chunked HDF5 datasets in AnnData's on-disk encoding and filled in place. The file is built under a
 temporary name and renamed when complete.
 
+Resuming: the encodings are first written in shards of ``shard_size`` crops to ``<out>.partial/``
+(each shard a ``.npz`` written atomically), with ``job.json`` recording what is being embedded (the
+weights' SHA-256, the store, its size, the split, the options). Run the same command again after an
+interruption (Ctrl-C, SIGKILL, a lost machine) and the finished shards are kept: the run continues
+with the first missing one. A shard never holds half a batch, so no row is lost or written twice. The
+``.h5ad`` is assembled from the shards at the end (one shard in memory at a time) and the partial
+folder removed. If the job changed (other weights, store or options) the partial folder is discarded.
+
 ``obsm`` keys:
 
 - ``global``: flattened global (VQ2) quantized representation, ``[N, C2 * H2 * W2]`` (9216 for the
@@ -19,9 +27,11 @@ temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +42,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from protloc._fs import atomic_path, check_overwrite
+from protloc._fs import atomic_path, atomic_write_json, check_overwrite
 from protloc.config import config_to_dict
 from protloc.data.io import CropStore
 from protloc.errors import InputError
@@ -93,8 +103,9 @@ def embed(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    shard_size: int = 4096,
 ) -> Path:
-    """Embed every crop of a crop store with a trained cytoself model.
+    """Embed every crop of a crop store with a trained cytoself model (resumable, see the module notes).
 
     Parameters
     ----------
@@ -116,6 +127,8 @@ def embed(
         Replace an existing output.
     progress
         Show a progress bar.
+    shard_size
+        Crops per resumable shard (rounded up to whole batches): the work an interruption can lose.
 
     Returns
     -------
@@ -171,25 +184,91 @@ def embed(
     }
     adata = ad.AnnData(obs=sub, uns=uns)
     n = len(rows)
+    per_shard = max(1, -(-int(shard_size) // batch_size)) * batch_size
+    partial = out.with_name(out.name + ".partial")
+    job = {
+        "weights_sha256": _weights_digest(checkpoint),
+        "store": str(Path(crops.path).resolve()),
+        "store_crops": len(obs),
+        "split": split,
+        "rows": n,
+        "batch_size": batch_size,
+        "shard": per_shard,
+        "keys": sorted(shapes),
+    }
+    _open_partial(partial, job)
+    shards = [(start, min(n, start + per_shard)) for start in range(0, n, per_shard)]
+    done = sum(b - a for a, b in shards if (partial / _shard_name(a)).is_file())
+    if done:
+        logger.info("resuming: %d of %d crops were embedded before (%s)", done, n, partial)
+    bar = tqdm(total=n, initial=done, desc="embed", unit="crop", disable=not progress, dynamic_ncols=True)
+    with torch.inference_mode():
+        for a, b in shards:
+            if (partial / _shard_name(a)).is_file():
+                continue
+            parts: dict[str, list[np.ndarray]] = {k: [] for k in shapes}
+            for start in range(a, b, batch_size):
+                idx = rows[start : min(b, start + batch_size)]
+                enc = model.encode(_batch(crops, idx, cfg.channels, dev))
+                parts["global"].append(enc.q2.flatten(1).float().cpu().numpy())
+                parts["global_indices"].append(enc.idx2.flatten(1).cpu().numpy().astype(np.int16))
+                parts["local_indices"].append(enc.idx1.flatten(1).cpu().numpy().astype(np.int16))
+                if include_local:
+                    parts["local"].append(enc.q1.flatten(1).float().cpu().numpy())
+                bar.update(len(idx))
+            with atomic_path(partial / _shard_name(a)) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **{k: np.concatenate(v) for k, v in parts.items()})
+    bar.close()
     with atomic_path(out) as tmp:
         adata.write_h5ad(tmp)
         with h5py.File(tmp, "r+") as f:
             dsets = {k: _create_obsm(f, k, (n, d), dt, batch_size) for k, (d, dt) in shapes.items()}
-            bar = tqdm(total=n, desc="embed", unit="crop", disable=not progress)
-            with torch.inference_mode():
-                for start in range(0, n, batch_size):
-                    idx = rows[start : start + batch_size]
-                    enc = model.encode(_batch(crops, idx, cfg.channels, dev))
-                    stop = start + len(idx)
-                    dsets["global"][start:stop] = enc.q2.flatten(1).float().cpu().numpy()
-                    dsets["global_indices"][start:stop] = enc.idx2.flatten(1).cpu().numpy().astype(np.int16)
-                    dsets["local_indices"][start:stop] = enc.idx1.flatten(1).cpu().numpy().astype(np.int16)
-                    if include_local:
-                        dsets["local"][start:stop] = enc.q1.flatten(1).float().cpu().numpy()
-                    bar.update(len(idx))
-            bar.close()
+            for a, b in shards:
+                with np.load(partial / _shard_name(a)) as shard:
+                    for k in shapes:
+                        block = shard[k]
+                        if block.shape[0] != b - a:
+                            raise InputError(f"shard {_shard_name(a)} holds {block.shape[0]} rows, not {b - a}",
+                                             path=partial)  # fmt: skip
+                        dsets[k][a:b] = block
+    shutil.rmtree(partial, ignore_errors=True)
     logger.info("embedded %d crops into %s", n, out)
     return Path(out)
+
+
+def _shard_name(start: int) -> str:
+    return f"shard-{start:012d}.npz"
+
+
+def _weights_digest(checkpoint: str | os.PathLike) -> str:
+    path = Path(checkpoint)
+    for cand in (path / "model.safetensors", path / "best" / "model.safetensors", path / "last" / "model.safetensors"):
+        if cand.is_file():
+            h = hashlib.sha256()
+            with open(cand, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            return h.hexdigest()
+    return ""
+
+
+def _open_partial(partial: Path, job: dict[str, Any]) -> None:
+    """Keep the shards of an interrupted run of the same job; start over for any other job."""
+    meta = partial / "job.json"
+    if partial.is_dir():
+        try:
+            before = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before == json.loads(json.dumps(job)):
+            for stale in partial.glob(".*.tmp"):  # a shard whose write was cut off
+                stale.unlink(missing_ok=True)
+            return
+        logger.warning("discarding %s: it belongs to another embedding job", partial)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    atomic_write_json(meta, job)
 
 
 def _batch(store: CropStore, rows: np.ndarray, channels: tuple[str, ...], device: torch.device) -> torch.Tensor:
