@@ -1198,7 +1198,13 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     root = logging.getLogger("protloc")
     root.setLevel(level)
-    if not any(getattr(h, "_protloc", False) for h in root.handlers):
+    for h in root.handlers:
+        if getattr(h, "_protloc", False):
+            # main() may run many times in one process (tests, notebooks): write to today's stderr
+            # (not setStream: it flushes the old stream, which may be closed by now)
+            h.stream = sys.stderr  # type: ignore[attr-defined]
+            break
+    else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._protloc = True  # type: ignore[attr-defined]

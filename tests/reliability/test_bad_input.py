@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -224,10 +225,13 @@ CASES = [
 def test_bad_input_is_one_clear_line_and_changes_nothing(ws: Path, argv: list[str], pattern: str, capsys) -> None:
     before = _digest(ws)
     rc = main(["-q", *[a.format(w=ws) for a in argv]])
-    err = capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
-    assert len(err) == 1 and err[0].startswith("protloc: error: "), err
-    assert __import__("re").search(pattern, err[0]), err[0]
+    # one error line, last; warnings logged on the way (e.g. "no sequences given") may precede it
+    errors = [line for line in lines if line.startswith("protloc: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    assert all(line.startswith(("WARNING ", "protloc: error: ")) for line in lines), lines  # no traceback
+    assert re.search(pattern, errors[0]), errors[0]
     assert _digest(ws) == before  # nothing written, changed or left behind (no temporary folders either)
 
 
