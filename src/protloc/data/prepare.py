@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -35,8 +37,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from protloc._fs import atomic_dir, check_overwrite
-from protloc.config import save_config
+from protloc._fs import atomic_dir, atomic_path, atomic_write_text, check_overwrite
+from protloc.config import config_to_dict, save_config
 from protloc.data.io import CropStore, read_table, write_table
 from protloc.data.opencell import read_fov
 from protloc.data.preprocess import FovCrops, PrepareParams, process_fov
@@ -386,6 +388,91 @@ def _iter_results(items: list, workers: int) -> Iterator[tuple[int, FovCrops, in
         yield from pool.map(_process_one, items, chunksize=1)
 
 
+# ------------------------------------------------------------------------------------------- resuming
+# The expensive part of prepare is per field of view (reading, segmentation, cropping). Each field's
+# result is kept in <out>.partial/fov-<index>.npz, written atomically, so a run that is interrupted
+# (Ctrl-C, SIGKILL, a lost machine) and started again with the same inputs only processes the fields it
+# had not finished; the stores are then written from the kept results, in table order, exactly as an
+# uninterrupted run writes them. job.json fingerprints the inputs: the table, every image's size and
+# modification time, the sequences and the configuration; any change discards the kept results.
+
+
+def _fingerprint(fov_table: Path, fovs: pd.DataFrame, seqs: Mapping[str, str] | None, cfg: PrepareConfig) -> str:
+    h = hashlib.sha256()
+    h.update(fov_table.read_bytes())
+    for path in fovs["path"].astype(str):
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    h.update(json.dumps(sorted((seqs or {}).items())).encode())
+    h.update(json.dumps(config_to_dict(cfg), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _shard(partial: Path, index: int) -> Path:
+    return partial / f"fov-{index:07d}.npz"
+
+
+def _open_partial(partial: Path, fingerprint: str) -> int:
+    """Keep the results of an interrupted run of the same job (returns how many); else start over."""
+    job = partial / "job.json"
+    if partial.is_dir():
+        try:
+            same = json.loads(job.read_text()).get("fingerprint") == fingerprint
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if same:
+            for stale in partial.glob(".*.tmp"):  # a result whose write was cut off
+                stale.unlink(missing_ok=True)
+            return len(list(partial.glob("fov-*.npz")))
+        logger.warning("discarding %s: it holds results of other inputs or settings", partial)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    atomic_write_text(job, json.dumps({"fingerprint": fingerprint}) + "\n")
+    return 0
+
+
+def _save_shard(path: Path, crops: FovCrops, n_nuclei: int) -> None:
+    arrays = {"n_nuclei": np.asarray(n_nuclei), "cytoself_centres": crops.cytoself_centres,
+              "celle_centres": crops.celle_centres}  # fmt: skip
+    arrays.update({f"cytoself.{k}": v for k, v in crops.cytoself.items()})
+    arrays.update({f"celle.{k}": v for k, v in crops.celle.items()})
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def _load_shard(path: Path) -> tuple[FovCrops, int]:
+    with np.load(path) as z:
+        crops = FovCrops(
+            labels=np.zeros((0, 0), dtype=np.int32),
+            cytoself={k.split(".", 1)[1]: z[k] for k in z.files if k.startswith("cytoself.")},
+            cytoself_centres=z["cytoself_centres"],
+            celle={k.split(".", 1)[1]: z[k] for k in z.files if k.startswith("celle.")},
+            celle_centres=z["celle_centres"],
+        )
+        return crops, int(z["n_nuclei"])
+
+
+def _iter_resumable(items: list, workers: int, partial: Path) -> Iterator[tuple[int, FovCrops, int]]:
+    """Every field's result in table order: kept ones from disk, the others computed (and kept)."""
+    todo = [it for it in items if not _shard(partial, it[0]).is_file()]
+    computed = _iter_results(todo, workers)
+    for item in items:
+        index = item[0]
+        path = _shard(partial, index)
+        if path.is_file():
+            crops, n_nuclei = _load_shard(path)
+            yield index, crops, n_nuclei
+            continue
+        got, crops, n_nuclei = next(computed)
+        assert got == index  # both walk the table in order
+        _save_shard(path, crops, n_nuclei)
+        yield index, crops, n_nuclei
+
+
 def _obs(
     centres: np.ndarray, *, start: int, row: pd.Series, split: str, label: str | None
 ) -> pd.DataFrame:
@@ -476,6 +563,10 @@ def prepare(
     celle_channels = {k: (dt if v == "float32" else v) for k, v in CELLE_CHANNELS.items()}
     fov_stats = []
     n_done = {"cytoself": 0, "celle": 0}
+    partial = out.with_name(out.name + ".partial")
+    kept = _open_partial(partial, _fingerprint(fov_table, fovs, seqs, cfg))
+    if kept:
+        logger.info("resuming: %d of %d fields of view were processed before (%s)", kept, len(items), partial)
     with atomic_dir(out) as tmp:
         # the stores are finalised (renamed into tmp) when the ExitStack closes; any error inside
         # removes them and atomic_dir removes tmp, so a failed run leaves nothing behind
@@ -495,7 +586,7 @@ def prepare(
                     )
                 )
             bar = stack.enter_context(tqdm(total=len(items), desc="prepare", unit="fov", disable=not progress))
-            for index, crops, n_nuclei in _iter_results(items, workers):
+            for index, crops, n_nuclei in _iter_resumable(items, workers, partial):
                 row = fovs.iloc[index]
                 label = labels.iloc[index] if labels is not None else None
                 stat = {"fov_id": row["fov_id"], "protein_id": row["protein_id"], "n_nuclei": n_nuclei}
@@ -538,6 +629,7 @@ def prepare(
                 counts = fov_df.groupby(split_col)[col].sum().to_dict()
                 summary[f"{name}_split"] = {k: int(counts.get(k, 0)) for k in SPLIT_NAMES if k in counts}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(partial, ignore_errors=True)
     logger.info("prepared %d fields of view into %s", len(fovs), out)
     return summary
 
