@@ -106,6 +106,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        resume=not args.no_resume,
     )
     _print_table("prepared", summary)
     return 0
@@ -136,6 +137,8 @@ def _add_prepare(subparsers) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. params.sigma=1.5")
     p.add_argument("--workers", type=int, default=1, help="worker processes over fields of view")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-resume", action="store_true",
+                   help="keep no per-field results in OUT.partial (saves temporary disk; an interrupted run restarts)")
     p.set_defaults(func=_cmd_prepare)
 
 

@@ -125,3 +125,19 @@ def test_sigkill_with_two_workers_then_the_same_command_resumes(tmp_path: Path) 
     assert done.returncode == 0, done.stderr[-2000:]
     assert not partial.exists()
     _same(out, tmp_path / "ref")
+
+
+def test_no_resume_keeps_nothing(world, tmp_path, monkeypatch) -> None:
+    table, ref = world
+    real, calls = prepare_mod._process_one, {"n": 0}
+
+    def flaky(item):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(item)
+
+    monkeypatch.setattr(prepare_mod, "_process_one", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(table, tmp_path / "prep", sequences=table.parent / "seqs.fasta", resume=False, **ARGS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

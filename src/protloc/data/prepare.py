@@ -500,6 +500,7 @@ def prepare(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Preprocess fields of view into crop stores and manifests.
 
@@ -521,6 +522,10 @@ def prepare(
         Replace an existing ``out``.
     progress
         Show a progress bar.
+    resume
+        Keep every field's crops in ``<out>.partial/`` until the stores are written, so that the same call
+        after an interruption continues where it stopped. Needs about the stores' size again in temporary
+        disk space; ``False`` keeps nothing (an interrupted run starts over).
 
     Returns
     -------
@@ -564,7 +569,7 @@ def prepare(
     fov_stats = []
     n_done = {"cytoself": 0, "celle": 0}
     partial = out.with_name(out.name + ".partial")
-    kept = _open_partial(partial, _fingerprint(fov_table, fovs, seqs, cfg))
+    kept = _open_partial(partial, _fingerprint(fov_table, fovs, seqs, cfg)) if resume else 0
     if kept:
         logger.info("resuming: %d of %d fields of view were processed before (%s)", kept, len(items), partial)
     with atomic_dir(out) as tmp:
@@ -586,7 +591,8 @@ def prepare(
                     )
                 )
             bar = stack.enter_context(tqdm(total=len(items), desc="prepare", unit="fov", disable=not progress))
-            for index, crops, n_nuclei in _iter_resumable(items, workers, partial):
+            results = _iter_resumable(items, workers, partial) if resume else _iter_results(items, workers)
+            for index, crops, n_nuclei in results:
                 row = fovs.iloc[index]
                 label = labels.iloc[index] if labels is not None else None
                 stat = {"fov_id": row["fov_id"], "protein_id": row["protein_id"], "n_nuclei": n_nuclei}
