@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -16,9 +17,19 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from protloc.errors import InputError
+from protloc.errors import InputError, ProtlocError
 
-__all__ = ["atomic_path", "atomic_dir", "atomic_write_json", "atomic_write_text", "check_overwrite", "json_ready"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "atomic_path",
+    "atomic_dir",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_overwrite",
+    "json_ready",
+    "resumable_dir",
+]
 
 
 def _umask() -> int:
@@ -120,3 +131,42 @@ def json_ready(obj: Any) -> Any:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented, strict JSON (see :func:`json_ready`) atomically."""
     return atomic_write_text(path, json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def resumable_dir(partial: str | os.PathLike, job: Mapping[str, Any], *, kind: str) -> Iterator[Path]:
+    """A folder of work kept between attempts of one resumable job (``protloc prepare`` / ``embed``).
+
+    On entry, a ``partial`` folder whose ``job.json`` equals ``job`` is kept as it is (minus the
+    temporaries of writes that were cut off), and any other is discarded and started afresh. On success
+    the folder is removed. An interruption (Ctrl-C, a crash, SIGKILL) keeps it, so the same call continues
+    where it stopped. A user error (:class:`~protloc.errors.ProtlocError`, e.g. a corrupt image met
+    half-way) removes a folder this call created -- fixing the input changes the job, so its work could
+    not be reused -- and leaves one it resumed as it found it apart from any results added. ``kind``
+    names the job in the log ("embedding", "prepare").
+    """
+    partial = Path(partial)
+    meta = partial / "job.json"
+    want = json_ready(job)
+    created = True
+    if partial.is_dir():
+        try:
+            created = json.loads(meta.read_text()) != want
+        except (OSError, ValueError):
+            pass
+        if created:
+            logger.warning("discarding %s: it belongs to another %s job (other inputs or settings)", partial, kind)
+            shutil.rmtree(partial)
+        else:
+            for stale in partial.glob(".*.tmp"):  # a result whose write was cut off
+                stale.unlink(missing_ok=True)
+    if created:
+        partial.mkdir(parents=True)
+        atomic_write_json(meta, want)
+    try:
+        yield partial
+    except ProtlocError:
+        if created:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(partial, ignore_errors=True)

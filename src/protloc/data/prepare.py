@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from protloc._fs import atomic_dir, atomic_path, atomic_write_text, check_overwrite
+from protloc._fs import atomic_dir, atomic_path, check_overwrite, resumable_dir
 from protloc.config import config_to_dict, save_config
 from protloc.data.io import CropStore, read_table, write_table
 from protloc.data.opencell import read_fov
@@ -415,25 +415,6 @@ def _shard(partial: Path, index: int) -> Path:
     return partial / f"fov-{index:07d}.npz"
 
 
-def _open_partial(partial: Path, fingerprint: str) -> int:
-    """Keep the results of an interrupted run of the same job (returns how many); else start over."""
-    job = partial / "job.json"
-    if partial.is_dir():
-        try:
-            same = json.loads(job.read_text()).get("fingerprint") == fingerprint
-        except (OSError, ValueError, AttributeError):
-            same = False
-        if same:
-            for stale in partial.glob(".*.tmp"):  # a result whose write was cut off
-                stale.unlink(missing_ok=True)
-            return len(list(partial.glob("fov-*.npz")))
-        logger.warning("discarding %s: it holds results of other inputs or settings", partial)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    atomic_write_text(job, json.dumps({"fingerprint": fingerprint}) + "\n")
-    return 0
-
-
 def _save_shard(path: Path, crops: FovCrops, n_nuclei: int) -> None:
     arrays = {"n_nuclei": np.asarray(n_nuclei), "cytoself_centres": crops.cytoself_centres,
               "celle_centres": crops.celle_centres}  # fmt: skip
@@ -569,73 +550,75 @@ def prepare(
     fov_stats = []
     n_done = {"cytoself": 0, "celle": 0}
     partial = out.with_name(out.name + ".partial")
-    kept = _open_partial(partial, _fingerprint(fov_table, fovs, seqs, cfg)) if resume else 0
-    if kept:
-        logger.info("resuming: %d of %d fields of view were processed before (%s)", kept, len(items), partial)
-    with atomic_dir(out) as tmp:
-        # the stores are finalised (renamed into tmp) when the ExitStack closes; any error inside
-        # removes them and atomic_dir removes tmp, so a failed run leaves nothing behind
-        with contextlib.ExitStack() as stack:
-            stores = {}
-            if do_cytoself:
-                stores["cytoself"] = stack.enter_context(
-                    CropStore.create(
-                        tmp / "cytoself.zarr", channels=cyto_channels, size=cfg.params.cytoself_size,
-                        chunk=cfg.chunk,
+    job = {"fingerprint": _fingerprint(fov_table, fovs, seqs, cfg)}
+    with resumable_dir(partial, job, kind="prepare") if resume else contextlib.nullcontext():
+        kept = len(list(partial.glob("fov-*.npz"))) if resume else 0
+        if kept:
+            logger.info("resuming: %d of %d fields of view were processed before (%s)", kept, len(items), partial)
+        with atomic_dir(out) as tmp:
+            # the stores are finalised (renamed into tmp) when the ExitStack closes; any error inside
+            # removes them and atomic_dir removes tmp, so a failed run leaves nothing behind
+            with contextlib.ExitStack() as stack:
+                stores = {}
+                if do_cytoself:
+                    stores["cytoself"] = stack.enter_context(
+                        CropStore.create(
+                            tmp / "cytoself.zarr", channels=cyto_channels, size=cfg.params.cytoself_size,
+                            chunk=cfg.chunk,
+                        )
                     )
-                )
-            if do_celle:
-                stores["celle"] = stack.enter_context(
-                    CropStore.create(
-                        tmp / "celle.zarr", channels=celle_channels, size=cfg.params.celle_size, chunk=cfg.chunk
+                if do_celle:
+                    stores["celle"] = stack.enter_context(
+                        CropStore.create(
+                            tmp / "celle.zarr", channels=celle_channels, size=cfg.params.celle_size, chunk=cfg.chunk
+                        )
                     )
-                )
-            bar = stack.enter_context(tqdm(total=len(items), desc="prepare", unit="fov", disable=not progress))
-            results = _iter_resumable(items, workers, partial) if resume else _iter_results(items, workers)
-            for index, crops, n_nuclei in results:
-                row = fovs.iloc[index]
-                label = labels.iloc[index] if labels is not None else None
-                stat = {"fov_id": row["fov_id"], "protein_id": row["protein_id"], "n_nuclei": n_nuclei}
-                for name, split_spec, centres, arrays in (
-                    ("cytoself", cyto_split, crops.cytoself_centres, crops.cytoself),
-                    ("celle", celle_split, crops.celle_centres, crops.celle),
-                ):
-                    if name not in stores:
-                        continue
-                    mapping, key = split_spec
-                    split = mapping[str(row[key])]
-                    start = n_done[name]
-                    obs = _obs(centres, start=start, row=row, split=split, label=label)
-                    if len(obs):
-                        stores[name].append(arrays, obs)
-                    n_done[name] += len(obs)
-                    stat.update({f"n_{name}": len(obs), f"{name}_split": split})
-                if n_nuclei == 0:
-                    logger.warning("%s: no nuclei found", row["path"])
-                fov_stats.append(stat)
-                bar.update(1)
+                bar = stack.enter_context(tqdm(total=len(items), desc="prepare", unit="fov", disable=not progress))
+                results = _iter_resumable(items, workers, partial) if resume else _iter_results(items, workers)
+                for index, crops, n_nuclei in results:
+                    row = fovs.iloc[index]
+                    label = labels.iloc[index] if labels is not None else None
+                    stat = {"fov_id": row["fov_id"], "protein_id": row["protein_id"], "n_nuclei": n_nuclei}
+                    for name, split_spec, centres, arrays in (
+                        ("cytoself", cyto_split, crops.cytoself_centres, crops.cytoself),
+                        ("celle", celle_split, crops.celle_centres, crops.celle),
+                    ):
+                        if name not in stores:
+                            continue
+                        mapping, key = split_spec
+                        split = mapping[str(row[key])]
+                        start = n_done[name]
+                        obs = _obs(centres, start=start, row=row, split=split, label=label)
+                        if len(obs):
+                            stores[name].append(arrays, obs)
+                        n_done[name] += len(obs)
+                        stat.update({f"n_{name}": len(obs), f"{name}_split": split})
+                    if n_nuclei == 0:
+                        logger.warning("%s: no nuclei found", row["path"])
+                    fov_stats.append(stat)
+                    bar.update(1)
 
-        fov_df = pd.DataFrame(fov_stats)
-        write_table(fov_df, tmp / "fovs.csv")
-        prot = _protein_table(fovs, fov_df, seqs, cyto_split, celle_split)
-        write_table(prot, tmp / "proteins.csv")
-        if seqs is not None:
-            write_fasta(tmp / "sequences.fasta", seqs)
-        save_config(cfg, tmp / "config.yaml")
-        summary = {
-            "fovs": len(fovs),
-            "proteins": int(fovs["protein_id"].nunique()),
-            "nuclei": int(fov_df["n_nuclei"].sum()) if len(fov_df) else 0,
-            "cytoself_crops": n_done["cytoself"],
-            "celle_crops": n_done["celle"],
-        }
-        for name, col in (("cytoself", "n_cytoself"), ("celle", "n_celle")):
-            if col in fov_df.columns:
-                split_col = f"{name}_split"
-                counts = fov_df.groupby(split_col)[col].sum().to_dict()
-                summary[f"{name}_split"] = {k: int(counts.get(k, 0)) for k in SPLIT_NAMES if k in counts}
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(partial, ignore_errors=True)
+            fov_df = pd.DataFrame(fov_stats)
+            write_table(fov_df, tmp / "fovs.csv")
+            prot = _protein_table(fovs, fov_df, seqs, cyto_split, celle_split)
+            write_table(prot, tmp / "proteins.csv")
+            if seqs is not None:
+                write_fasta(tmp / "sequences.fasta", seqs)
+            save_config(cfg, tmp / "config.yaml")
+            summary = {
+                "fovs": len(fovs),
+                "proteins": int(fovs["protein_id"].nunique()),
+                "nuclei": int(fov_df["n_nuclei"].sum()) if len(fov_df) else 0,
+                "cytoself_crops": n_done["cytoself"],
+                "celle_crops": n_done["celle"],
+            }
+            for name, col in (("cytoself", "n_cytoself"), ("celle", "n_celle")):
+                if col in fov_df.columns:
+                    split_col = f"{name}_split"
+                    counts = fov_df.groupby(split_col)[col].sum().to_dict()
+                    summary[f"{name}_split"] = {k: int(counts.get(k, 0)) for k in SPLIT_NAMES if k in counts}
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(partial, ignore_errors=True)  # also a --no-resume run's stale leftovers of an earlier one
     logger.info("prepared %d fields of view into %s", len(fovs), out)
     return summary
 

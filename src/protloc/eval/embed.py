@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from protloc._fs import atomic_path, atomic_write_json, check_overwrite
+from protloc._fs import atomic_path, check_overwrite, resumable_dir
 from protloc.config import config_to_dict
 from protloc.data.io import CropStore
 from protloc.errors import InputError
@@ -196,43 +195,42 @@ def embed(
         "shard": per_shard,
         "keys": sorted(shapes),
     }
-    _open_partial(partial, job)
-    shards = [(start, min(n, start + per_shard)) for start in range(0, n, per_shard)]
-    done = sum(b - a for a, b in shards if (partial / _shard_name(a)).is_file())
-    if done:
-        logger.info("resuming: %d of %d crops were embedded before (%s)", done, n, partial)
-    bar = tqdm(total=n, initial=done, desc="embed", unit="crop", disable=not progress, dynamic_ncols=True)
-    with torch.inference_mode():
-        for a, b in shards:
-            if (partial / _shard_name(a)).is_file():
-                continue
-            parts: dict[str, list[np.ndarray]] = {k: [] for k in shapes}
-            for start in range(a, b, batch_size):
-                idx = rows[start : min(b, start + batch_size)]
-                enc = model.encode(_batch(crops, idx, cfg.channels, dev))
-                parts["global"].append(enc.q2.flatten(1).float().cpu().numpy())
-                parts["global_indices"].append(enc.idx2.flatten(1).cpu().numpy().astype(np.int16))
-                parts["local_indices"].append(enc.idx1.flatten(1).cpu().numpy().astype(np.int16))
-                if include_local:
-                    parts["local"].append(enc.q1.flatten(1).float().cpu().numpy())
-                bar.update(len(idx))
-            with atomic_path(partial / _shard_name(a)) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, **{k: np.concatenate(v) for k, v in parts.items()})
-    bar.close()
-    with atomic_path(out) as tmp:
-        adata.write_h5ad(tmp)
-        with h5py.File(tmp, "r+") as f:
-            dsets = {k: _create_obsm(f, k, (n, d), dt, batch_size) for k, (d, dt) in shapes.items()}
+    with resumable_dir(partial, job, kind="embedding"):
+        shards = [(start, min(n, start + per_shard)) for start in range(0, n, per_shard)]
+        done = sum(b - a for a, b in shards if (partial / _shard_name(a)).is_file())
+        if done:
+            logger.info("resuming: %d of %d crops were embedded before (%s)", done, n, partial)
+        bar = tqdm(total=n, initial=done, desc="embed", unit="crop", disable=not progress, dynamic_ncols=True)
+        with torch.inference_mode():
             for a, b in shards:
-                with np.load(partial / _shard_name(a)) as shard:
-                    for k in shapes:
-                        block = shard[k]
-                        if block.shape[0] != b - a:
-                            raise InputError(f"shard {_shard_name(a)} holds {block.shape[0]} rows, not {b - a}",
-                                             path=partial)  # fmt: skip
-                        dsets[k][a:b] = block
-    shutil.rmtree(partial, ignore_errors=True)
+                if (partial / _shard_name(a)).is_file():
+                    continue
+                parts: dict[str, list[np.ndarray]] = {k: [] for k in shapes}
+                for start in range(a, b, batch_size):
+                    idx = rows[start : min(b, start + batch_size)]
+                    enc = model.encode(_batch(crops, idx, cfg.channels, dev))
+                    parts["global"].append(enc.q2.flatten(1).float().cpu().numpy())
+                    parts["global_indices"].append(enc.idx2.flatten(1).cpu().numpy().astype(np.int16))
+                    parts["local_indices"].append(enc.idx1.flatten(1).cpu().numpy().astype(np.int16))
+                    if include_local:
+                        parts["local"].append(enc.q1.flatten(1).float().cpu().numpy())
+                    bar.update(len(idx))
+                with atomic_path(partial / _shard_name(a)) as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.savez(fh, **{k: np.concatenate(v) for k, v in parts.items()})
+        bar.close()
+        with atomic_path(out) as tmp:
+            adata.write_h5ad(tmp)
+            with h5py.File(tmp, "r+") as f:
+                dsets = {k: _create_obsm(f, k, (n, d), dt, batch_size) for k, (d, dt) in shapes.items()}
+                for a, b in shards:
+                    with np.load(partial / _shard_name(a)) as shard:
+                        for k in shapes:
+                            block = shard[k]
+                            if block.shape[0] != b - a:
+                                raise InputError(f"shard {_shard_name(a)} holds {block.shape[0]} rows, not {b - a}",
+                                                 path=partial)  # fmt: skip
+                            dsets[k][a:b] = block
     logger.info("embedded %d crops into %s", n, out)
     return Path(out)
 
@@ -251,24 +249,6 @@ def _weights_digest(checkpoint: str | os.PathLike) -> str:
                     h.update(block)
             return h.hexdigest()
     return ""
-
-
-def _open_partial(partial: Path, job: dict[str, Any]) -> None:
-    """Keep the shards of an interrupted run of the same job; start over for any other job."""
-    meta = partial / "job.json"
-    if partial.is_dir():
-        try:
-            before = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            before = None
-        if before == json.loads(json.dumps(job)):
-            for stale in partial.glob(".*.tmp"):  # a shard whose write was cut off
-                stale.unlink(missing_ok=True)
-            return
-        logger.warning("discarding %s: it belongs to another embedding job", partial)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    atomic_write_json(meta, job)
 
 
 def _batch(store: CropStore, rows: np.ndarray, channels: tuple[str, ...], device: torch.device) -> torch.Tensor:
