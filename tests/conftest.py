@@ -1,7 +1,8 @@
 """Fixtures for every test.
 
 Tests run single-threaded: their tiny models gain nothing from intra-op threads, and on a busy 2-core
-machine OpenMP threads waiting on each other made training steps 10x slower or worse.
+machine OpenMP threads waiting on each other made training steps 10x slower or worse. ``celle_inputs``
+is a tiny CELL-E store with untrained tokenizers (smoke and reliability tests train on it).
 """
 
 from __future__ import annotations
@@ -10,8 +11,15 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
+
+from protloc.data.io import CropStore
+from protloc.data.sequences import write_fasta
+from protloc.models.vqgan import VQGAN, VQGANConfig
+from protloc.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +44,42 @@ def write_tiny_esm2() -> Callable[[Path], torch.nn.Module]:
         return model
 
     return write
+
+
+#: Image side and residue window of the shared tiny CELL-E.
+CELLE_S = 32
+CELLE_MAX_RESIDUES = 16
+
+
+def _make_celle_store(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    n = 12
+    yy, xx = np.mgrid[:CELLE_S, :CELLE_S]
+    centres = rng.uniform(10, 22, size=(n, 2))
+    nucleus = np.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 40.0)
+    protein = np.clip(rng.random((n, CELLE_S, CELLE_S)) * (0.3 + 0.7 * nucleus), 0, 1)
+    threshold = (protein >= protein.mean(axis=(1, 2), keepdims=True)).astype(np.uint8)
+    obs = pd.DataFrame({"protein_id": [f"P{i % 3}" for i in range(n)], "split": ["train"] * 8 + ["val"] * 4})
+    channels = {"nucleus": "float16", "protein": "float16", "threshold": "uint8"}
+    with CropStore.create(path, channels=channels, size=CELLE_S, chunk=4) as writer:
+        writer.append({"nucleus": nucleus, "protein": protein, "threshold": threshold}, obs)
+    write_fasta(path.parent / "sequences.fasta", {"P0": "MKTAYIAKQRQ", "P1": "PKKKRKV" * 3, "P2": "ACDEFGHIKLMNPQ"})
+    return path
+
+
+def _celle_tokenizer(path: Path, kind: str, seed: int) -> Path:
+    torch.manual_seed(seed)
+    cfg = VQGANConfig.tiny().replace(image_size=CELLE_S)  # 4 x 4 tokens, 128 codes
+    save_checkpoint(path, model=VQGAN(cfg), config=cfg, extra={"kind": kind, "step": 0})
+    return path
+
+
+@pytest.fixture(scope="session")
+def celle_inputs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny CELL-E store (``CELLE_S`` px, 12 crops of 3 proteins) and untrained tiny tokenizers."""
+    root = tmp_path_factory.mktemp("celle_inputs")
+    return {
+        "store": _make_celle_store(root / "celle.zarr"),
+        "nucleus": _celle_tokenizer(root / "vq_n", "nucleus", 0),
+        "threshold": _celle_tokenizer(root / "vq_t", "threshold", 1),
+    }

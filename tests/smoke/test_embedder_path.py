@@ -12,8 +12,8 @@ from protloc.errors import InputError
 from protloc.train.celle import TrainCelleConfig, train_celle
 from protloc.workflows import run_predict
 
-S = 32  # CELLE_S of conftest.py
-MAX_RESIDUES = 16  # CELLE_MAX_RESIDUES of conftest.py
+S = 32  # CELLE_S of tests/conftest.py
+MAX_RESIDUES = 16  # CELLE_MAX_RESIDUES of tests/conftest.py
 
 
 def test_moved_esm2_weights(tmp_path: Path, celle_inputs, write_tiny_esm2, capsys) -> None:

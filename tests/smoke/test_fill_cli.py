@@ -12,7 +12,7 @@ import pytest
 from protloc.cli import main
 from protloc.data.sequences import read_fasta
 
-S = 32  # the shared celle_inputs fixture (conftest.py): CELLE_S
+S = 32  # the shared celle_inputs fixture (tests/conftest.py): CELLE_S
 
 
 @pytest.fixture(scope="module")

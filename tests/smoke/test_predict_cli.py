@@ -11,8 +11,8 @@ import pytest
 from protloc.cli import main
 from protloc.data.io import read_png
 
-S = 32  # the shared celle_run_dir fixture (conftest.py): CELLE_S
-MAX_RESIDUES = 16  # and CELLE_MAX_RESIDUES
+S = 32  # the shared celle_run_dir fixture (smoke/conftest.py, image_size 32)
+MAX_RESIDUES = 16  # and its max_residues
 QUERIES = {  # FASTA header -> sequence
     "sp|P1|NLS_TEST": "MPKKKRKVEDA",
     "P2 a long one": "ACDEFGHIKLMNPQRSTVWY" * 2,  # 40 residues > 16: N-terminal window, no end token

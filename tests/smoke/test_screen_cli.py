@@ -14,8 +14,8 @@ from protloc.analysis.screens import SCREEN_COLUMNS
 from protloc.cli import main
 from protloc.data.io import read_png
 
-S = 32  # the shared celle_run_dir fixture (conftest.py): CELLE_S
-MAX_RESIDUES = 16  # and CELLE_MAX_RESIDUES
+S = 32  # the shared celle_run_dir fixture (smoke/conftest.py, image_size 32)
+MAX_RESIDUES = 16  # and its max_residues
 WT = "MKTAYIAKQRQ"  # 11 residues: fits the 16-residue window with its end token
 LONG = "ACDEFGHIKLMNPQRSTVWY" * 2  # 40 residues: only 1-16 reach the model
 

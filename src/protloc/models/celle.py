@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -797,17 +797,49 @@ class Celle(nn.Module):
         return ranks < n_mask[:, None]
 
     @staticmethod
-    def _ce(logits: Tensor, target: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy and accuracy over the valid entries (``logits [..., C]``)."""
+    def _ce(
+        logits: Tensor, target: Tensor, valid: Tensor | None = None, denominator: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Cross-entropy and accuracy over the valid entries (``logits [..., C]``): means, or sums divided
+        by ``denominator`` when one is given."""
         if valid is not None:
             logits, target = logits[valid], target[valid]
         else:
             logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
-        loss = F.cross_entropy(logits.float(), target)
-        acc = (logits.argmax(-1) == target).float().mean()
+        if denominator is None:
+            loss = F.cross_entropy(logits.float(), target)
+            acc = (logits.argmax(-1) == target).float().mean()
+        else:
+            loss = F.cross_entropy(logits.float(), target, reduction="sum") / denominator
+            acc = (logits.argmax(-1) == target).float().sum() / denominator
         return loss, acc.detach()
 
-    def loss(self, batch: dict[str, Tensor], *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    @staticmethod
+    def _denominators(
+        counts: dict[str, Tensor | int], count_reducer: Callable[[Tensor], Tensor] | None, device: torch.device
+    ) -> tuple[dict[str, Tensor | None], dict[str, bool]]:
+        """Per-segment divisors of the summed cross-entropy and whether each segment has a term.
+
+        Without ``count_reducer``: no divisor (plain means) and a term where this batch has targets.
+        With one: the reducer's value for the segment's target count, and a term where it is positive,
+        so that every data-parallel process has the same terms.
+        """
+        if count_reducer is None:
+            return dict.fromkeys(counts), {k: int(v) > 0 for k, v in counts.items()}
+        local = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in counts.values()])
+        reduced = count_reducer(local)
+        return (
+            {k: reduced[i] for i, k in enumerate(counts)},
+            {k: bool(reduced[i] > 0) for i, k in enumerate(counts)},
+        )
+
+    def loss(
+        self,
+        batch: dict[str, Tensor],
+        *,
+        generator: torch.Generator | None = None,
+        count_reducer: Callable[[Tensor], Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         """Weighted per-segment cross-entropy.
 
         Parameters
@@ -820,6 +852,13 @@ class Celle(nn.Module):
             :meth:`sample_residue_mask`).
         generator
             Random generator for the masked mode's token masks.
+        count_reducer
+            For data-parallel training: maps this batch's target counts ``[text, nucleus, threshold]``
+            (float32) to the divisors of each segment's summed cross-entropy, the counts summed over all
+            processes divided by their number. Averaging the processes' gradients then gives exactly
+            the mean over the global batch, however the text targets are shared out (a plain mean per
+            process weights a process with short sequences like one with long ones). A collective: every
+            process calls it once per call of this method. ``None``: means over this batch.
 
         Returns
         -------
@@ -846,11 +885,15 @@ class Celle(nn.Module):
         o_nuc, o_thr = c.nucleus_offset, c.threshold_offset
         if self.autoregressive:
             self._check_text_targets(text_ids, text_mask)
+            b = nucleus.shape[0]
+            denom, has = self._denominators(
+                {"text": text_mask[:, 1:].sum(), "nucleus": b * G, "threshold": b * G}, count_reducer, nucleus.device
+            )
             logits = self(threshold=threshold[:, :-1], **common).logits  # [B, tl + 2G - 1, V]
             n = text_ids.shape[1]
             # Row p predicts token p + 1 (S.3.6: the sequence shifted by one).
-            loss_n, acc_n = self._ce(logits[:, tl - 1 : tl - 1 + G, o_nuc:o_thr], nucleus)
-            loss_h, acc_h = self._ce(logits[:, tl - 1 + G :, o_thr:], threshold)
+            loss_n, acc_n = self._ce(logits[:, tl - 1 : tl - 1 + G, o_nuc:o_thr], nucleus, None, denom["nucleus"])
+            loss_h, acc_h = self._ce(logits[:, tl - 1 + G :, o_thr:], threshold, None, denom["threshold"])
             total = w.nucleus * loss_n + w.threshold * loss_h
             out = {
                 "loss_nucleus": loss_n.detach(),
@@ -858,9 +901,11 @@ class Celle(nn.Module):
                 "acc_nucleus": acc_n,
                 "acc_threshold": acc_h,
             }
-            if bool(text_mask[:, 1:].any()):
+            if has["text"]:
                 # No text targets at all (every sequence replaced by padding): no text term.
-                loss_t, acc_t = self._ce(logits[:, : n - 1, : c.text_vocab_size], text_ids[:, 1:], text_mask[:, 1:])
+                loss_t, acc_t = self._ce(
+                    logits[:, : n - 1, : c.text_vocab_size], text_ids[:, 1:], text_mask[:, 1:], denom["text"]
+                )
                 total = total + w.text * loss_t
                 out.update(loss_text=loss_t.detach(), acc_text=acc_t)
             return {"loss": total, **out}
@@ -888,19 +933,26 @@ class Celle(nn.Module):
         logits = self(
             threshold=threshold, threshold_mask=thr_mask, nucleus_mask=nuc_mask, residue_mask=res_mask, **common
         ).logits
+        zero = torch.zeros((), dtype=torch.long, device=nucleus.device)
+        counts = {
+            "text": res_mask.sum() if res_mask is not None else zero,
+            "nucleus": nuc_mask.sum() if nuc_mask is not None else zero,
+            "threshold": thr_mask.sum(),
+        }
+        denom, has = self._denominators(counts, count_reducer, nucleus.device)
         out: dict[str, Tensor] = {"mask_ratio": thr_mask.float().mean()}
         total = logits.new_zeros((), dtype=torch.float32)
-        if bool(thr_mask.any()):
-            loss_h, acc_h = self._ce(logits[:, tl + G :, o_thr:], threshold, thr_mask)
+        if has["threshold"]:
+            loss_h, acc_h = self._ce(logits[:, tl + G :, o_thr:], threshold, thr_mask, denom["threshold"])
             total = total + w.threshold * loss_h
             out.update(loss_threshold=loss_h.detach(), acc_threshold=acc_h)
-        if nuc_mask is not None and bool(nuc_mask.any()):
-            loss_n, acc_n = self._ce(logits[:, tl : tl + G, o_nuc:o_thr], nucleus, nuc_mask)
+        if has["nucleus"]:
+            loss_n, acc_n = self._ce(logits[:, tl : tl + G, o_nuc:o_thr], nucleus, nuc_mask, denom["nucleus"])
             total = total + w.nucleus * loss_n
             out.update(loss_nucleus=loss_n.detach(), acc_nucleus=acc_n)
-        if res_mask is not None and bool(res_mask.any()):
+        if has["text"]:
             n = text_ids.shape[1]
-            loss_t, acc_t = self._ce(logits[:, :n, : c.text_vocab_size], text_ids, res_mask)
+            loss_t, acc_t = self._ce(logits[:, :n, : c.text_vocab_size], text_ids, res_mask, denom["text"])
             total = total + w.text * loss_t
             out.update(loss_text=loss_t.detach(), acc_text=acc_t)
         return {"loss": total, **out}

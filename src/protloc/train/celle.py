@@ -37,7 +37,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,7 +59,6 @@ from protloc.train.checkpoint import (
     load_checkpoint,
     load_model_weights,
     load_trainer_state,
-    restore_rng_state,
     save_checkpoint,
 )
 from protloc.train.loop import (
@@ -71,8 +70,12 @@ from protloc.train.loop import (
     check_store_splits,
     infinite_loader,
     make_accelerator,
+    mean_over_processes,
+    process_rng_states,
     remove_stale_temporaries,
+    restore_process_rng,
     seed_everything,
+    seed_process,
 )
 from protloc.train.loop import check_config as _check
 
@@ -557,14 +560,16 @@ def _tokenize_images(tokenizer: VQGAN, images: Tensor) -> Tensor:
 
 class _LossModule(nn.Module):
     """Puts ``Celle.loss`` behind ``forward`` (DDP synchronises gradients and Accelerate applies
-    autocast only through ``forward``)."""
+    autocast only through ``forward``). With several processes, ``count_reducer`` makes each segment's
+    loss the global batch's mean (see :meth:`Celle.loss`)."""
 
-    def __init__(self, model: Celle) -> None:
+    def __init__(self, model: Celle, count_reducer: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
         self.model = model
+        self.count_reducer = count_reducer
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.model.loss(batch)
+        return self.model.loss(batch, count_reducer=self.count_reducer)
 
 
 class _Batches:
@@ -856,6 +861,7 @@ def train_celle(
 
     # ---- model, optimizer, state ---------------------------------------------------------------
     model = Celle(cfg.model)
+    seed_process(cfg.seed, rank)  # after the initialisation, which must be the same on every process
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad],
         lr=ocfg.lr,
@@ -881,11 +887,17 @@ def train_celle(
             dropped = metrics.drop_after(step)
             if dropped:
                 logger.info("dropped %d metric records logged after step %d", dropped, step)
-        restore_rng_state(state["rng"])
+        restore_process_rng(state, accelerator, seed=cfg.seed, step=step)
         logger.info("resumed %s at step %d (epoch %d, batch %d)", run, step, epoch, batch_in_epoch)
     if batch_in_epoch >= steps_per_epoch:
         epoch, batch_in_epoch = epoch + 1, 0
-    loss_module = _LossModule(model)
+    count_reducer = None
+    if world > 1:
+
+        def count_reducer(counts: Tensor) -> Tensor:
+            return accelerator.reduce(counts, reduction="sum") / world
+
+    loss_module = _LossModule(model, count_reducer)
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     start_step = step
     last_val: dict[str, Any] = {}
@@ -922,8 +934,10 @@ def train_celle(
 
     def save_last() -> None:
         accelerator.wait_for_everyone()
+        rng = process_rng_states(accelerator)
         if main:
-            save_checkpoint(last_dir, model=model, config=cfg.model, trainer_state=trainer_state(), extra=extra())
+            state = {**trainer_state(), "rng": rng[0], "rng_ranks": rng}
+            save_checkpoint(last_dir, model=model, config=cfg.model, trainer_state=state, extra=extra())
 
     def set_epoch(e: int, start: int) -> None:
         sampler.set_epoch(e, start)
@@ -979,7 +993,7 @@ def train_celle(
                 bar.update(1)
 
                 if step % scfg.log_every == 0:
-                    means = {k: v / window_counts[k] for k, v in window.items()}
+                    means = mean_over_processes(accelerator, window, window_counts)
                     if not math.isfinite(means["loss"]):
                         logger.warning("training loss is %s at step %d", means["loss"], step)
                     if main:

@@ -41,10 +41,10 @@ from protloc.data.datasets import CropBatchSampler, CropDataset, make_label_map
 from protloc.data.io import CropStore
 from protloc.errors import ConfigError, InputError
 from protloc.models.cytoself import Cytoself, CytoselfConfig
+from protloc.nn.syncbn import convert_sync_batchnorm
 from protloc.train.checkpoint import (
     load_model_weights,
     load_trainer_state,
-    restore_rng_state,
     save_checkpoint,
 )
 from protloc.train.loop import (
@@ -57,8 +57,12 @@ from protloc.train.loop import (
     check_store_splits,
     infinite_loader,
     make_accelerator,
+    mean_over_processes,
+    process_rng_states,
     remove_stale_temporaries,
+    restore_process_rng,
     seed_everything,
+    seed_process,
 )
 from protloc.train.loop import (
     check_config as _check,
@@ -211,6 +215,11 @@ class TrainCytoselfConfig:
         See :class:`CytoselfDataConfig`, :class:`OptimConfig`, :class:`ScheduleConfig`.
     mixed_precision
         ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only; CPU runs fall back to float32).
+    sync_batchnorm
+        With several processes, compute BatchNorm statistics over the whole global batch
+        (:mod:`protloc.nn.syncbn`), so that ``N`` processes with batch ``B`` train like one process with
+        batch ``N x B``; ``False`` keeps per-process statistics (cheaper, the usual DDP default). No
+        effect on a one-process run.
     seed
         Seeds initialisation, data order and augmentation.
     save_every
@@ -222,6 +231,7 @@ class TrainCytoselfConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    sync_batchnorm: bool = True
     seed: int = 0
     save_every: int = 5000
 
@@ -462,6 +472,9 @@ def train_cytoself(
 
     # ---- model, optimizer, state ---------------------------------------------------------------
     model = Cytoself(model_cfg)
+    if world > 1 and cfg.sync_batchnorm:
+        convert_sync_batchnorm(model, device=accelerator.device)
+    seed_process(cfg.seed, rank)  # after the initialisation, which must be the same on every process
     optimizer = torch.optim.Adam(model.parameters(), lr=ocfg.lr, betas=ocfg.betas, weight_decay=ocfg.weight_decay)
     wrapped, optimizer = accelerator.prepare(_LossModule(model), optimizer)
     controller = PlateauController(
@@ -494,7 +507,7 @@ def train_cytoself(
                 logger.info(
                     "dropped %d metric records logged after step %d (lost with the interruption)", dropped, step
                 )
-        restore_rng_state(state["rng"])
+        restore_process_rng(state, accelerator, seed=cfg.seed, step=step)
         logger.info("resumed %s at step %d (epoch %d, batch %d)", run, step, epoch, batch_in_epoch)
     if batch_in_epoch >= steps_per_epoch:
         epoch, batch_in_epoch = epoch + 1, 0
@@ -516,12 +529,13 @@ def train_cytoself(
 
     def save_last() -> None:
         accelerator.wait_for_everyone()
+        rng = process_rng_states(accelerator)
         if main:
             save_checkpoint(
                 last_dir,
                 model=model,
                 config=model_cfg,
-                trainer_state=trainer_state(),
+                trainer_state={**trainer_state(), "rng": rng[0], "rng_ranks": rng},
                 extra={"label_map": label_map, "step": step, "channels": list(dcfg.channels)},
             )
 
@@ -575,7 +589,7 @@ def train_cytoself(
                 bar.update(1)
 
                 if step % scfg.log_every == 0:
-                    means = {k: float(v) / window_steps for k, v in window.items()}
+                    means = mean_over_processes(accelerator, {k: float(v) for k, v in window.items()}, window_steps)
                     if not math.isfinite(means["loss"]):
                         logger.warning("training loss is %s at step %d", means["loss"], step)
                     if main:

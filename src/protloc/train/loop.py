@@ -26,7 +26,7 @@ import torch
 
 from protloc._fs import atomic_path
 from protloc.errors import ConfigError, InputError
-from protloc.train.checkpoint import TRAINER_FILE, load_checkpoint_config
+from protloc.train.checkpoint import TRAINER_FILE, capture_rng_state, load_checkpoint_config, restore_rng_state
 
 __all__ = [
     "MetricsLogger",
@@ -38,7 +38,11 @@ __all__ = [
     "check_store_splits",
     "infinite_loader",
     "make_accelerator",
+    "mean_over_processes",
+    "process_rng_states",
+    "restore_process_rng",
     "seed_everything",
+    "seed_process",
     "to_python",
 ]
 
@@ -293,6 +297,76 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def seed_process(seed: int, rank: int, step: int = 0) -> None:
+    """Give process ``rank`` of a data-parallel run its own random streams (dropout, masks, noise).
+
+    Every process starts from :func:`seed_everything` with the run's seed, so the model is initialised
+    identically everywhere; called after that, this reseeds every process but the first from
+    ``(seed, rank, step)``, so the processes do not draw the same dropout masks for their different
+    crops. Process 0 keeps the run's stream, which keeps a one-process run exactly as it was.
+    """
+    if rank:
+        derived = np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1, dtype=np.uint64)[0]
+        seed_everything(int(derived) & ((1 << 63) - 1))
+
+
+def process_rng_states(accelerator: Any) -> list[dict[str, Any]]:
+    """Every process's RNG states (a collective: all processes call it), in process order."""
+    if accelerator.num_processes == 1:
+        return [capture_rng_state()]
+    from accelerate.utils import gather_object
+
+    return gather_object([capture_rng_state()])
+
+
+def restore_process_rng(state: Mapping[str, Any], accelerator: Any, *, seed: int, step: int) -> None:
+    """Restore this process's RNG states from a trainer state saved with ``rng_ranks``.
+
+    A state saved by a run with another number of processes (or before per-process states were kept)
+    restores the first process's states and reseeds the others with :func:`seed_process`.
+    """
+    ranks = state.get("rng_ranks")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if ranks is not None and len(ranks) == world:
+        restore_rng_state(ranks[rank])
+        return
+    if world > 1:
+        logger.warning(
+            "the checkpoint holds random states of %s process(es), this run has %d: processes other than the "
+            "first are reseeded, so the resumed run will not repeat an uninterrupted one exactly",
+            len(ranks) if ranks is not None else "an unknown number of",
+            world,
+        )
+    restore_rng_state(state["rng"])
+    seed_process(seed, rank, step)
+
+
+def mean_over_processes(
+    accelerator: Any, sums: Mapping[str, float], counts: Mapping[str, int] | int
+) -> dict[str, float]:
+    """Means of logged values over every process: ``sum of sums / sum of counts`` per key.
+
+    Training metrics are computed on each process's share of the batch; logging only the first
+    process's would report a noisier, different curve than a one-process run with the same global
+    batch. One small gather per logging step (a collective: every process calls it at the same step).
+    Keys missing on some processes are averaged over the processes that have them.
+    """
+    if isinstance(counts, int):
+        counts = dict.fromkeys(sums, counts)
+    parts = [(dict(sums), dict(counts))]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object(parts)
+    total: dict[str, float] = {}
+    n: dict[str, int] = {}
+    for part_sums, part_counts in parts:
+        for k, v in part_sums.items():
+            total[k] = total.get(k, 0.0) + float(v)
+            n[k] = n.get(k, 0) + int(part_counts[k])
+    return {k: total[k] / n[k] for k in total}
 
 
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, **kwargs: Any) -> Any:

@@ -74,7 +74,6 @@ from protloc.nn.quantize import VQOutput
 from protloc.train.checkpoint import (
     load_model_weights,
     load_trainer_state,
-    restore_rng_state,
     save_checkpoint,
 )
 from protloc.train.loop import (
@@ -86,8 +85,12 @@ from protloc.train.loop import (
     check_store_splits,
     infinite_loader,
     make_accelerator,
+    mean_over_processes,
+    process_rng_states,
     remove_stale_temporaries,
+    restore_process_rng,
     seed_everything,
+    seed_process,
 )
 from protloc.train.loop import (
     check_config as _check,
@@ -866,6 +869,7 @@ def train_vqgan(
     # ---- models, optimizers, state -------------------------------------------------------------
     model = VQGAN(cfg.model)
     disc = PatchDiscriminator(in_channels=cfg.model.in_channels, channels=lcfg.disc_channels, layers=lcfg.disc_layers)
+    seed_process(cfg.seed, rank)  # after the initialisation, which must be the same on every process
     lr = ocfg.lr * (dcfg.batch_size * world if ocfg.scale_lr else 1)
     opt_ae = torch.optim.Adam(model.parameters(), lr=lr, betas=ocfg.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=ocfg.betas)
@@ -903,7 +907,7 @@ def train_vqgan(
                 logger.info(
                     "dropped %d metric records logged after step %d (lost with the interruption)", dropped, step
                 )
-        restore_rng_state(state["rng"])
+        restore_process_rng(state, accelerator, seed=cfg.seed, step=step)
         logger.info("resumed %s at step %d (epoch %d, batch %d)", run, step, epoch, batch_in_epoch)
     if batch_in_epoch >= steps_per_epoch:
         epoch, batch_in_epoch = epoch + 1, 0
@@ -933,8 +937,10 @@ def train_vqgan(
 
     def save_last() -> None:
         accelerator.wait_for_everyone()
+        rng = process_rng_states(accelerator)
         if main:
-            save_checkpoint(last_dir, model=model, config=cfg.model, trainer_state=trainer_state(), extra=extra())
+            state = {**trainer_state(), "rng": rng[0], "rng_ranks": rng}
+            save_checkpoint(last_dir, model=model, config=cfg.model, trainer_state=state, extra=extra())
 
     def set_epoch(e: int, start: int) -> None:
         sampler.set_epoch(e, start)
@@ -1038,7 +1044,9 @@ def train_vqgan(
                 if step % scfg.log_every == 0:
                     # GAN terms are averaged over the steps that had them.
                     gan_keys = ("g_loss", "d_weight", "d_loss", "logits_real", "logits_fake")
-                    means = {k: v / (window_gan_steps if k in gan_keys else window_steps) for k, v in window.items()}
+                    counts = {k: window_gan_steps if k in gan_keys else window_steps for k in window}
+                    means = mean_over_processes(accelerator, window, counts)
+                    usage = accelerator.reduce(window_usage.clone(), "sum") if world > 1 else window_usage
                     if not math.isfinite(means["loss"]):
                         logger.warning("training loss is %s at step %d", means["loss"], step)
                     if main:
@@ -1046,8 +1054,8 @@ def train_vqgan(
                             step,
                             "train",
                             means,
-                            perplexity=model.quantize.perplexity_from_usage(window_usage),
-                            dead_codes=int((window_usage == 0).sum()),
+                            perplexity=model.quantize.perplexity_from_usage(usage),
+                            dead_codes=int((usage == 0).sum()),
                             gan=gan,
                             lr=opt_ae.param_groups[0]["lr"],
                             epoch=epoch + batch_in_epoch / steps_per_epoch,
