@@ -164,3 +164,51 @@ def test_infinite_loader_resumes_mid_epoch():
 def test_infinite_loader_refuses_an_empty_loader():
     with pytest.raises(RuntimeError, match="no batch"):
         next(infinite_loader([]))
+
+
+# ---- data-parallel helpers (one process here; tests/reliability/test_distributed.py runs two) ----------
+
+
+def _acc(world: int = 1, rank: int = 0):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_processes=world, process_index=rank)
+
+
+def test_mean_over_processes_divides_sums_by_counts() -> None:
+    from protloc.train.loop import mean_over_processes
+
+    assert mean_over_processes(_acc(), {"loss": 6.0, "acc": 1.5}, 3) == {"loss": 2.0, "acc": 0.5}
+    assert mean_over_processes(_acc(), {"loss": 6.0, "loss_text": 1.0}, {"loss": 3, "loss_text": 2}) == {
+        "loss": 2.0,
+        "loss_text": 0.5,
+    }
+
+
+def test_seed_process_gives_other_ranks_their_own_reproducible_stream() -> None:
+    from protloc.train.loop import seed_everything, seed_process
+
+    def draw(rank: int) -> torch.Tensor:
+        seed_everything(7)
+        seed_process(7, rank)
+        return torch.rand(4)
+
+    assert torch.equal(draw(0), (seed_everything(7), torch.rand(4))[1])  # rank 0: the run's own stream
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(0)) and not torch.equal(draw(1), draw(2))
+
+
+def test_restore_process_rng_takes_this_process_state_or_reseeds() -> None:
+    from protloc.train.checkpoint import capture_rng_state
+    from protloc.train.loop import process_rng_states, restore_process_rng, seed_everything
+
+    seed_everything(3)
+    saved = process_rng_states(_acc())
+    assert set(saved) == {"rng", "rng_ranks"} and len(saved["rng_ranks"]) == 1
+    expected = torch.rand(3)
+    torch.rand(10)  # move on
+    restore_process_rng(saved, _acc(), seed=3, step=5)
+    assert torch.equal(torch.rand(3), expected)
+    # a state of another number of processes: process 0 restores the first state, process 1 reseeds
+    two = {"rng": saved["rng"], "rng_ranks": [saved["rng"], capture_rng_state(), capture_rng_state()]}
+    restore_process_rng(two, _acc(2, 1), seed=3, step=5)
+    assert not torch.equal(torch.rand(3), expected)

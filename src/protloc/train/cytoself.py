@@ -529,13 +529,13 @@ def train_cytoself(
 
     def save_last() -> None:
         accelerator.wait_for_everyone()
-        rng = process_rng_states(accelerator)
+        rng = process_rng_states(accelerator)  # a collective: before the main-process-only write
         if main:
             save_checkpoint(
                 last_dir,
                 model=model,
                 config=model_cfg,
-                trainer_state={**trainer_state(), "rng": rng[0], "rng_ranks": rng},
+                trainer_state={**trainer_state(), **rng},
                 extra={"label_map": label_map, "step": step, "channels": list(dcfg.channels)},
             )
 

@@ -312,13 +312,15 @@ def seed_process(seed: int, rank: int, step: int = 0) -> None:
         seed_everything(int(derived) & ((1 << 63) - 1))
 
 
-def process_rng_states(accelerator: Any) -> list[dict[str, Any]]:
-    """Every process's RNG states (a collective: all processes call it), in process order."""
-    if accelerator.num_processes == 1:
-        return [capture_rng_state()]
-    from accelerate.utils import gather_object
+def process_rng_states(accelerator: Any) -> dict[str, Any]:
+    """Every process's RNG states, for a trainer state: ``{"rng": first process's, "rng_ranks": [all, in
+    process order]}`` (:func:`restore_process_rng` reads them back). A collective: all processes call it."""
+    states = [capture_rng_state()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
 
-    return gather_object([capture_rng_state()])
+        states = gather_object(states)
+    return {"rng": states[0], "rng_ranks": states}
 
 
 def restore_process_rng(state: Mapping[str, Any], accelerator: Any, *, seed: int, step: int) -> None:

@@ -937,9 +937,9 @@ def train_vqgan(
 
     def save_last() -> None:
         accelerator.wait_for_everyone()
-        rng = process_rng_states(accelerator)
+        rng = process_rng_states(accelerator)  # a collective: before the main-process-only write
         if main:
-            state = {**trainer_state(), "rng": rng[0], "rng_ranks": rng}
+            state = {**trainer_state(), **rng}
             save_checkpoint(last_dir, model=model, config=cfg.model, trainer_state=state, extra=extra())
 
     def set_epoch(e: int, start: int) -> None:
