@@ -125,6 +125,7 @@ def main() -> None:
         raise SystemExit(proc.stderr.read()[-3000:])
     row = {
         "crops": n,
+        "crops_from": str(args.source) if args.source.exists() else "random",
         "distinct_chunks": args.real,
         "batch_size": args.batch_size,
         "store_build_s": round(build_s, 1),
