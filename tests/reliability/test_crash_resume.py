@@ -75,7 +75,8 @@ def _last_step(run: Path) -> int:
     return -1
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+# a second set of kill points runs with `-m slow` (40 s): the default run stays under 10 minutes on 2 cores
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path: Path, seed: int) -> None:
     store = _store(tmp_path / "cytoself.zarr")
     ref = _train(store, tmp_path / "ref", resume=False)
