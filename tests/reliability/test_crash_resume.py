@@ -17,37 +17,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from protloc.data.io import CropStore
 from protloc.models.cytoself import Cytoself, CytoselfConfig
 from protloc.train.checkpoint import load_checkpoint
 from protloc.train.loop import MetricsLogger
 
-S = 32
+S = 32  # the crop side of the cytoself_store fixture (conftest.py)
 STEPS = 60
 ARGS = [
     "--set", f"model.input_size={S}", "--set", "data.batch_size=8", "--set", "data.chunk_window=2",
     "--set", f"schedule.max_steps={STEPS}", "--set", "schedule.eval_every=6", "--set", "schedule.log_every=1",
     "--set", "save_every=4",
 ]  # fmt: skip
-
-
-def _store(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    n = 120
-    fov = np.arange(n) // 10
-    obs = pd.DataFrame({"protein_id": [f"P{f % 3}" for f in fov], "fov_id": [f"f{f}" for f in fov],
-                        "split": [("train", "train", "train", "val")[f % 4] for f in fov]})  # fmt: skip
-    protein = rng.random((n, S, S)).astype(np.float32)
-    chans = {"protein": "float16", "nucleus": "float16", "nucleus_distance": "float16"}
-    with CropStore.create(path, channels=chans, size=S, chunk=16) as w:
-        w.append({"protein": protein, "nucleus": protein, "nucleus_distance": 2 * protein - 1}, obs)
-    return path
 
 
 def _train(store: Path, out: Path, *, resume: bool) -> subprocess.Popen:
@@ -77,8 +61,10 @@ def _last_step(run: Path) -> int:
 
 # a second set of kill points runs with `-m slow` (40 s): the default run stays under 10 minutes on 2 cores
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
-def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path: Path, seed: int) -> None:
-    store = _store(tmp_path / "cytoself.zarr")
+def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(
+    tmp_path: Path, seed: int, cytoself_store: Path
+) -> None:
+    store = cytoself_store
     ref = _train(store, tmp_path / "ref", resume=False)
     assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
 

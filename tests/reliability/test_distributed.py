@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -34,7 +33,7 @@ from protloc.models.cytoself import Cytoself, CytoselfConfig
 from protloc.train.checkpoint import load_checkpoint
 from protloc.train.loop import MetricsLogger
 
-S = 32
+S = 32  # the crop side of the cytoself_store fixture (conftest.py)
 CYTO_ARGS = [
     "--set", f"model.input_size={S}", "--set", "data.chunk_window=2", "--set", "schedule.max_steps=10",
     "--set", "schedule.eval_every=5", "--set", "schedule.log_every=1", "--set", "save_every=5",
@@ -49,19 +48,6 @@ CELLE_ARGS = [
 
 pytestmark = pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
                                 reason="accelerate's launcher is not installed beside this Python")  # fmt: skip
-
-
-def _cytoself_store(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    n = 120
-    fov = np.arange(n) // 10
-    obs = pd.DataFrame({"protein_id": [f"P{f % 3}" for f in fov], "fov_id": [f"f{f}" for f in fov],
-                        "split": [("train", "train", "train", "val")[f % 4] for f in fov]})  # fmt: skip
-    protein = rng.random((n, S, S)).astype(np.float32)
-    chans = {"protein": "float16", "nucleus_distance": "float16"}
-    with CropStore.create(path, channels=chans, size=S, chunk=16) as w:
-        w.append({"protein": protein, "nucleus_distance": 2 * protein - 1}, obs)
-    return path
 
 
 def _free_port() -> int:
@@ -116,8 +102,8 @@ def _cytoself_logits(run: Path, store: Path) -> torch.Tensor:
         return model(x).logits2
 
 
-def test_cytoself_two_processes_train_like_one_with_the_global_batch(tmp_path: Path) -> None:
-    store = _cytoself_store(tmp_path / "cytoself.zarr")
+def test_cytoself_two_processes_train_like_one_with_the_global_batch(tmp_path: Path, cytoself_store: Path) -> None:
+    store = cytoself_store
     base = ["train", "cytoself", "--store", str(store), *CYTO_ARGS]
     _run(_protloc([*base, "--out", str(tmp_path / "one"), "--set", "data.batch_size=8"]), tmp_path)
     _run(_launch([*base, "--out", str(tmp_path / "two"), "--set", "data.batch_size=4"]), tmp_path)
