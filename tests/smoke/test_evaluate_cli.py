@@ -14,22 +14,12 @@ import torch
 from protloc.cli import main
 from protloc.data.io import CropStore
 from protloc.data.sequences import write_fasta
-from protloc.models.vqgan import VQGAN, VQGANConfig
 from protloc.train.celle import TrainCelleConfig, train_celle
-from protloc.train.checkpoint import save_checkpoint
 
-S0, S = 40, 32  # stored crops, model images
+S0, S = 40, 32  # stored crops, model images (S: CELLE_S of tests/conftest.py, the tokenizers' size)
 N_TRAIN, N_VAL = 9, 6
 SEQS = {"P0": "MKTAYIAKQRQISFVKSHFSRQ", "P1": "PKKKRKV" * 3, "P2": "ACDEFGHIKLMNPQRSTVWY" * 3}
 ROWS = ("VQGAN ceiling", "A", "B", "sequence baseline")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _make_store(path: Path) -> Path:
@@ -49,21 +39,14 @@ def _make_store(path: Path) -> Path:
     return path
 
 
-def _tokenizer(path: Path, kind: str, seed: int) -> Path:
-    torch.manual_seed(seed)
-    cfg = VQGANConfig.tiny().replace(image_size=S)
-    save_checkpoint(path, model=VQGAN(cfg), config=cfg, extra={"kind": kind, "step": 0})
-    return path
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
+def world(tmp_path_factory, celle_builders) -> dict:
     root = tmp_path_factory.mktemp("evaluate_cli")
     store = _make_store(root / "celle.zarr")
     base = TrainCelleConfig.tiny(
         str(store),
-        nucleus=str(_tokenizer(root / "vq_nucleus", "nucleus", 0)),
-        threshold=str(_tokenizer(root / "vq_threshold", "threshold", 1)),
+        nucleus=str(celle_builders.tokenizer(root / "vq_nucleus", "nucleus", 0)),
+        threshold=str(celle_builders.tokenizer(root / "vq_threshold", "threshold", 1)),
     )
     cfg = dataclasses.replace(
         base,

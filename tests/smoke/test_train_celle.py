@@ -7,21 +7,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from protloc.cli import main
 from protloc.config import load_config
-from protloc.data.io import CropStore
-from protloc.data.sequences import write_fasta
 from protloc.errors import ConfigError, InputError
-from protloc.models.vqgan import VQGAN, VQGANConfig
 from protloc.train.celle import TrainCelleConfig, load_celle_run, train_celle
-from protloc.train.checkpoint import save_checkpoint
 from protloc.train.loop import MetricsLogger
 
-S = 32
+S = 32  # CELLE_S of tests/conftest.py (the celle_builders store and tokenizers)
 N_TRAIN, N_VAL = 16, 8
 SEQS = {
     "P0": "MKTAYIAKQRQISFVKSHFSRQ",
@@ -30,36 +25,16 @@ SEQS = {
 }
 
 
-def _make_store(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    n = N_TRAIN + N_VAL
-    yy, xx = np.mgrid[:S, :S]
-    centres = rng.uniform(8, 24, size=(n, 2))
-    nucleus = np.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 40.0)
-    protein = np.clip(rng.random((n, S, S)) * (0.3 + 0.7 * nucleus), 0, 1)
-    threshold = (protein >= protein.mean(axis=(1, 2), keepdims=True)).astype(np.uint8)
-    obs = pd.DataFrame({"protein_id": [f"P{i % 3}" for i in range(n)], "split": ["train"] * N_TRAIN + ["val"] * N_VAL})
-    channels = {"nucleus": "float16", "protein": "float16", "threshold": "uint8"}
-    with CropStore.create(path, channels=channels, size=S, chunk=8) as writer:
-        writer.append({"nucleus": nucleus, "protein": protein, "threshold": threshold}, obs)
-    write_fasta(path.parent / "sequences.fasta", SEQS)
-    return path
-
-
-def _tokenizer(path: Path, kind: str, seed: int) -> Path:
-    torch.manual_seed(seed)
-    cfg = VQGANConfig.tiny().replace(image_size=S)  # f = 8 -> 4 x 4 tokens, 128 codes
-    save_checkpoint(path, model=VQGAN(cfg), config=cfg, extra={"kind": kind, "step": 0})
-    return path
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
+def world(tmp_path_factory, celle_builders) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("celle")
+    store = celle_builders.store(
+        root / "celle.zarr", n_train=N_TRAIN, n_val=N_VAL, chunk=8, centres=(8, 24), sequences=SEQS
+    )
     return {
-        "store": _make_store(root / "celle.zarr"),
-        "nucleus": _tokenizer(root / "vq_nucleus", "nucleus", 0),
-        "threshold": _tokenizer(root / "vq_threshold", "threshold", 1),
+        "store": store,
+        "nucleus": celle_builders.tokenizer(root / "vq_nucleus", "nucleus", 0),
+        "threshold": celle_builders.tokenizer(root / "vq_threshold", "threshold", 1),
     }
 
 
@@ -133,7 +108,7 @@ def test_masked_mode_and_no_sequence_ablation(world, tmp_path):
     assert load_celle_run(tmp_path / "none").encoder.blank
 
 
-def test_tokenizer_checks(world, tmp_path):
+def test_tokenizer_checks(world, tmp_path, celle_builders):
     cfg = _config(world, max_steps=1)
     with pytest.raises(ConfigError, match="grid_size"):
         train_celle(
@@ -144,11 +119,11 @@ def test_tokenizer_checks(world, tmp_path):
         train_celle(swapped, run_dir=tmp_path / "b", progress=False)
     # A run whose tokenizer weights changed afterwards refuses to load.
     vq_dir = tmp_path / "vq"
-    _tokenizer(vq_dir, "threshold", 5)
+    celle_builders.tokenizer(vq_dir, "threshold", 5)
     run = tmp_path / "c"
     changed = dataclasses.replace(cfg, tokenizers=dataclasses.replace(cfg.tokenizers, threshold=str(vq_dir)))
     train_celle(changed, run_dir=run, progress=False)
-    _tokenizer(vq_dir, "threshold", 6)
+    celle_builders.tokenizer(vq_dir, "threshold", 6)
     with pytest.raises(InputError, match="changed"):
         load_celle_run(run)
 
