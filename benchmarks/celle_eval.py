@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from protloc.data.sequences import read_sequences
 from protloc.eval.evaluate import evaluate_celle, format_table, sequence_baseline, vqgan_ceiling
-from protloc.train.celle import load_celle_run, read_sequences
+from protloc.eval.load import load_celle_run
 
 
 def main() -> None:

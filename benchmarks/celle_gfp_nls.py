@@ -27,9 +27,10 @@ import torch
 
 from protloc.analysis.screens import construct_experiment
 from protloc.data.datasets import CelleDataset
+from protloc.data.sequences import read_sequences
 from protloc.data.world.assets import load_engineered_records
+from protloc.eval.load import load_celle_run
 from protloc.eval.predict import SamplingConfig
-from protloc.train.celle import load_celle_run, read_sequences
 
 CONSTRUCTS = ("GFP", "GFP_NLS_nucleoplasmin", "GFP_NLS_NMyc", "GFP_random_peptide")
 

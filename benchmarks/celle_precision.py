@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from protloc.data.datasets import CelleDataset
+from protloc.data.sequences import read_sequences
+from protloc.eval.load import load_celle_run
 from protloc.eval.predict import SamplingConfig, predict
-from protloc.train.celle import load_celle_run, read_sequences
 
 
 def _predict(run, seqs, nuclei, seed: int, batch: int) -> dict[str, torch.Tensor]:

@@ -65,9 +65,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from protloc.eval.load import PRECISIONS, set_precision
 from protloc.eval.predict import SamplingConfig, generate
 from protloc.models.celle import Celle, CelleConfig
-from protloc.train.celle import PRECISIONS, set_precision
 
 MODELS: dict[str, Callable[[], CelleConfig]] = {
     "tiny": CelleConfig.tiny,

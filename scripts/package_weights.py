@@ -121,7 +121,7 @@ COMMANDS = {
 
 def _fidelity_cytoself(orig: Path, packed: Path, prepared: Path, n: int) -> dict[str, Any]:
     from protloc.data.io import CropStore
-    from protloc.eval.embed import load_cytoself
+    from protloc.eval.load import load_cytoself
 
     store = CropStore.open(prepared / "cytoself.zarr")
     rows = np.flatnonzero(store.obs["split"].astype(str).to_numpy() == "val")[:n]
@@ -144,7 +144,7 @@ def _fidelity_cytoself(orig: Path, packed: Path, prepared: Path, n: int) -> dict
 
 def _celle_val(prepared: Path, image_size: int, max_residues: int, n: int):
     from protloc.data.datasets import CelleDataset
-    from protloc.train.celle import read_sequences
+    from protloc.data.sequences import read_sequences
 
     ds = CelleDataset(
         prepared / "celle.zarr", split="val", sequences=read_sequences(prepared / "sequences.fasta"),
@@ -155,7 +155,7 @@ def _celle_val(prepared: Path, image_size: int, max_residues: int, n: int):
 
 
 def _fidelity_vqgan(orig: Path, packed: Path, kind: str, prepared: Path, n: int) -> dict[str, Any]:
-    from protloc.train.celle import load_tokenizer
+    from protloc.eval.load import load_tokenizer
 
     a, _, _ = load_tokenizer(orig, kind)
     b, _, _ = load_tokenizer(packed, kind)
@@ -167,8 +167,8 @@ def _fidelity_vqgan(orig: Path, packed: Path, kind: str, prepared: Path, n: int)
 
 
 def _fidelity_celle(orig: Path, packed: Path, prepared: Path, n: int) -> dict[str, Any]:
+    from protloc.eval.load import load_celle_run
     from protloc.eval.predict import SamplingConfig, predict
-    from protloc.train.celle import load_celle_run
 
     a = load_celle_run(orig)
     b = load_celle_run(packed)

@@ -19,8 +19,8 @@ import torch
 
 from protloc.data.io import CropStore
 from protloc.data.sequences import write_fasta
+from protloc.models.checkpoint import save_checkpoint
 from protloc.models.vqgan import VQGAN, VQGANConfig
-from protloc.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture(autouse=True)

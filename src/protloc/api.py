@@ -201,7 +201,7 @@ def train(
 # --------------------------------------------------------------------------------------- cytoself
 def load_cytoself(checkpoint: str | os.PathLike | None = None, *, device: str = "cpu") -> Any:
     """A trained cytoself model in eval mode (``None``: the shipped ``cytoself-tiny``)."""
-    from protloc.eval.embed import load_cytoself as _load
+    from protloc.eval.load import load_cytoself as _load
 
     return _load(resolve_checkpoint(checkpoint, default="cytoself-tiny"), device=device)
 
@@ -333,9 +333,10 @@ def load_celle(
     embedder_path: str | os.PathLike | None = None,
 ) -> Any:
     """A trained CELL-E with its tokenizers (``None``: the shipped ``celle-tiny``); see
-    :func:`protloc.train.celle.load_celle_run`. ``embedder_path`` replaces the ESM-2 / TAPE weights path
+    :func:`protloc.eval.load.load_celle_run`. ``embedder_path`` replaces the ESM-2 / TAPE weights path
     recorded at training time."""
-    from protloc.train.celle import EmbedderConfig, load_celle_run
+    from protloc.eval.load import load_celle_run
+    from protloc.models.embedders import EmbedderConfig
 
     embedder = EmbedderConfig(path=str(embedder_path)) if embedder_path else None
     return load_celle_run(resolve_checkpoint(checkpoint, default="celle-tiny"), map_location=device,

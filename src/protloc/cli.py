@@ -707,7 +707,7 @@ def _add_sampling_options(
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
-    """--device and --precision of the commands that load a CELL-E (train.celle.PRECISIONS)."""
+    """--device and --precision of the commands that load a CELL-E (eval.load.PRECISIONS)."""
     p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
     p.add_argument(
         "--precision",

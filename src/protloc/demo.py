@@ -296,10 +296,10 @@ def _gallery(run: Any, prepared: Path, out: Path, config: DemoConfig, progress: 
     from tqdm.auto import tqdm
 
     from protloc.data.datasets import CelleDataset
+    from protloc.data.sequences import read_sequences
     from protloc.eval.metrics import nucleus_mask, nucleus_proportion
     from protloc.eval.predict import SamplingConfig, predict
     from protloc.plotting.celle import plot_prediction
-    from protloc.train.celle import read_sequences
 
     full = read_sequences(prepared / "sequences.fasta")
     ds = CelleDataset(
@@ -390,10 +390,10 @@ def _constructs(run: Any, prepared: Path, out: Path, config: DemoConfig, progres
 
     from protloc.analysis.screens import construct_experiment
     from protloc.data.datasets import CelleDataset
+    from protloc.data.sequences import read_sequences
     from protloc.data.world.assets import load_engineered_records
     from protloc.eval.predict import SamplingConfig
     from protloc.plotting.screens import plot_constructs
-    from protloc.train.celle import read_sequences
 
     records = {r["id"]: r for r in load_engineered_records()}
     constructs = {k: records[k]["sequence"] for k in CONSTRUCTS}
@@ -427,7 +427,7 @@ def _constructs(run: Any, prepared: Path, out: Path, config: DemoConfig, progres
 def _val_nucleus(run: Any, prepared: Path) -> np.ndarray:
     """The nucleus image of the first held-out crop, as the model sees it (``[S, S]`` in [0, 1])."""
     from protloc.data.datasets import CelleDataset
-    from protloc.train.celle import read_sequences
+    from protloc.data.sequences import read_sequences
 
     ds = CelleDataset(
         prepared / "celle.zarr", split="val", sequences=read_sequences(prepared / "sequences.fasta"),
@@ -558,7 +558,7 @@ def run_demo(
 
     def celle_run() -> Any:
         if "run" not in run_cache:
-            from protloc.train.celle import load_celle_run
+            from protloc.eval.load import load_celle_run
 
             run_cache["run"] = load_celle_run(models["celle"], map_location=config.device, precision=config.precision)
         return run_cache["run"]

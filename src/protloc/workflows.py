@@ -25,7 +25,8 @@ from protloc.analysis.spectrum import bicluster, consensus_spectra, family_corre
 from protloc.data.io import CropStore, check_image, read_image, read_table, save_npy, write_png
 from protloc.data.sequences import read_fasta, validate_sequence
 from protloc.errors import ConfigError, InputError
-from protloc.eval.embed import load_cytoself, read_obsm
+from protloc.eval.embed import read_obsm
+from protloc.eval.load import load_cytoself
 from protloc.plotting.atlas import atlas_html, plot_atlas
 from protloc.plotting.celle import plot_prediction, plot_residue_probabilities
 from protloc.plotting.crops import composite
@@ -504,7 +505,8 @@ def _load_celle(
     ``embedder_path`` replaces the ESM-2 / TAPE weights path recorded at training time (moved weights)."""
     import torch
 
-    from protloc.train.celle import EmbedderConfig, load_celle_run
+    from protloc.eval.load import load_celle_run
+    from protloc.models.embedders import EmbedderConfig
 
     ckpt = Path(checkpoint)
     if not ckpt.exists():
@@ -591,7 +593,7 @@ def run_predict(
     device
         Torch device (``None``: CUDA when available).
     precision
-        ``"fp32"``, ``"bf16"`` or ``"int8"`` transformer weights (:func:`~protloc.train.celle.set_precision`).
+        ``"fp32"``, ``"bf16"`` or ``"int8"`` transformer weights (:func:`~protloc.eval.load.set_precision`).
     embedder_path
         ESM-2 / TAPE weights to use instead of the path recorded at training time (when the weights moved);
         ignored by models with one-hot / descriptor / learned residues.
@@ -1039,7 +1041,7 @@ def run_evaluate(
     device
         Torch device (``None``: CUDA when available).
     precision
-        ``"fp32"``, ``"bf16"`` or ``"int8"`` transformer weights (:func:`~protloc.train.celle.set_precision`).
+        ``"fp32"``, ``"bf16"`` or ``"int8"`` transformer weights (:func:`~protloc.eval.load.set_precision`).
     embedder_path
         ESM-2 / TAPE weights to use instead of the path recorded at training time (when the weights moved);
         ignored by models with one-hot / descriptor / learned residues.
@@ -1061,6 +1063,7 @@ def run_evaluate(
 
     import torch
 
+    from protloc.data.sequences import default_sequences, read_sequences
     from protloc.eval.evaluate import (
         METRICS,
         EvaluationResult,
@@ -1069,8 +1072,9 @@ def run_evaluate(
         sequence_baseline,
         vqgan_ceiling,
     )
+    from protloc.eval.load import load_celle_run
     from protloc.eval.predict import SamplingConfig
-    from protloc.train.celle import EmbedderConfig, _default_sequences, load_celle_run, read_sequences
+    from protloc.models.embedders import EmbedderConfig
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -1091,7 +1095,7 @@ def run_evaluate(
         if not ckpt.exists():
             raise InputError("checkpoint not found (give a `protloc train celle` run or checkpoint folder)", path=ckpt)
     if sequences is None:
-        seq_source: str = str(_default_sequences(Path(crops.path)))
+        seq_source: str = str(default_sequences(Path(crops.path)))
         seqs = read_sequences(seq_source)
     elif isinstance(sequences, Mapping):
         seq_source = "mapping"

@@ -51,8 +51,9 @@ from protloc.data.world import make as world_make
 from protloc.data.world.compartments import COMPARTMENTS, WEIGHT_COLUMNS
 from protloc.data.world.render import RenderParams
 from protloc.data.world.synthetic import HUMAN_COMPOSITION, explain, plant_signal, sequence_weights
+from protloc.eval.load import load_celle_run
 from protloc.eval.predict import SamplingConfig, predict
-from protloc.train.celle import TrainCelleConfig, load_celle_run, train_celle
+from protloc.train.celle import TrainCelleConfig, train_celle
 from protloc.train.vqgan import TrainVQGANConfig, train_vqgan
 
 S = 16  # model image side: 64 px crops area-averaged 4x (1.6 um per pixel, a nucleus is ~7 px across)

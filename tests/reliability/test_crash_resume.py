@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from protloc.models.checkpoint import load_checkpoint
 from protloc.models.cytoself import Cytoself, CytoselfConfig
-from protloc.train.checkpoint import load_checkpoint
 from protloc.train.loop import MetricsLogger
 
 S = 32  # the crop side of the cytoself_store fixture (conftest.py)

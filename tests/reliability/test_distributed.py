@@ -29,8 +29,8 @@ import torch
 
 from protloc.data.io import CropStore
 from protloc.models.celle import Celle, CelleConfig
+from protloc.models.checkpoint import load_checkpoint
 from protloc.models.cytoself import Cytoself, CytoselfConfig
-from protloc.train.checkpoint import load_checkpoint
 from protloc.train.loop import MetricsLogger
 
 S = 32  # the crop side of the cytoself_store fixture (conftest.py)

@@ -13,7 +13,8 @@ import torch
 from protloc.cli import main
 from protloc.config import load_config
 from protloc.errors import ConfigError, InputError
-from protloc.train.celle import TrainCelleConfig, load_celle_run, train_celle
+from protloc.eval.load import load_celle_run
+from protloc.train.celle import TrainCelleConfig, train_celle
 from protloc.train.loop import MetricsLogger
 
 S = 32  # CELLE_S of tests/conftest.py (the celle_builders store and tokenizers)
@@ -166,7 +167,7 @@ def test_shipped_yaml_equals_preset(name):
 
 def test_sequence_encoder_memory_blank_and_errors(tmp_path):
     from protloc.models.celle import CelleConfig
-    from protloc.train.celle import EmbedderConfig, SequenceEncoder
+    from protloc.models.embedders import EmbedderConfig, SequenceEncoder
 
     cfg = CelleConfig.tiny().replace(embedder="descriptors", text_dim=66)
     enc = SequenceEncoder(cfg, EmbedderConfig(cache_dir=str(tmp_path / "cache")))

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from protloc.config import load_config
 from protloc.data.io import CropStore
 from protloc.errors import ConfigError, InputError
+from protloc.models.checkpoint import load_checkpoint, load_trainer_state
 from protloc.models.cytoself import Cytoself, CytoselfConfig
-from protloc.train.checkpoint import load_checkpoint, load_trainer_state
 from protloc.train.cytoself import TrainCytoselfConfig, train_cytoself
 from protloc.train.loop import MetricsLogger
 

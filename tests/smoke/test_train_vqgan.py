@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from protloc.config import load_config
+from protloc.data.datasets import VQGANCrops
 from protloc.data.io import CropStore
 from protloc.data.preprocess import threshold_mean
 from protloc.errors import ConfigError, InputError
+from protloc.models.checkpoint import load_checkpoint, load_trainer_state
 from protloc.models.vqgan import VQGAN, VQGANConfig
-from protloc.train.checkpoint import load_checkpoint, load_trainer_state
 from protloc.train.loop import MetricsLogger
-from protloc.train.vqgan import TrainVQGANConfig, VQGANCrops, train_vqgan
+from protloc.train.vqgan import TrainVQGANConfig, train_vqgan
 
 ROOT = Path(__file__).resolve().parents[2]
 S = 64

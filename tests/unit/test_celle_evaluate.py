@@ -23,10 +23,11 @@ from protloc.eval.evaluate import (
     sequence_features,
     vqgan_ceiling,
 )
+from protloc.eval.load import load_celle_run
 from protloc.eval.predict import SamplingConfig
+from protloc.models.checkpoint import save_checkpoint
 from protloc.models.vqgan import VQGAN, VQGANConfig
-from protloc.train.celle import TrainCelleConfig, load_celle_run, train_celle
-from protloc.train.checkpoint import save_checkpoint
+from protloc.train.celle import TrainCelleConfig, train_celle
 
 S0, S = 40, 32  # stored crops, model images: random 32 px windows of 40 px crops
 N_TRAIN, N_VAL = 12, 9

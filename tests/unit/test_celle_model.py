@@ -6,8 +6,8 @@ import torch
 from protloc.config import apply_overrides, config_from_dict, config_to_dict
 from protloc.errors import ConfigError, InputError
 from protloc.models.celle import Celle, CelleConfig, CelleLossWeights
+from protloc.models.checkpoint import load_checkpoint, save_checkpoint
 from protloc.models.embedders import OneHotEmbedder
-from protloc.train.checkpoint import load_checkpoint, save_checkpoint
 
 SEQS = ["MKVLAAGICWRRDEEQQHP", "MSTNPKPQRKTKRNTNRRPQDVKFPGGGQIVGGVYLLPRRGPRLGVRATRKTSERSQPRGRRQPIPKAR", "MAY"]
 ONEHOT = OneHotEmbedder()

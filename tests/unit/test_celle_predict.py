@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from protloc.errors import ConfigError, InputError
+from protloc.eval.load import CelleRun
 from protloc.eval.predict import (
     SamplingConfig,
     filter_top_k,
@@ -16,8 +17,8 @@ from protloc.eval.predict import (
     probability_map,
 )
 from protloc.models.celle import Celle, CelleConfig
+from protloc.models.embedders import SequenceEncoder
 from protloc.models.vqgan import VQGAN, VQGANConfig
-from protloc.train.celle import CelleRun, SequenceEncoder
 
 torch.set_num_threads(1)
 

@@ -23,11 +23,12 @@ from protloc.analysis.screens import (
     truncation_series,
 )
 from protloc.errors import ConfigError, InputError
+from protloc.eval.load import CelleRun
 from protloc.eval.predict import SamplingConfig, predict
 from protloc.models.celle import Celle, CelleConfig
+from protloc.models.embedders import SequenceEncoder
 from protloc.models.vqgan import VQGAN, VQGANConfig
 from protloc.plotting.screens import plot_residue_attention, plot_screen
-from protloc.train.celle import CelleRun, SequenceEncoder
 
 torch.set_num_threads(1)
 

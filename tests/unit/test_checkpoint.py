@@ -1,4 +1,4 @@
-"""Tests for protloc.train.checkpoint: safetensors checkpoints, strict loads, atomic saves."""
+"""Tests for protloc.models.checkpoint: safetensors checkpoints, strict loads, atomic saves."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from protloc.errors import InputError
-from protloc.models.cytoself import Cytoself, CytoselfConfig
-from protloc.train.checkpoint import (
+from protloc.models.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     load_model_weights,
@@ -23,6 +22,7 @@ from protloc.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from protloc.models.cytoself import Cytoself, CytoselfConfig
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from protloc.config import load_config
 from protloc.errors import InputError
-from protloc.eval.embed import load_cytoself
+from protloc.eval.load import load_celle_run, load_cytoself, load_tokenizer
 from protloc.pretrained import PRETRAINED, list_pretrained, pretrained_path, read_recipe, resolve_checkpoint
-from protloc.train.celle import TrainCelleConfig, load_celle_run, load_tokenizer
+from protloc.train.celle import TrainCelleConfig
 from protloc.train.cytoself import TrainCytoselfConfig
 from protloc.train.vqgan import TrainVQGANConfig
 

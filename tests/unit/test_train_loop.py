@@ -198,7 +198,7 @@ def test_seed_process_gives_other_ranks_their_own_reproducible_stream() -> None:
 
 
 def test_restore_process_rng_takes_this_process_state_or_reseeds() -> None:
-    from protloc.train.checkpoint import capture_rng_state
+    from protloc.models.checkpoint import capture_rng_state
     from protloc.train.loop import process_rng_states, restore_process_rng, seed_everything
 
     seed_everything(3)

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from protloc.config import config_from_dict, config_to_dict
 from protloc.errors import ConfigError
+from protloc.eval.metrics import threshold_metrics
 from protloc.models.vqgan import (
     VQGAN,
     AttnBlock,
@@ -19,7 +20,6 @@ from protloc.models.vqgan import (
     hinge_d_loss,
     vanilla_d_loss,
 )
-from protloc.train.vqgan import threshold_metrics
 
 
 @pytest.fixture(autouse=True)

@@ -60,7 +60,7 @@ from protloc.eval.predict import (
 )
 
 if TYPE_CHECKING:
-    from protloc.train.celle import CelleRun
+    from protloc.eval.load import CelleRun
 
 __all__ = [
     "KINDS",
@@ -367,7 +367,7 @@ def run_screen(
     Parameters
     ----------
     run
-        A loaded CELL-E (:func:`protloc.train.celle.load_celle_run`).
+        A loaded CELL-E (:func:`protloc.eval.load.load_celle_run`).
     variants
         From the generators above (or hand-made); row 0 is the reference for ``delta`` (the generators put
         the wild type first).

@@ -34,9 +34,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from protloc.data.io import CropStore
+from protloc.data.preprocess import threshold_mean
 from protloc.data.sequences import crop_is_full_end, crop_sequence
 from protloc.errors import ConfigError, InputError
 
@@ -44,6 +47,8 @@ __all__ = [
     "CelleDataset",
     "CropBatchSampler",
     "CropDataset",
+    "TokenizerKind",
+    "VQGANCrops",
     "apply_d4",
     "d4_codes",
     "make_label_map",
@@ -52,6 +57,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ShuffleMode = Literal["chunks", "random", "none"]
+#: The two images CELL-E tokenizes: the nucleus crop and the protein's threshold image.
+TokenizerKind = Literal["nucleus", "threshold"]
 
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
@@ -771,3 +778,127 @@ class CelleDataset(Dataset):
             f"CelleDataset({str(self.base.store_path)!r}, split={self.split!r}, n={len(self)}, "
             f"image_size={self.image_size}, crop_size={self.crop_size}, augment={self.augment})"
         )
+
+
+class VQGANCrops(Dataset):
+    """Single-channel images for a tokenizer, from a CELL-E crop store (lazy Zarr reads).
+
+    Items are ``{"image": float32 [1, S, S], "index": int64}`` plus ``"nucleus"`` ``[1, S, S]`` when
+    ``with_nucleus`` (the reference image, for the nucleus-proportion metric of the threshold tokenizer).
+
+    Parameters
+    ----------
+    store
+        The crop store (``OUT/celle.zarr``).
+    split
+        ``split`` column value to keep.
+    kind
+        ``"nucleus"``: the ``nucleus`` channel; ``"threshold"``: the mean-thresholded protein image.
+    image_size
+        Output side; crops larger than that are area-averaged down, and the threshold image is then
+        recomputed as ``pixel >= mean`` of the resized ``protein`` crop (paper Sec. 4.3; the stored
+        ``threshold`` channel is used when no resizing happens).
+    augment
+        Flip each crop horizontally and / or vertically, drawn from a hash of ``(seed, epoch, crop)``
+        like :func:`d4_codes` (reproducible whatever the order or workers).
+    seed
+        Augmentation seed.
+    with_nucleus
+        Also return the (resized, flipped alike) nucleus crop.
+    cache_chunks
+        Decompressed Zarr chunks kept per channel (see :class:`CropDataset`).
+
+    Raises
+    ------
+    InputError
+        If the store lacks a needed channel or the split, or ``image_size`` exceeds the crop size.
+    """
+
+    def __init__(
+        self,
+        store: CropStore | str | os.PathLike,
+        *,
+        split: str,
+        kind: TokenizerKind,
+        image_size: int,
+        augment: bool = False,
+        seed: int = 0,
+        with_nucleus: bool = False,
+        cache_chunks: int = 0,
+    ) -> None:
+        opened = store if isinstance(store, CropStore) else CropStore.open(store)
+        if image_size > opened.size:
+            raise InputError(
+                f"data.image_size {image_size} is larger than the store's {opened.size}x{opened.size} crops",
+                path=opened.path,
+            )
+        self.kind = kind
+        self.image_size = int(image_size)
+        self.resize = self.image_size != opened.size
+        source = "nucleus" if kind == "nucleus" else ("protein" if self.resize else "threshold")
+        channels = [source]
+        if with_nucleus and source != "nucleus":
+            channels.append("nucleus")
+        self.with_nucleus = bool(with_nucleus)
+        self.base = CropDataset(opened, split=split, channels=channels, label_map=None, cache_chunks=cache_chunks)
+        self.augment = bool(augment)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    @property
+    def crop_index(self) -> np.ndarray:
+        """Store rows of the items (for :class:`CropBatchSampler`)."""
+        return self.base.crop_index
+
+    @property
+    def chunk_size(self) -> int:
+        """Crops per Zarr chunk of the store."""
+        return self.base.chunk_size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draw of pass ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        n = len(self)
+        if not -n <= int(i) < n:
+            raise IndexError(f"item {i} out of range for a dataset of {n} crops")
+        batch = self.read_batch([int(i) % n])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Tensor]]:
+        """Batched fetch used by :class:`~torch.utils.data.DataLoader` (one Zarr read per chunk)."""
+        batch = self.read_batch(items)
+        return [{k: v[j] for k, v in batch.items()} for j in range(len(batch["index"]))]
+
+    def read_batch(self, items: Sequence[int] | np.ndarray) -> dict[str, Tensor]:
+        """Read, resize, threshold and flip several items; see the class docstring for the keys."""
+        raw = self.base.read_batch(items)
+        crops = raw["index"]
+        stack = raw["image"]  # [B, C, 256, 256] float32, channels as in self.base.channels
+        if self.resize:
+            # Area averaging (adaptive average pooling): the mean of each output pixel's footprint.
+            stack = F.interpolate(stack, size=(self.image_size, self.image_size), mode="area")
+        image = stack[:, :1]
+        if self.kind == "threshold":
+            if self.resize:
+                image = torch.from_numpy(threshold_mean(image.numpy()).astype(np.float32))
+            else:
+                image = (image > 0).float()  # the stored uint8 {0, 1} channel
+        out = {"image": image}
+        if self.with_nucleus:
+            out["nucleus"] = stack[:, :1] if self.kind == "nucleus" else stack[:, 1:2]
+        if self.augment and len(crops):
+            # Two bits of the per-crop hash: bit 0 = left-right flip, bit 1 = up-down flip.
+            codes = torch.from_numpy(d4_codes(self.seed, self.epoch, crops.numpy()))
+            flip_h = (codes & 1).bool().view(-1, 1, 1, 1)
+            flip_v = (codes & 2).bool().view(-1, 1, 1, 1)
+            for key, value in out.items():
+                value = torch.where(flip_h, value.flip(-1), value)
+                out[key] = torch.where(flip_v, value.flip(-2), value)
+        out = {k: v.contiguous() for k, v in out.items()}
+        out["index"] = crops
+        return out

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from protloc._fs import atomic_path
+from protloc.data.io import read_table
 from protloc.errors import ConfigError, InputError
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "read_fasta",
     "write_fasta",
     "uniprot_accession",
+    "read_sequences",
+    "default_sequences",
 ]
 
 logger = logging.getLogger(__name__)
@@ -567,3 +570,29 @@ def uniprot_accession(record_id: str) -> str | None:
     else:
         candidate = token
     return candidate if _UNIPROT_ACC.match(candidate) else None
+
+
+def read_sequences(path: str | os.PathLike) -> dict[str, str]:
+    """``protein_id`` -> sequence from a FASTA file or a table with ``protein_id`` and ``sequence`` columns."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("sequence file not found", path=p)
+    name = p.name.lower().removesuffix(".gz")
+    if name.endswith((".fasta", ".fa", ".faa", ".fas")):
+        return read_fasta(p)
+    table = read_table(p, required=("protein_id", "sequence"), unique=("protein_id",), dtype={"protein_id": str})
+    return {
+        str(pid): validate_sequence(str(s), name=str(pid), path=p)
+        for pid, s in zip(table["protein_id"], table["sequence"], strict=True)
+    }
+
+
+def default_sequences(store: Path) -> Path:
+    """The sequence file beside a crop store: ``sequences.fasta``, else ``proteins.csv`` (from `protloc prepare`)."""
+    for name in ("sequences.fasta", "proteins.csv"):
+        candidate = store.parent / name
+        if candidate.is_file():
+            return candidate
+    raise InputError(
+        "data.sequences is not set and neither sequences.fasta nor proteins.csv lies beside the store", path=store
+    )

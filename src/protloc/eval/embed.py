@@ -37,7 +37,6 @@ from typing import Any
 import anndata as ad
 import h5py
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -45,40 +44,11 @@ from protloc._fs import atomic_path, check_overwrite, resumable_dir
 from protloc.config import config_to_dict
 from protloc.data.io import CropStore
 from protloc.errors import InputError
-from protloc.models.cytoself import Cytoself, CytoselfConfig
-from protloc.train.checkpoint import load_checkpoint
+from protloc.eval.load import load_cytoself_for_inference
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["embed", "load_cytoself", "load_cytoself_for_inference", "read_obsm"]
-
-
-def load_cytoself(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu") -> Cytoself:
-    """Load a trained cytoself model (strictly) and put it in eval mode.
-
-    Parameters
-    ----------
-    checkpoint
-        A checkpoint folder (``model.safetensors`` + ``config.json``) or a run folder holding
-        ``best/`` (preferred) or ``last/``.
-    device
-        Torch device.
-    """
-    path = Path(checkpoint)
-    if not (path / "model.safetensors").is_file():
-        for sub in ("best", "last"):
-            if (path / sub / "model.safetensors").is_file():
-                path = path / sub
-                break
-        else:
-            raise InputError("no model.safetensors here, nor in best/ or last/", path=checkpoint)
-    model, _, _ = load_checkpoint(path, model_cls=Cytoself, config_cls=CytoselfConfig, map_location="cpu")
-    return model.to(device).eval()
-
-
-def load_cytoself_for_inference(checkpoint: str | os.PathLike, *, device: str | torch.device = "cpu") -> Cytoself:
-    """:func:`load_cytoself` with BatchNorm folded into the convolutions (eval only, ~1.3x faster on CPU)."""
-    return load_cytoself(checkpoint, device=device).fuse_for_inference()
+__all__ = ["embed", "read_obsm"]
 
 
 def _create_obsm(f: h5py.File, key: str, shape: tuple[int, int], dtype: Any, rows_per_chunk: int) -> h5py.Dataset:
@@ -283,8 +253,3 @@ def read_obsm(path: str | os.PathLike, key: str, *, rows: np.ndarray | None = No
             out[order] = ds[rows[order]]
             return out
         return ds[rows]
-
-
-def obs_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read only the ``obs`` table of an ``.h5ad`` file."""
-    return ad.read_h5ad(path, backed="r").obs.copy()

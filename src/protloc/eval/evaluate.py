@@ -2,7 +2,7 @@
 
 Three "models" are evaluated on the *same* crops and reported in the same format:
 
-- :func:`evaluate_celle`: a trained CELL-E (:class:`~protloc.train.celle.CelleRun`). S.3.7: "we generated
+- :func:`evaluate_celle`: a trained CELL-E (:class:`~protloc.eval.load.CelleRun`). S.3.7: "we generated
   a single prediction per image found in the OpenCell set. Each image was randomly cropped and flipped
   similar to training, but cropped regions and flips were maintained between models." One threshold image
   is sampled per crop (:func:`~protloc.eval.predict.generate`) and decoded, together with the 2D
@@ -65,7 +65,7 @@ from protloc.eval.metrics import (
 from protloc.eval.predict import SamplingConfig, generate, probability_map
 
 if TYPE_CHECKING:
-    from protloc.train.celle import CelleRun
+    from protloc.eval.load import CelleRun
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -212,7 +212,7 @@ def select_crops(n: int, max_crops: int | None, seed: int) -> np.ndarray:
 
 
 def _as_run(run: CelleRun | str | os.PathLike) -> CelleRun:
-    from protloc.train.celle import CelleRun, load_celle_run
+    from protloc.eval.load import CelleRun, load_celle_run
 
     if isinstance(run, CelleRun):
         return run
@@ -345,7 +345,7 @@ def evaluate_celle(
     Parameters
     ----------
     run
-        A trained CELL-E (:func:`~protloc.train.celle.load_celle_run`) or the path of its run folder. The
+        A trained CELL-E (:func:`~protloc.eval.load.load_celle_run`) or the path of its run folder. The
         crops have the run's ``image_size`` / ``crop_size`` and sequence window (``max_residues``,
         ``eval_window``).
     store

@@ -42,7 +42,7 @@ from protloc.eval.predict import SamplingConfig, _masked_left, _sample
 from protloc.models.celle import Celle
 
 if TYPE_CHECKING:
-    from protloc.train.celle import CelleRun
+    from protloc.eval.load import CelleRun
 
 __all__ = ["MASK_CHAR", "STANDARD_AMINO_ACIDS", "FillResult", "fill_residues", "fill_sequences", "parse_masked"]
 
@@ -227,7 +227,7 @@ def fill_sequences(
     Parameters
     ----------
     run
-        A masked-mode CELL-E trained with ``"text"`` masked (:func:`protloc.train.celle.load_celle_run`).
+        A masked-mode CELL-E trained with ``"text"`` masked (:func:`protloc.eval.load.load_celle_run`).
     sequences
         ``B`` sequences with ``_`` at the residues to fill, each within the model's ``max_residues``.
     nucleus_images, threshold_images

@@ -13,7 +13,7 @@ Images, as in the paper:
   whose pixels are lowered where the model is unsure;
 - *target threshold image*: the ground-truth protein image binarised at its mean, {0, 1};
 - *nucleus mask*: the paper segments the nucleus channel with Cellpose (S.3.7, Fig. S.10); we use the
-  mean-threshold stand-in of :func:`protloc.train.vqgan.nucleus_mask` (see :func:`nucleus_mask`).
+  mean-threshold stand-in (see :func:`nucleus_mask`).
 
 Definitions (S.3.7 wording quoted in each function):
 
@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protloc.errors import InputError
-from protloc.train import vqgan as _vqgan
 
 __all__ = [
     "celle_metrics",
@@ -54,8 +53,49 @@ __all__ = [
     "pdf_pixel_accuracy",
     "ssim",
     "summarize",
+    "threshold_metrics",
     "threshold_pixel_accuracy",
 ]
+
+
+def _mean_mask(nucleus: Tensor) -> Tensor:
+    """Nucleus mask of reference crops ``[B, 1, S, S]``: ``pixel >= mean`` of each crop (bool).
+
+    The paper segments the nucleus channel with Cellpose (S.3.7); a mean threshold is a cheap, model-free
+    stand-in that marks the bright nuclei of a crop (the same rule as the protein threshold, Sec. 4.3).
+    """
+    return nucleus >= nucleus.mean(dim=(-2, -1), keepdim=True)
+
+
+def threshold_metrics(reconstruction: Tensor, target: Tensor, nucleus: Tensor) -> dict[str, Tensor]:
+    """Per-image accuracies of a threshold-image reconstruction (paper S.3.7, Table S.2).
+
+    Parameters
+    ----------
+    reconstruction
+        ``[B, 1, S, S]`` decoder output; binarized at 0.5.
+    target
+        ``[B, 1, S, S]`` {0, 1} threshold image.
+    nucleus
+        ``[B, 1, S, S]`` nucleus reference crops (masked with :func:`nucleus_mask`'s rule, unchecked).
+
+    Returns
+    -------
+    dict
+        ``pixel_accuracy`` ``[B]``: fraction of pixels where the binarized reconstruction equals the
+        target (1 - pixel MAE); ``nucleus_proportion_accuracy`` ``[B]``: ``1 - |p_rec - p_target|``, ``p``
+        = fraction of an image's threshold pixels inside the nucleus mask (0 for an empty image).
+    """
+    pred = (reconstruction >= 0.5).float()
+    tgt = (target >= 0.5).float()
+    mask = _mean_mask(nucleus).float()
+    pixel = (pred == tgt).float().mean(dim=(1, 2, 3))
+
+    def proportion(x: Tensor) -> Tensor:
+        return (x * mask).sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3)).clamp_min(1.0)
+
+    return {"pixel_accuracy": pixel, "nucleus_proportion_accuracy": 1.0 - (proportion(pred) - proportion(tgt)).abs()}
+
 
 #: Column of :func:`summarize`'s table holding the number of images of each protein (not a metric).
 N_IMAGES = "n_images"
@@ -98,7 +138,7 @@ def _as_mask(mask: Tensor) -> Tensor:
 
 
 def _binarize(x: Tensor) -> Tensor:
-    """Binary {0, 1} float image: ``x >= 0.5`` (the rule of :func:`protloc.train.vqgan.threshold_metrics`)."""
+    """Binary {0, 1} float image: ``x >= 0.5`` (the rule of :func:`threshold_metrics`)."""
     return (x >= 0.5).float()
 
 
@@ -112,8 +152,8 @@ def nucleus_mask(nucleus: Tensor) -> Tensor:
 
     The paper masks the nucleus channel with Cellpose (S.3.7: "we first create a mask (Fig. S.10) of the
     nucleus channel using Cellpose"). protloc does not depend on Cellpose; this is the model-free
-    stand-in used throughout the package, :func:`protloc.train.vqgan.nucleus_mask` (``pixel >= mean`` of
-    each crop), so the metrics here agree with the VQGAN trainer's reconstruction ceiling.
+    stand-in used throughout the package (``pixel >= mean`` of each crop), so the metrics here agree with
+    the VQGAN trainer's reconstruction ceiling (:func:`threshold_metrics`).
 
     Parameters
     ----------
@@ -126,7 +166,7 @@ def nucleus_mask(nucleus: Tensor) -> Tensor:
         ``[B, 1, S, S]`` bool, True inside the nucleus.
     """
     (nucleus,) = _check_images(nucleus=nucleus)
-    return _vqgan.nucleus_mask(nucleus)
+    return _mean_mask(nucleus)
 
 
 # ---------------------------------------------------------------------------------- nucleus proportion
@@ -448,7 +488,7 @@ def celle_metrics(
     _check_images(**images)
     if pdf_normalize not in ("clip", "max"):
         raise InputError(f"pdf_normalize must be 'clip' or 'max', got {pdf_normalize!r}")
-    mask = _vqgan.nucleus_mask(nucleus)
+    mask = nucleus_mask(nucleus)
     pred_bin, target_bin = _binarize(pred_threshold), _binarize(target_threshold)
     # the proportion is scale-free, so only the clipping to [0, 1] of "clip" can change it
     located = pred_bin if pdf is None else (_float(pdf).clamp(0.0, 1.0) if pdf_normalize == "clip" else pdf)

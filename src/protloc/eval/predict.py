@@ -24,7 +24,7 @@ S.3.7; CELL-E 2 for the masked mode):
   the mixture; values are clipped to [0, 1] and each image is normalised to a 2D PDF. (The reference
   demo multiplies raw logits, not probabilities.)
 
-- :func:`predict` wraps both for a loaded run (:func:`protloc.train.celle.load_celle_run`): deterministic
+- :func:`predict` wraps both for a loaded run (:func:`protloc.eval.load.load_celle_run`): deterministic
   N-terminal sequence window, nucleus tokenization, ``samples`` draws per input, decoded threshold
   images, the mean probability map and the nucleus proportion of S.3.7.
 
@@ -57,7 +57,7 @@ from protloc.models.celle import Celle, trimmed_text_len
 from protloc.models.vqgan import VQGAN
 
 if TYPE_CHECKING:
-    from protloc.train.celle import CelleRun
+    from protloc.eval.load import CelleRun
 
 __all__ = [
     "GenerationResult",
@@ -220,7 +220,7 @@ def generate(
     text
         ``text_mask`` ``bool [B, L]`` and ``text_emb`` ``[B, L, text_dim]`` (frozen embedder) and / or
         ``text_ids`` ``int64 [B, L]`` (``learned`` embedder), e.g. from
-        :class:`protloc.train.celle.SequenceEncoder`. Embedded once, whatever the number of steps.
+        :class:`protloc.models.embedders.SequenceEncoder`. Embedded once, whatever the number of steps.
     nucleus
         Nucleus token ids ``[B, G]`` or ``[B, g, g]``.
     sampling
@@ -412,7 +412,7 @@ def predict(
     Parameters
     ----------
     run
-        A trained model with its tokenizers and sequence encoder (:func:`protloc.train.celle.load_celle_run`).
+        A trained model with its tokenizers and sequence encoder (:func:`protloc.eval.load.load_celle_run`).
     sequences
         ``B`` amino-acid sequences; longer than ``max_residues`` ones are cropped to the N-terminal
         window (deterministic; the reference draws a random window even at evaluation).

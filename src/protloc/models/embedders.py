@@ -44,9 +44,11 @@ import logging
 import os
 import pickle
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -56,15 +58,20 @@ from protloc._fs import atomic_path
 from protloc.data.sequences import ALPHABET, STANDARD, Tokenizer
 from protloc.errors import ConfigError, InputError, ProtlocError
 
+if TYPE_CHECKING:
+    from protloc.models.celle import CelleConfig
+
 __all__ = [
     "DESCRIPTOR_SCALES",
     "EMBEDDERS",
+    "EmbedderConfig",
     "DescriptorEmbedder",
     "ESM2Embedder",
     "Embedder",
     "EmbeddingCache",
     "LearnedEmbedder",
     "OneHotEmbedder",
+    "SequenceEncoder",
     "TAPEEmbedder",
     "build_embedder",
     "descriptor_table",
@@ -800,3 +807,133 @@ def pad_embeddings(embeddings: Sequence[Tensor], *, length: int | None = None) -
         emb[i, : e.shape[0]] = e
         mask[i, : e.shape[0]] = True
     return emb, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# CELL-E's sequence inputs: token ids, masks and frozen embeddings, each window embedded once
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """Where the sequence embedder named by ``model.embedder`` comes from.
+
+    Attributes
+    ----------
+    path
+        Local weights for ``esm2`` / ``tape`` (nothing is downloaded).
+    cache_dir
+        On-disk cache of per-window embeddings (safetensors); empty: in memory only.
+    memory_items
+        Embedded windows kept in memory (least recently used are dropped).
+    """
+
+    path: str = ""
+    cache_dir: str = ""
+    memory_items: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.memory_items < 0:
+            raise ConfigError(f"embedder.memory_items must be >= 0, got {self.memory_items}")
+
+
+class SequenceEncoder:
+    """Token ids, masks and (frozen) embeddings of sequence windows, each window embedded once.
+
+    Parameters
+    ----------
+    config
+        The CELL-E model config (``embedder``, ``text_dim``, ``max_residues``).
+    embedder
+        Where the embedder's weights and cache live.
+    device
+        Device the embedder runs on and outputs go to.
+    blank
+        Replace every sequence by padding (only the start token): the "no sequence" ablation.
+
+    Notes
+    -----
+    The ``learned`` embedder is part of the model (it trains); then only ids and masks are produced.
+    """
+
+    def __init__(
+        self,
+        config: CelleConfig,
+        embedder: EmbedderConfig | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        blank: bool = False,
+    ) -> None:
+        embedder = embedder or EmbedderConfig()
+        self.config = config
+        self.device = torch.device(device)
+        self.blank = bool(blank)
+        self.trainable = EMBEDDERS[config.embedder].trainable
+        self.embedder = None
+        self.cache = None
+        if not self.trainable:
+            kwargs: dict[str, Any] = {}
+            if config.embedder in ("esm2", "tape"):
+                path = embedder.path or config.embedder_path
+                if not path:
+                    raise ConfigError(
+                        f"the {config.embedder} embedder needs local weights: set embedder.path (nothing is downloaded)"
+                    )
+                kwargs["path"] = path
+            self.embedder = build_embedder(config.embedder, **kwargs).to(self.device)
+            if self.embedder.dim != config.text_dim:
+                raise ConfigError(
+                    f"the {config.embedder} embedder gives {self.embedder.dim}-dimensional vectors but "
+                    f"model.text_dim is {config.text_dim}: set model.text_dim={self.embedder.dim}"
+                )
+            self.cache = EmbeddingCache(embedder.cache_dir) if embedder.cache_dir else None
+        self.memory: OrderedDict[tuple[str, bool], Tensor] = OrderedDict()
+        self.memory_items = embedder.memory_items
+
+    def _embed(self, seqs: Sequence[str], ends: Sequence[bool]) -> list[Tensor]:
+        assert self.embedder is not None
+        out: list[Tensor | None] = [None] * len(seqs)
+        todo: list[int] = []
+        for i, key in enumerate(zip(seqs, ends, strict=True)):
+            hit = self.memory.get(key)
+            if hit is not None:
+                self.memory.move_to_end(key)
+                out[i] = hit
+            else:
+                todo.append(i)
+        if todo:
+            fresh = self.embedder.embed_sequences(
+                [seqs[i] for i in todo],
+                max_len=self.config.max_residues,
+                add_end=[ends[i] for i in todo],
+                cache=self.cache,
+            )
+            for i, vec in zip(todo, fresh, strict=True):
+                out[i] = vec
+                if self.memory_items:
+                    self.memory[(seqs[i], ends[i])] = vec
+            while len(self.memory) > self.memory_items:
+                self.memory.popitem(last=False)
+        return [t for t in out if t is not None]
+
+    def __call__(self, seqs: Sequence[str], add_end: Sequence[bool] | Tensor) -> dict[str, Tensor]:
+        """``text_ids``, ``text_mask`` (and ``text_emb`` for a frozen embedder) of a batch, on ``device``."""
+        ends = [bool(e) for e in (add_end.tolist() if isinstance(add_end, Tensor) else add_end)]
+        tok = _TOKENIZER
+        if self.blank:
+            b = len(seqs)
+            ids = torch.full((b, 1), tok.cls_id, dtype=torch.int64)
+            mask = torch.ones(b, 1, dtype=torch.bool)
+            out = {"text_ids": ids.to(self.device), "text_mask": mask.to(self.device)}
+            if self.embedder is not None:
+                out["text_emb"] = self.embedder(out["text_ids"], out["text_mask"]).float()
+            return out
+        ids_np, mask_np = tok.encode_batch(list(seqs), max_len=self.config.max_residues, add_end=ends)
+        out = {
+            "text_ids": torch.from_numpy(ids_np).to(self.device),
+            "text_mask": torch.from_numpy(mask_np).to(self.device),
+        }
+        if self.embedder is not None:
+            emb, _ = pad_embeddings(self._embed(list(seqs), ends), length=ids_np.shape[1])
+            out["text_emb"] = emb.to(self.device)
+        return out

@@ -31,13 +31,12 @@ tokenizers and the sequence encoder from a run (checking the tokenizer weights a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,19 +47,18 @@ from torch.utils.data import DataLoader
 
 from protloc.config import save_config
 from protloc.data.datasets import CelleDataset, CropBatchSampler
-from protloc.data.io import CropStore, read_table
-from protloc.data.sequences import Tokenizer, read_fasta, validate_sequence
+from protloc.data.io import CropStore
+from protloc.data.sequences import default_sequences, read_sequences
 from protloc.errors import ConfigError, InputError
+from protloc.eval.load import load_tokenizer
 from protloc.models.celle import Celle, CelleConfig
-from protloc.models.embedders import EMBEDDERS, EmbeddingCache, build_embedder, pad_embeddings
-from protloc.models.vqgan import VQGAN, VQGANConfig
-from protloc.train.checkpoint import (
-    MODEL_FILE,
-    load_checkpoint,
+from protloc.models.checkpoint import (
     load_model_weights,
     load_trainer_state,
     save_checkpoint,
 )
+from protloc.models.embedders import EmbedderConfig, SequenceEncoder
+from protloc.models.vqgan import VQGAN
 from protloc.train.loop import (
     MetricsLogger,
     check_adam_options,
@@ -80,26 +78,17 @@ from protloc.train.loop import (
 from protloc.train.loop import check_config as _check
 
 __all__ = [
-    "PRECISIONS",
-    "set_precision",
     "CelleDataConfig",
     "CelleOptimConfig",
-    "CelleRun",
     "CelleScheduleConfig",
-    "EmbedderConfig",
-    "SequenceEncoder",
     "TokenizerConfig",
     "TrainCelleConfig",
-    "load_celle_run",
-    "load_tokenizer",
-    "read_sequences",
     "train_celle",
 ]
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-_TOKENIZER = Tokenizer()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,28 +184,6 @@ class TokenizerConfig:
 
     nucleus: str = ""
     threshold: str = ""
-
-
-@dataclass(frozen=True)
-class EmbedderConfig:
-    """Where the sequence embedder named by ``model.embedder`` comes from.
-
-    Attributes
-    ----------
-    path
-        Local weights for ``esm2`` / ``tape`` (nothing is downloaded).
-    cache_dir
-        On-disk cache of per-window embeddings (safetensors); empty: in memory only.
-    memory_items
-        Embedded windows kept in memory (least recently used are dropped).
-    """
-
-    path: str = ""
-    cache_dir: str = ""
-    memory_items: int = 4096
-
-    def __post_init__(self) -> None:
-        _check(self.memory_items >= 0, f"embedder.memory_items must be >= 0, got {self.memory_items}")
 
 
 @dataclass(frozen=True)
@@ -342,208 +309,6 @@ class TrainCelleConfig:
             save_every=0,
         )
 
-
-# --------------------------------------------------------------------------------------------------
-# tokenizers, sequences, embeddings
-# --------------------------------------------------------------------------------------------------
-
-
-def _checkpoint_dir(path: str | os.PathLike, what: str) -> Path:
-    """A checkpoint folder from a run folder (``best/``, else ``last/``) or a checkpoint folder."""
-    p = Path(path)
-    if not str(path):
-        raise ConfigError(f"tokenizers.{what} is not set: give the {what} VQGAN run of `protloc train vqgan`")
-    if (p / MODEL_FILE).is_file():
-        return p
-    for sub in ("best", "last"):
-        if (p / sub / MODEL_FILE).is_file():
-            return p / sub
-    raise InputError(f"no VQGAN checkpoint ({MODEL_FILE}) here or in best/ or last/", path=p)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_tokenizer(
-    path: str | os.PathLike,
-    kind: Literal["nucleus", "threshold"],
-    *,
-    sha256: str | None = None,
-    map_location: str | torch.device = "cpu",
-) -> tuple[VQGAN, Path, str]:
-    """Load a frozen VQGAN tokenizer.
-
-    Parameters
-    ----------
-    path
-        A ``protloc train vqgan`` run folder (``best/``, else ``last/``) or a checkpoint folder.
-    kind
-        ``"nucleus"`` or ``"threshold"``; must match the kind the checkpoint was trained as (when recorded).
-    sha256
-        Expected SHA-256 of its ``model.safetensors`` (a CELL-E run records it); a mismatch is an error.
-    map_location
-        Device of the weights.
-
-    Returns
-    -------
-    model
-        The VQGAN in eval mode with ``requires_grad`` off.
-    checkpoint
-        The checkpoint folder used.
-    digest
-        SHA-256 of its weights file.
-
-    Raises
-    ------
-    InputError
-        If no checkpoint is found, it is a different kind, or its weights changed.
-    """
-    ckpt = _checkpoint_dir(path, kind)
-    digest = _sha256(ckpt / MODEL_FILE)
-    if sha256 is not None and digest != sha256:
-        raise InputError(
-            f"the {kind} tokenizer's weights changed since the CELL-E model was trained with them "
-            f"(SHA-256 {digest[:12]}..., recorded {sha256[:12]}...)",
-            path=ckpt,
-        )
-    model, _, extra = load_checkpoint(ckpt, model_cls=VQGAN, config_cls=VQGANConfig, map_location=map_location)
-    trained_as = extra.get("kind")
-    if trained_as is not None and trained_as != kind:
-        raise InputError(f"this VQGAN was trained as the {trained_as!r} tokenizer, not the {kind!r} one", path=ckpt)
-    model.requires_grad_(False)
-    return model.eval(), ckpt, digest
-
-
-def read_sequences(path: str | os.PathLike) -> dict[str, str]:
-    """``protein_id`` -> sequence from a FASTA file or a table with ``protein_id`` and ``sequence`` columns."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("sequence file not found", path=p)
-    name = p.name.lower().removesuffix(".gz")
-    if name.endswith((".fasta", ".fa", ".faa", ".fas")):
-        return read_fasta(p)
-    table = read_table(p, required=("protein_id", "sequence"), unique=("protein_id",), dtype={"protein_id": str})
-    return {
-        str(pid): validate_sequence(str(s), name=str(pid), path=p)
-        for pid, s in zip(table["protein_id"], table["sequence"], strict=True)
-    }
-
-
-def _default_sequences(store: Path) -> Path:
-    for name in ("sequences.fasta", "proteins.csv"):
-        candidate = store.parent / name
-        if candidate.is_file():
-            return candidate
-    raise InputError(
-        "data.sequences is not set and neither sequences.fasta nor proteins.csv lies beside the store", path=store
-    )
-
-
-class SequenceEncoder:
-    """Token ids, masks and (frozen) embeddings of sequence windows, each window embedded once.
-
-    Parameters
-    ----------
-    config
-        The CELL-E model config (``embedder``, ``text_dim``, ``max_residues``).
-    embedder
-        Where the embedder's weights and cache live.
-    device
-        Device the embedder runs on and outputs go to.
-    blank
-        Replace every sequence by padding (only the start token): the "no sequence" ablation.
-
-    Notes
-    -----
-    The ``learned`` embedder is part of the model (it trains); then only ids and masks are produced.
-    """
-
-    def __init__(
-        self,
-        config: CelleConfig,
-        embedder: EmbedderConfig | None = None,
-        *,
-        device: torch.device | str = "cpu",
-        blank: bool = False,
-    ) -> None:
-        embedder = embedder or EmbedderConfig()
-        self.config = config
-        self.device = torch.device(device)
-        self.blank = bool(blank)
-        self.trainable = EMBEDDERS[config.embedder].trainable
-        self.embedder = None
-        self.cache = None
-        if not self.trainable:
-            kwargs: dict[str, Any] = {}
-            if config.embedder in ("esm2", "tape"):
-                path = embedder.path or config.embedder_path
-                if not path:
-                    raise ConfigError(
-                        f"the {config.embedder} embedder needs local weights: set embedder.path (nothing is downloaded)"
-                    )
-                kwargs["path"] = path
-            self.embedder = build_embedder(config.embedder, **kwargs).to(self.device)
-            if self.embedder.dim != config.text_dim:
-                raise ConfigError(
-                    f"the {config.embedder} embedder gives {self.embedder.dim}-dimensional vectors but "
-                    f"model.text_dim is {config.text_dim}: set model.text_dim={self.embedder.dim}"
-                )
-            self.cache = EmbeddingCache(embedder.cache_dir) if embedder.cache_dir else None
-        self.memory: OrderedDict[tuple[str, bool], Tensor] = OrderedDict()
-        self.memory_items = embedder.memory_items
-
-    def _embed(self, seqs: Sequence[str], ends: Sequence[bool]) -> list[Tensor]:
-        assert self.embedder is not None
-        out: list[Tensor | None] = [None] * len(seqs)
-        todo: list[int] = []
-        for i, key in enumerate(zip(seqs, ends, strict=True)):
-            hit = self.memory.get(key)
-            if hit is not None:
-                self.memory.move_to_end(key)
-                out[i] = hit
-            else:
-                todo.append(i)
-        if todo:
-            fresh = self.embedder.embed_sequences(
-                [seqs[i] for i in todo],
-                max_len=self.config.max_residues,
-                add_end=[ends[i] for i in todo],
-                cache=self.cache,
-            )
-            for i, vec in zip(todo, fresh, strict=True):
-                out[i] = vec
-                if self.memory_items:
-                    self.memory[(seqs[i], ends[i])] = vec
-            while len(self.memory) > self.memory_items:
-                self.memory.popitem(last=False)
-        return [t for t in out if t is not None]
-
-    def __call__(self, seqs: Sequence[str], add_end: Sequence[bool] | Tensor) -> dict[str, Tensor]:
-        """``text_ids``, ``text_mask`` (and ``text_emb`` for a frozen embedder) of a batch, on ``device``."""
-        ends = [bool(e) for e in (add_end.tolist() if isinstance(add_end, Tensor) else add_end)]
-        tok = _TOKENIZER
-        if self.blank:
-            b = len(seqs)
-            ids = torch.full((b, 1), tok.cls_id, dtype=torch.int64)
-            mask = torch.ones(b, 1, dtype=torch.bool)
-            out = {"text_ids": ids.to(self.device), "text_mask": mask.to(self.device)}
-            if self.embedder is not None:
-                out["text_emb"] = self.embedder(out["text_ids"], out["text_mask"]).float()
-            return out
-        ids_np, mask_np = tok.encode_batch(list(seqs), max_len=self.config.max_residues, add_end=ends)
-        out = {
-            "text_ids": torch.from_numpy(ids_np).to(self.device),
-            "text_mask": torch.from_numpy(mask_np).to(self.device),
-        }
-        if self.embedder is not None:
-            emb, _ = pad_embeddings(self._embed(list(seqs), ends), length=ids_np.shape[1])
-            out["text_emb"] = emb.to(self.device)
-        return out
 
 
 @torch.no_grad()
@@ -774,7 +539,7 @@ def train_celle(
     run = Path(run_dir)
     last_dir, best_dir = check_run_dir(run, resume=resume)
     store = _open_store(cfg)
-    seq_path = Path(cfg.data.sequences) if cfg.data.sequences else _default_sequences(store.path)
+    seq_path = Path(cfg.data.sequences) if cfg.data.sequences else default_sequences(store.path)
     sequences = read_sequences(seq_path)
     saved_extra: dict[str, Any] = {}
     if resume:
@@ -1057,128 +822,3 @@ def train_celle(
         best_step,
     )
     return summary
-
-
-# --------------------------------------------------------------------------------------------------
-# loading a trained run
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CelleRun:
-    """A trained CELL-E with everything needed to use it (see :func:`load_celle_run`).
-
-    Attributes
-    ----------
-    model
-        The transformer, eval mode.
-    nucleus, threshold
-        The frozen VQGAN tokenizers it was trained with.
-    encoder
-        The sequence encoder (embedder + cache) of the run.
-    checkpoint
-        The checkpoint folder loaded.
-    extra
-        The checkpoint's metadata (image size, tokenizer paths and hashes, step, validation record).
-    """
-
-    model: Celle
-    nucleus: VQGAN
-    threshold: VQGAN
-    encoder: SequenceEncoder
-    checkpoint: Path
-    extra: dict[str, Any]
-
-    @property
-    def image_size(self) -> int:
-        """Side of the images the tokenizers take."""
-        return int(self.extra["image_size"])
-
-
-#: Weight precisions of a loaded CELL-E for prediction (:func:`load_celle_run`, :func:`set_precision`):
-#: the floating dtype of the model; ``int8`` adds int8 weights in the transformer blocks' linear layers.
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
-
-
-def set_precision(model: Celle, precision: str) -> Celle:
-    """Put a CELL-E in a prediction precision, in place.
-
-    ``"fp32"``: as trained. ``"bf16"``: every weight (and so the KV cache) in bfloat16. ``"int8"``: bf16,
-    with the transformer blocks' linear layers holding int8 weights and per-channel scales
-    (:class:`protloc.nn.quant.Int8Linear`; a decoding step reads a quarter of the fp32 bytes). For
-    inference only: the reduced precisions cannot be trained or saved as checkpoints.
-    """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    model.to(PRECISIONS[precision])
-    if precision == "int8":
-        from protloc.nn.quant import quantize_linears
-
-        quantize_linears(model.blocks)
-    return model
-
-
-def _tokenizer_path(recorded: str, ckpt: Path) -> Path:
-    """A recorded tokenizer path; a relative one is relative to the CELL-E checkpoint folder.
-
-    Training records absolute paths; relative ones let a model travel with its tokenizers (the shipped
-    ``celle-tiny`` finds ``../vqgan-nucleus-tiny`` beside it).
-    """
-    path = Path(recorded)
-    return path if path.is_absolute() else ckpt / path
-
-
-def load_celle_run(
-    path: str | os.PathLike,
-    *,
-    embedder: EmbedderConfig | None = None,
-    map_location: str | torch.device = "cpu",
-    precision: str = "fp32",
-) -> CelleRun:
-    """Load a trained CELL-E (``best/`` of a run folder, else ``last/``, or a checkpoint folder).
-
-    The tokenizers are loaded from the paths recorded at training time (a relative one from the
-    checkpoint folder) and checked against the recorded SHA-256 of their weights.
-
-    Parameters
-    ----------
-    path
-        A ``protloc train celle`` run folder or one of its checkpoint folders.
-    embedder
-        Embedder weights / cache (default: the path recorded in the run, in-memory cache).
-    map_location
-        Device.
-    precision
-        ``"fp32"`` (as trained), ``"bf16"`` or ``"int8"`` (:func:`set_precision`): faster prediction on
-        CPUs with AVX512-BF16 and on GPUs, with token probabilities close to fp32
-        (``benchmarks/celle_speed.py`` measures the speed and the difference). The tokenizers stay in fp32.
-
-    Raises
-    ------
-    InputError
-        If the checkpoint or a tokenizer is missing or changed.
-    """
-    p = Path(path)
-    ckpt = p
-    if not (p / MODEL_FILE).is_file():
-        for sub in ("best", "last"):
-            if (p / sub / MODEL_FILE).is_file():
-                ckpt = p / sub
-                break
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    model, config, extra = load_checkpoint(ckpt, model_cls=Celle, config_cls=CelleConfig, map_location=map_location)
-    set_precision(model, precision)
-    tok = extra.get("tokenizers")
-    if not isinstance(tok, dict):
-        raise InputError("the checkpoint records no tokenizers (not a `protloc train celle` run?)", path=ckpt)
-    nucleus, _, _ = load_tokenizer(
-        _tokenizer_path(tok["nucleus"], ckpt), "nucleus", sha256=tok.get("nucleus_sha256"), map_location=map_location
-    )
-    threshold, _, _ = load_tokenizer(
-        _tokenizer_path(tok["threshold"], ckpt), "threshold", sha256=tok.get("threshold_sha256"),
-        map_location=map_location,
-    )
-    emb = embedder or EmbedderConfig(path=str(extra.get("embedder_path") or ""))
-    encoder = SequenceEncoder(config, emb, device=map_location, blank=extra.get("text") == "none")
-    return CelleRun(model=model, nucleus=nucleus, threshold=threshold, encoder=encoder, checkpoint=ckpt, extra=extra)

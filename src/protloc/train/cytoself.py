@@ -40,13 +40,13 @@ from protloc.config import save_config
 from protloc.data.datasets import CropBatchSampler, CropDataset, make_label_map
 from protloc.data.io import CropStore
 from protloc.errors import ConfigError, InputError
-from protloc.models.cytoself import Cytoself, CytoselfConfig
-from protloc.nn.syncbn import convert_sync_batchnorm
-from protloc.train.checkpoint import (
+from protloc.models.checkpoint import (
     load_model_weights,
     load_trainer_state,
     save_checkpoint,
 )
+from protloc.models.cytoself import Cytoself, CytoselfConfig
+from protloc.nn.syncbn import convert_sync_batchnorm
 from protloc.train.loop import (
     MetricsLogger,
     PlateauController,

@@ -26,7 +26,7 @@ import torch
 
 from protloc._fs import atomic_path
 from protloc.errors import ConfigError, InputError
-from protloc.train.checkpoint import TRAINER_FILE, capture_rng_state, load_checkpoint_config, restore_rng_state
+from protloc.models.checkpoint import TRAINER_FILE, capture_rng_state, load_checkpoint_config, restore_rng_state
 
 __all__ = [
     "MetricsLogger",

@@ -45,7 +45,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,13 +53,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from protloc.config import save_config
-from protloc.data.datasets import CropBatchSampler, CropDataset, d4_codes
+from protloc.data.datasets import CropBatchSampler, TokenizerKind, VQGANCrops
 from protloc.data.io import CropStore
-from protloc.data.preprocess import threshold_mean
 from protloc.errors import ConfigError, InputError
+from protloc.eval.metrics import threshold_metrics
+from protloc.models.checkpoint import (
+    load_model_weights,
+    load_trainer_state,
+    save_checkpoint,
+)
 from protloc.models.vqgan import (
     VQGAN,
     PatchDiscriminator,
@@ -71,11 +75,6 @@ from protloc.models.vqgan import (
     vanilla_d_loss,
 )
 from protloc.nn.quantize import VQOutput
-from protloc.train.checkpoint import (
-    load_model_weights,
-    load_trainer_state,
-    save_checkpoint,
-)
 from protloc.train.loop import (
     MetricsLogger,
     check_adam_options,
@@ -99,21 +98,17 @@ from protloc.train.loop import (
 __all__ = [
     "TrainVQGANConfig",
     "VQGANCodebookConfig",
-    "VQGANCrops",
     "VQGANDataConfig",
     "VQGANLossConfig",
     "VQGANOptimConfig",
     "VQGANScheduleConfig",
-    "nucleus_mask",
     "reset_optimizer_rows",
-    "threshold_metrics",
     "train_vqgan",
 ]
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-Kind = Literal["nucleus", "threshold"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,7 +365,7 @@ class TrainVQGANConfig:
         Write ``last/`` every this many steps (0: at every validation); also at the end.
     """
 
-    kind: Kind = "nucleus"
+    kind: TokenizerKind = "nucleus"
     model: VQGANConfig = field(default_factory=VQGANConfig.paper)
     data: VQGANDataConfig = field(default_factory=VQGANDataConfig)
     loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
@@ -392,13 +387,13 @@ class TrainVQGANConfig:
         _check(self.model.in_channels == 1, f"model.in_channels must be 1 (grey images), got {self.model.in_channels}")
 
     @classmethod
-    def paper(cls, store: str = "", kind: Kind = "nucleus") -> TrainVQGANConfig:
+    def paper(cls, store: str = "", kind: TokenizerKind = "nucleus") -> TrainVQGANConfig:
         """The paper's protocol (S.3.4-S.3.5): the f16 VQGAN at 256 px, MSE only for 50,000 steps, then the
         hinge PatchGAN, Adam 4.5e-6, about 343 epochs; no code restarts (the paper does not restart codes)."""
         return cls(kind=kind, data=VQGANDataConfig(store=store, num_workers=4))
 
     @classmethod
-    def tiny(cls, store: str = "", kind: Kind = "nucleus") -> TrainVQGANConfig:
+    def tiny(cls, store: str = "", kind: TokenizerKind = "nucleus") -> TrainVQGANConfig:
         """A CPU demo: the tiny VQGAN at 64 px (8 x 8 tokens), batch 16, Adam 2e-4, the discriminator
         from step 600 (32 wide), 1,500 steps, unused codes restarted every 50 steps.
 
@@ -420,176 +415,8 @@ class TrainVQGANConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------------------
-
-
-class VQGANCrops(Dataset):
-    """Single-channel images for a tokenizer, from a CELL-E crop store (lazy Zarr reads).
-
-    Items are ``{"image": float32 [1, S, S], "index": int64}`` plus ``"nucleus"`` ``[1, S, S]`` when
-    ``with_nucleus`` (the reference image, for the nucleus-proportion metric of the threshold tokenizer).
-
-    Parameters
-    ----------
-    store
-        The crop store (``OUT/celle.zarr``).
-    split
-        ``split`` column value to keep.
-    kind
-        ``"nucleus"``: the ``nucleus`` channel; ``"threshold"``: the mean-thresholded protein image.
-    image_size
-        Output side; crops larger than that are area-averaged down, and the threshold image is then
-        recomputed as ``pixel >= mean`` of the resized ``protein`` crop (paper Sec. 4.3; the stored
-        ``threshold`` channel is used when no resizing happens).
-    augment
-        Flip each crop horizontally and / or vertically, drawn from a hash of ``(seed, epoch, crop)``
-        like :func:`~protloc.data.datasets.d4_codes` (reproducible whatever the order or workers).
-    seed
-        Augmentation seed.
-    with_nucleus
-        Also return the (resized, flipped alike) nucleus crop.
-    cache_chunks
-        Decompressed Zarr chunks kept per channel (see :class:`~protloc.data.datasets.CropDataset`).
-
-    Raises
-    ------
-    InputError
-        If the store lacks a needed channel or the split, or ``image_size`` exceeds the crop size.
-    """
-
-    def __init__(
-        self,
-        store: CropStore | str | os.PathLike,
-        *,
-        split: str,
-        kind: Kind,
-        image_size: int,
-        augment: bool = False,
-        seed: int = 0,
-        with_nucleus: bool = False,
-        cache_chunks: int = 0,
-    ) -> None:
-        opened = store if isinstance(store, CropStore) else CropStore.open(store)
-        if image_size > opened.size:
-            raise InputError(
-                f"data.image_size {image_size} is larger than the store's {opened.size}x{opened.size} crops",
-                path=opened.path,
-            )
-        self.kind = kind
-        self.image_size = int(image_size)
-        self.resize = self.image_size != opened.size
-        source = "nucleus" if kind == "nucleus" else ("protein" if self.resize else "threshold")
-        channels = [source]
-        if with_nucleus and source != "nucleus":
-            channels.append("nucleus")
-        self.with_nucleus = bool(with_nucleus)
-        self.base = CropDataset(opened, split=split, channels=channels, label_map=None, cache_chunks=cache_chunks)
-        self.augment = bool(augment)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    @property
-    def crop_index(self) -> np.ndarray:
-        """Store rows of the items (for :class:`~protloc.data.datasets.CropBatchSampler`)."""
-        return self.base.crop_index
-
-    @property
-    def chunk_size(self) -> int:
-        """Crops per Zarr chunk of the store."""
-        return self.base.chunk_size
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation draw of pass ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        n = len(self)
-        if not -n <= int(i) < n:
-            raise IndexError(f"item {i} out of range for a dataset of {n} crops")
-        batch = self.read_batch([int(i) % n])
-        return {k: v[0] for k, v in batch.items()}
-
-    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Tensor]]:
-        """Batched fetch used by :class:`~torch.utils.data.DataLoader` (one Zarr read per chunk)."""
-        batch = self.read_batch(items)
-        return [{k: v[j] for k, v in batch.items()} for j in range(len(batch["index"]))]
-
-    def read_batch(self, items: Sequence[int] | np.ndarray) -> dict[str, Tensor]:
-        """Read, resize, threshold and flip several items; see the class docstring for the keys."""
-        raw = self.base.read_batch(items)
-        crops = raw["index"]
-        stack = raw["image"]  # [B, C, 256, 256] float32, channels as in self.base.channels
-        if self.resize:
-            # Area averaging (adaptive average pooling): the mean of each output pixel's footprint.
-            stack = F.interpolate(stack, size=(self.image_size, self.image_size), mode="area")
-        image = stack[:, :1]
-        if self.kind == "threshold":
-            if self.resize:
-                image = torch.from_numpy(threshold_mean(image.numpy()).astype(np.float32))
-            else:
-                image = (image > 0).float()  # the stored uint8 {0, 1} channel
-        out = {"image": image}
-        if self.with_nucleus:
-            out["nucleus"] = stack[:, :1] if self.kind == "nucleus" else stack[:, 1:2]
-        if self.augment and len(crops):
-            # Two bits of the per-crop hash: bit 0 = left-right flip, bit 1 = up-down flip.
-            codes = torch.from_numpy(d4_codes(self.seed, self.epoch, crops.numpy()))
-            flip_h = (codes & 1).bool().view(-1, 1, 1, 1)
-            flip_v = (codes & 2).bool().view(-1, 1, 1, 1)
-            for key, value in out.items():
-                value = torch.where(flip_h, value.flip(-1), value)
-                out[key] = torch.where(flip_v, value.flip(-2), value)
-        out = {k: v.contiguous() for k, v in out.items()}
-        out["index"] = crops
-        return out
-
-
-# --------------------------------------------------------------------------------------------------
 # metrics
 # --------------------------------------------------------------------------------------------------
-
-
-def nucleus_mask(nucleus: Tensor) -> Tensor:
-    """Nucleus mask of reference crops ``[B, 1, S, S]``: ``pixel >= mean`` of each crop (bool).
-
-    The paper segments the nucleus channel with Cellpose (S.3.7); a mean threshold is a cheap, model-free
-    stand-in that marks the bright nuclei of a crop (the same rule as the protein threshold, Sec. 4.3).
-    """
-    return nucleus >= nucleus.mean(dim=(-2, -1), keepdim=True)
-
-
-def threshold_metrics(reconstruction: Tensor, target: Tensor, nucleus: Tensor) -> dict[str, Tensor]:
-    """Per-image accuracies of a threshold-image reconstruction (paper S.3.7, Table S.2).
-
-    Parameters
-    ----------
-    reconstruction
-        ``[B, 1, S, S]`` decoder output; binarized at 0.5.
-    target
-        ``[B, 1, S, S]`` {0, 1} threshold image.
-    nucleus
-        ``[B, 1, S, S]`` nucleus reference crops (masked with :func:`nucleus_mask`).
-
-    Returns
-    -------
-    dict
-        ``pixel_accuracy`` ``[B]``: fraction of pixels where the binarized reconstruction equals the
-        target (1 - pixel MAE); ``nucleus_proportion_accuracy`` ``[B]``: ``1 - |p_rec - p_target|``, ``p``
-        = fraction of an image's threshold pixels inside the nucleus mask (0 for an empty image).
-    """
-    pred = (reconstruction >= 0.5).float()
-    tgt = (target >= 0.5).float()
-    mask = nucleus_mask(nucleus).float()
-    pixel = (pred == tgt).float().mean(dim=(1, 2, 3))
-
-    def proportion(x: Tensor) -> Tensor:
-        return (x * mask).sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3)).clamp_min(1.0)
-
-    return {"pixel_accuracy": pixel, "nucleus_proportion_accuracy": 1.0 - (proportion(pred) - proportion(tgt)).abs()}
 
 
 def _vq_loss(weighting: str, vq: VQOutput, beta: float) -> Tensor:

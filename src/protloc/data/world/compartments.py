@@ -25,12 +25,5 @@ COMPARTMENTS: tuple[str, ...] = (
 #: Compartments that lie inside the nucleus (used for nucleus proportion truths).
 NUCLEAR: frozenset[str] = frozenset({"nucleoplasm", "nucleolus", "chromatin"})
 
-#: Column name of a compartment's weight in asset and truth tables.
-def weight_column(compartment: str) -> str:
-    """Return the table column holding the weight of ``compartment`` (``w_<name>``)."""
-    if compartment not in COMPARTMENTS:
-        raise KeyError(f"unknown compartment {compartment!r}; known: {', '.join(COMPARTMENTS)}")
-    return f"w_{compartment}"
-
-
+#: Column names of the compartments' weights in asset and truth tables (``w_<name>``).
 WEIGHT_COLUMNS: tuple[str, ...] = tuple(f"w_{c}" for c in COMPARTMENTS)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from protloc.errors import ConfigError
+from protloc.eval.load import set_precision
 from protloc.models.celle import Celle, CelleConfig
-from protloc.nn.quant import Int8Linear, quantize_linears
-from protloc.train.celle import set_precision
+from protloc.nn.int8 import Int8Linear, quantize_linears
 
 
 def test_int8_linear_error_bound_and_paths():

@@ -39,6 +39,7 @@ __all__ = [
     "MODEL_FILE",
     "TRAINER_FILE",
     "capture_rng_state",
+    "find_checkpoint",
     "load_checkpoint",
     "load_checkpoint_config",
     "load_model_weights",
@@ -233,6 +234,33 @@ def save_checkpoint(
                 torch.save(state, f)
     logger.debug("saved checkpoint %s (%d tensors)", dest, len(tensors))
     return dest
+
+
+def find_checkpoint(path: str | os.PathLike, *, what: str = "model") -> Path:
+    """The checkpoint folder of a run: ``path`` itself, else its ``best/``, else its ``last/``.
+
+    Every loader of a trained model (cytoself, the VQGAN tokenizers, CELL-E) accepts either a run folder
+    of ``protloc train`` or one of its checkpoint folders; this is the one place that decides which.
+
+    Parameters
+    ----------
+    path
+        A checkpoint folder (holding ``model.safetensors``) or a run folder holding ``best/`` or ``last/``.
+    what
+        What is looked for, for the error message (e.g. ``"VQGAN"``).
+
+    Raises
+    ------
+    InputError
+        If neither ``path`` nor its ``best/`` or ``last/`` holds ``model.safetensors``.
+    """
+    p = Path(path)
+    if (p / MODEL_FILE).is_file():
+        return p
+    for sub in ("best", "last"):
+        if (p / sub / MODEL_FILE).is_file():
+            return p / sub
+    raise InputError(f"no {what} checkpoint ({MODEL_FILE}) here, nor in best/ or last/", path=p)
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
