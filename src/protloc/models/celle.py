@@ -39,7 +39,7 @@ Examples
 >>> nucleus = torch.randint(0, 128, (B, G)); threshold = torch.randint(0, 128, (B, G))
 >>> out = model(text_emb=text_emb, text_mask=text_mask, nucleus=nucleus, threshold=threshold[:, :-1])
 >>> tuple(out.logits.shape)
-(2, 256, 286)
+(2, 428, 286)
 >>> batch = dict(text_emb=text_emb, text_ids=text_ids, text_mask=text_mask, nucleus=nucleus, threshold=threshold)
 >>> sorted(model.loss(batch))
 ['acc_nucleus', 'acc_text', 'acc_threshold', 'loss', 'loss_nucleus', 'loss_text', 'loss_threshold']
