@@ -286,7 +286,7 @@ class _Batches:
 
     With ``cache_items > 0`` the tokens of each image view ``(index, view)`` are kept (int16, CPU,
     least recently used dropped), so a view seen again skips the VQGAN encoders; the tokens are the
-    same either way.
+    same either way. :meth:`validation` tokenizes the (deterministic) validation batches once.
     """
 
     def __init__(
@@ -302,6 +302,7 @@ class _Batches:
         self.cache_items = int(cache_items)
         self.cache: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
         self.hits = self.misses = 0
+        self.val_batches: list[dict[str, Any]] = []
 
     def _encode(self, nuc: Tensor, thr: Tensor) -> tuple[Tensor, Tensor]:
         pin = self.device.type == "cuda"
@@ -340,6 +341,21 @@ class _Batches:
 
     def text(self, batch: Mapping[str, Any], encoder: SequenceEncoder | None = None) -> dict[str, Tensor]:
         return (encoder or self.encoder)(batch["sequence"], batch["add_end"])
+
+    def validation(self, dataset: CelleDataset, sampler: Any, *, max_batches: int) -> list[dict[str, Any]]:
+        """The validation batches' tokens and sequences (the first ``max_batches``; 0: all).
+
+        Validation is deterministic: the tokens are computed at the first call and kept (a few bytes per
+        token); later calls return the same list.
+        """
+        if not self.val_batches:
+            for i, idx in enumerate(sampler):
+                if max_batches and i >= max_batches:
+                    break
+                raw = dataset.read_batch(idx)
+                tokens = self.tokens(raw, cache=False)
+                self.val_batches.append({**tokens, "sequence": raw["sequence"], "add_end": raw["add_end"]})
+        return self.val_batches
 
 
 #: Terms :meth:`protloc.models.celle.Celle.loss` may return.
@@ -416,6 +432,25 @@ def _check_tokenizer(cfg: TrainCelleConfig, kind: str, vq: VQGAN, ckpt: Path) ->
         raise ConfigError(f"the {kind} tokenizer ({ckpt}) does not fit this CELL-E: " + "; ".join(problems))
 
 
+def _load_tokenizers(
+    cfg: TrainCelleConfig, saved: Mapping[str, Any], device: torch.device
+) -> tuple[VQGAN, VQGAN, dict]:
+    """Both frozen tokenizers, checked against the config (and, when resuming, against the SHA-256 of the
+    weights the run was trained with: ``saved`` = ``last/``'s ``tokenizers`` record); returns them and the
+    record for the checkpoints (resolved paths and SHA-256)."""
+    record: dict[str, str] = {}
+    vqgans = []
+    for kind in ("nucleus", "threshold"):
+        vq, ckpt, sha = load_tokenizer(
+            getattr(cfg.tokenizers, kind), kind, sha256=saved.get(f"{kind}_sha256"), map_location=device
+        )
+        vqgans.append((kind, vq, ckpt))
+        record.update({kind: str(ckpt.resolve()), f"{kind}_sha256": sha})
+    for kind, vq, ckpt in vqgans:
+        _check_tokenizer(cfg, kind, vq, ckpt)
+    return vqgans[0][1], vqgans[1][1], record
+
+
 def _lr_at(cfg: CelleOptimConfig, step: int) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -460,32 +495,16 @@ def train_celle(
         If a setting is missing or inconsistent, or ``resume`` meets a different model.
     """
     run = Run(
-        run_dir,
-        resume=resume,
-        mixed_precision=cfg.mixed_precision,
-        name="celle",
-        unit="samples",
-        progress=progress,
+        run_dir, resume=resume, mixed_precision=cfg.mixed_precision, name="celle", unit="samples", progress=progress
     )
-    store = open_crop_store(
-        cfg.data,
-        source="the CELL-E crop store from `protloc prepare` (OUT/celle.zarr)",
-        channels=("nucleus", "protein", "threshold"),
-    )
+    source = "the CELL-E crop store from `protloc prepare` (OUT/celle.zarr)"
+    store = open_crop_store(cfg.data, source=source, channels=("nucleus", "protein", "threshold"))
     sequences = read_sequences(Path(cfg.data.sequences) if cfg.data.sequences else default_sequences(store.path))
     saved_extra = run.check_resume_model(cfg.model, config_cls=CelleConfig, model_cls=Celle)
     dcfg, ocfg, scfg = cfg.data, cfg.optim, cfg.schedule
 
     # ---- frozen tokenizers and sequence encoders (before seeding: they are loaded, not drawn) ---
-    tok_sha = saved_extra.get("tokenizers", {})
-    vq_nuc, nuc_ckpt, nuc_sha = load_tokenizer(
-        cfg.tokenizers.nucleus, "nucleus", sha256=tok_sha.get("nucleus_sha256"), map_location=run.device
-    )
-    vq_thr, thr_ckpt, thr_sha = load_tokenizer(
-        cfg.tokenizers.threshold, "threshold", sha256=tok_sha.get("threshold_sha256"), map_location=run.device
-    )
-    _check_tokenizer(cfg, "nucleus", vq_nuc, nuc_ckpt)
-    _check_tokenizer(cfg, "threshold", vq_thr, thr_ckpt)
+    vq_nuc, vq_thr, tokenizers = _load_tokenizers(cfg, saved_extra.get("tokenizers", {}), run.device)
     encoder = SequenceEncoder(cfg.model, cfg.embedder, device=run.device, blank=dcfg.text == "none")
     blank_encoder = None
     if scfg.eval_blank_sequence and dcfg.text != "none":
@@ -508,30 +527,11 @@ def train_celle(
     sampler, val_sampler = crop_samplers(run, dcfg, train_ds, val_ds)
     loader = run.train_loader(train_ds, sampler, num_workers=dcfg.num_workers, path=store.path)
 
-    # Validation is deterministic: its tokens are computed once and kept (a few bytes per token).
-    val_cache: list[dict[str, Any]] = []
-
-    def validation_batches() -> list[dict[str, Any]]:
-        if not val_cache:
-            for i, idx in enumerate(val_sampler):
-                if scfg.eval_batches and i >= scfg.eval_batches:
-                    break
-                raw = val_ds.read_batch(idx)
-                tokens = batches.tokens(raw, cache=False)
-                val_cache.append({**tokens, "sequence": raw["sequence"], "add_end": raw["add_end"]})
-        return val_cache
-
     # ---- model, optimizer, state ---------------------------------------------------------------
     model = Celle(cfg.model)
     seed_process(cfg.seed, run.rank)  # after the initialisation, which must be the same on every process
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=ocfg.lr, betas=ocfg.betas, weight_decay=ocfg.weight_decay)
-    tokenizers = {
-        "nucleus": str(nuc_ckpt.resolve()),
-        "nucleus_sha256": nuc_sha,
-        "threshold": str(thr_ckpt.resolve()),
-        "threshold_sha256": thr_sha,
-    }
     run.attach(
         model,
         cfg.model,
@@ -551,11 +551,10 @@ def train_celle(
         optimizer.load_state_dict(state["optimizer"])
     count_reducer = None
     if run.world > 1:
-
+        # Each segment's loss is then the global batch's mean, not a mean of per-process means (Celle.loss).
         def count_reducer(counts: Tensor) -> Tensor:
             return run.accelerator.reduce(counts, reduction="sum") / run.world
 
-    # With several processes, count_reducer makes each segment's loss the global batch's mean (Celle.loss).
     wrapped, optimizer = run.accelerator.prepare(LossModule(model, count_reducer=count_reducer), optimizer)
     n_params = sum(p.numel() for p in trainable)
     logger.info("CELL-E: %.3g M trainable parameters, %d steps per epoch", n_params / 1e6, run.steps_per_epoch)
@@ -580,7 +579,7 @@ def train_celle(
             if run.should_log():
                 run.log("train", run.window_means(), lr=lr, **run.progress())
             if run.should_eval():
-                val_batches = validation_batches()
+                val_batches = batches.validation(val_ds, val_sampler, max_batches=scfg.eval_batches)
                 run.evaluated(
                     _evaluate(model, val_batches, batches, run.accelerator, seed=cfg.seed, blank=blank_encoder)
                 )

@@ -11,8 +11,8 @@ its model and optimizers, and its update step. A :class:`Run` keeps the rest of 
   epoch, so a resumed run sees the batches an uninterrupted run would have seen;
 - **resume**: model weights, the step, data position, best validation and every process's RNG state
   from ``last/``; metric lines logged after that checkpoint are dropped;
-- **the metric window**: training values summed between two logging steps and averaged over all
-  processes, with the window's throughput, and the tqdm bar;
+- **the metric window** (:class:`MetricWindow`): training values summed between two logging steps and
+  averaged over all processes, with the window's throughput, and the tqdm bar;
 - **the cadence**: validation every ``schedule.eval_every`` steps and at the last step, ``best/`` on
   each improvement of the validation metric, ``last/`` every ``save_every`` steps (or at each
   validation), early stopping, and the summary returned at the end.
@@ -49,12 +49,14 @@ A trainer reads top to bottom (the shape of nanoGPT's ``train.py``)::
     return run.finish()
 
 A new trainer (a protein-sequence encoder on a Swiss-Prot corpus, say) brings its own dataset and a
-batch sampler with ``set_epoch(epoch, start_batch)`` and ``len()`` (batches per epoch and process), its
-own data config, and a schedule config derived from :class:`ScheduleConfig`; its top-level config needs
-``seed``, ``mixed_precision``, ``save_every`` and ``schedule``. Nothing else in :class:`Run` is about
-images: the crop-store pieces (:class:`CropDataConfig`, :func:`open_crop_store`, :func:`crop_samplers`)
-are separate helpers for the image trainers. Also here: :class:`LossModule` (a model's ``loss`` behind
-``forward``), :func:`eval_mode` and :func:`sum_over_processes` (one packed all-reduce per validation).
+batch sampler with ``set_epoch(epoch, start_batch)``, ``len()`` (batches per epoch and process) and
+``batch_size``, its own data config, a schedule config derived from :class:`ScheduleConfig`, and its
+unit (``Run(..., unit="sequences")`` logs ``sequences_per_s`` and saves ``sequences_seen``); its
+top-level config needs ``seed``, ``mixed_precision``, ``save_every`` and ``schedule``. Nothing else in
+:class:`Run` is about images: the crop-store pieces (:class:`CropDataConfig`, :func:`open_crop_store`,
+:func:`crop_samplers`) are separate helpers for the image trainers. Also here: :class:`LossModule` (a
+model's ``loss`` behind ``forward``), :func:`eval_mode` and :func:`sum_over_processes` (one packed
+all-reduce per validation).
 
 Records in ``metrics.jsonl`` are written in the order a trainer gives them; a ``val`` record is the
 validation values, then ``best_<metric>`` and ``improved``, then the trainer's additions.
@@ -106,6 +108,7 @@ __all__ = [
     "METRICS_FILE",
     "CropDataConfig",
     "LossModule",
+    "MetricWindow",
     "Run",
     "ScheduleConfig",
     "check_resume_model",
@@ -424,6 +427,46 @@ def sum_over_processes(accelerator: Any, tensors: Sequence[Tensor]) -> list[Tens
     return out
 
 
+class MetricWindow:
+    """The running log window: training values between two logging steps, and the throughput.
+
+    Per key, the sum over the steps that reported it and their number (a term missing from some steps,
+    such as a GAN term before the discriminator starts, is averaged over the steps that had it). Tensor
+    values are summed on their device as float32 (no host synchronisation per step); Python numbers are
+    summed as float64 on the host. Samples and seconds are counted for the window and in total.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.samples, self.seconds = 0, 0.0
+        self.total_samples, self.total_seconds = 0, 0.0
+        self.rate = 0.0  # samples per second of the last closed window
+
+    def add(self, values: Mapping[str, Any], samples: int, seconds: float) -> None:
+        """Add one step: its values, its samples (all processes) and its duration."""
+        for key, value in values.items():
+            value = value.detach().float() if isinstance(value, Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.samples += samples
+        self.seconds += seconds
+        self.total_samples += samples
+        self.total_seconds += seconds
+
+    def close(self, accelerator: Any) -> dict[str, float]:
+        """Each value's mean over the window's steps and all processes (a collective); starts a new window."""
+        means = mean_over_processes(accelerator, {k: float(v) for k, v in self.sums.items()}, self.counts)
+        self.rate = self.samples / max(self.seconds, 1e-9)
+        self.sums, self.counts, self.samples, self.seconds = {}, {}, 0, 0.0
+        return means
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second over every step added (0 before any)."""
+        return self.total_samples / self.total_seconds if self.total_seconds > 0 else 0.0
+
+
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
@@ -466,6 +509,8 @@ class Run:
         Whether :meth:`stop_early` was called.
     last_val
         The last validation record (``{"step": ..., **values}``; empty before any).
+    window
+        The :class:`MetricWindow` of training values since the last logging step.
     """
 
     def __init__(
@@ -505,11 +550,8 @@ class Run:
         self._position = (0, 0)
         self._evaluated = False
         self._last_loss: Any = None
-        # the metric window: sums and step counts per key, samples and seconds since the last log
-        self._sums: dict[str, Any] = {}
-        self._counts: dict[str, int] = {}
-        self._window_samples, self._window_time, self._window_rate = 0, 0.0, 0.0
-        self._train_samples, self._train_time, self._t_last = 0, 0.0, 0.0
+        self.window = MetricWindow()
+        self._t_last = 0.0
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -688,27 +730,18 @@ class Run:
             yield batch
 
     def step_done(self, samples: int, values: Mapping[str, Any]) -> None:
-        """Count one optimizer step on a batch of ``samples`` (this process's) and add ``values`` to the window.
+        """Count one optimizer step on a batch of ``samples`` (this process's); add ``values`` to the :attr:`window`.
 
-        Tensor values are summed on their device as float32 (no host synchronisation per step); Python
-        numbers are summed as float64 on the host. A key missing from some steps is averaged over the
-        steps that had it. ``values["loss"]`` is shown on the progress bar.
+        The step's time runs from the end of the previous step (:meth:`end_step`), so validation and
+        checkpoints are not counted in the throughput. ``values["loss"]`` is shown on the progress bar.
         """
         self.step += 1
         self.epoch, self.batch_in_epoch = self._position
         n = int(samples) * self.world
         self.seen += n
-        for key, value in values.items():
-            value = value.detach().float() if isinstance(value, Tensor) else float(value)
-            self._sums[key] = self._sums.get(key, 0.0) + value
-            self._counts[key] = self._counts.get(key, 0) + 1
+        self.window.add(values, n, time.perf_counter() - self._t_last)
         loss = values.get("loss")
         self._last_loss = loss.detach() if isinstance(loss, Tensor) else loss
-        now = time.perf_counter()
-        self._window_samples += n
-        self._window_time += now - self._t_last
-        self._train_samples += n
-        self._train_time += now - self._t_last
         self._bar.update(1)
 
     def at_last_step(self) -> bool:
@@ -729,21 +762,19 @@ class Run:
         """The window's mean of every value over its steps and all processes; starts a new window.
 
         A collective (every process calls it at the same step). Warns if the mean ``loss`` is not finite;
-        keeps the window's throughput for :meth:`progress`.
+        the window's throughput goes to :meth:`progress`.
         """
-        means = mean_over_processes(self.accelerator, {k: float(v) for k, v in self._sums.items()}, self._counts)
+        means = self.window.close(self.accelerator)
         if not math.isfinite(means["loss"]):
             logger.warning("training loss is %s at step %d", means["loss"], self.step)
         self._bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
-        self._window_rate = self._window_samples / max(self._window_time, 1e-9)
-        self._sums, self._counts, self._window_samples, self._window_time = {}, {}, 0, 0.0
         return means
 
     def progress(self) -> dict[str, float]:
         """``epoch`` (fractional passes over the training split) and ``<unit>_per_s`` of the last window."""
         return {
             "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
-            f"{self.unit}_per_s": self._window_rate,
+            f"{self.unit}_per_s": self.window.rate,
         }
 
     def log(self, split: str, values: Mapping[str, Any] | None = None, **more: Any) -> None:
@@ -863,7 +894,7 @@ class Run:
             "epochs": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
             "best_val_loss": self.best_val,
             "best_step": self.best_step,
-            f"{self.unit}_per_s": self._train_samples / self._train_time if self._train_time > 0 else 0.0,
+            f"{self.unit}_per_s": self.window.throughput,
             f"{self.unit}_seen": self.seen,
             **extra,
             "run_dir": str(self.dir),

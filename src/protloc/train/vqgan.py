@@ -392,6 +392,52 @@ def _rec_loss(kind: str, reconstruction: Tensor, target: Tensor) -> Tensor:
     return F.l1_loss(reconstruction, target)
 
 
+class _GANLoss:
+    """The VQGAN's two losses (taming's ``VQLPIPSWithDiscriminator``): the autoencoder's and the discriminator's.
+
+    As in taming, both work on images in [-1, 1] (:meth:`~protloc.models.vqgan.VQGAN.normalize` of the
+    [0, 1] crops). Call inside the accelerator's autocast.
+    """
+
+    def __init__(self, cfg: TrainVQGANConfig, model: VQGAN, disc: Any, perceptual: PerceptualLoss | None) -> None:
+        self.cfg, self.model, self.disc, self.perceptual = cfg.loss, model, disc, perceptual
+        self.beta = cfg.model.commitment_cost
+        self.d_loss_fn = hinge_d_loss if cfg.loss.disc_loss == "hinge" else vanilla_d_loss
+
+    def autoencoder(self, x: Tensor, out: Any, *, gan: bool) -> tuple[Tensor, dict[str, Any], Tensor, Tensor]:
+        """Reconstruction + codebook (+ perceptual) (+ the adaptively weighted GAN term when ``gan``).
+
+        Returns the loss, its terms (detached, for the log) and the real and reconstructed images in the
+        model's units (the discriminator's inputs).
+        """
+        c = self.cfg
+        rec = out.reconstruction
+        real, fake = self.model.normalize(x), self.model.normalize(rec.float())
+        rec_loss = _rec_loss(c.reconstruction, fake, real)
+        if self.perceptual is not None:
+            rec_loss = rec_loss + c.perceptual_weight * self.perceptual(rec.float(), x).mean()
+        vq_loss = _vq_loss(c.vq_weighting, out.vq, self.beta)
+        loss = rec_loss + c.codebook_weight * vq_loss
+        logs = {"rec_loss": rec_loss.detach(), "vq_loss": vq_loss.detach()}
+        if gan:
+            g_loss = -self.disc(fake).float().mean()
+            d_weight = c.disc_weight * adaptive_weight(
+                rec_loss, g_loss, self.model.last_layer, max_weight=c.adaptive_weight_max
+            )
+            loss = loss + d_weight * g_loss
+            logs.update(g_loss=g_loss.detach(), d_weight=d_weight)
+        return loss, logs, real, fake
+
+    def discriminator(self, real: Tensor, fake: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The discriminator's loss on real images vs this step's reconstructions (detached), and its terms."""
+        logits_real = self.disc(real).float()
+        logits_fake = self.disc(fake.detach()).float()
+        d_loss = self.d_loss_fn(logits_real, logits_fake)
+        logs = {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean()}
+        logs["logits_fake"] = logits_fake.detach().mean()
+        return d_loss, logs
+
+
 @torch.no_grad()
 def _evaluate(
     model: VQGAN,
@@ -646,7 +692,6 @@ def train_vqgan(
     codes = _CodeUsage(model, cfg, run.accelerator)
     if perceptual is not None:
         perceptual = perceptual.to(run.device)
-    d_loss_fn = hinge_d_loss if lcfg.disc_loss == "hinge" else vanilla_d_loss
     run.attach(
         model,
         cfg.model,
@@ -665,6 +710,7 @@ def train_vqgan(
         codes.load_state_dict(state)
     set_lr(lr, opt_ae, opt_d)
     wrapped, wrapped_disc, opt_ae, opt_d = run.accelerator.prepare(model, disc, opt_ae, opt_d)
+    losses = _GANLoss(cfg, model, wrapped_disc, perceptual)
 
     # ---- loop ----------------------------------------------------------------------------------
     wrapped.train()
@@ -677,22 +723,7 @@ def train_vqgan(
             # -- autoencoder update: reconstruction + codebook (+ perceptual) (+ adaptive GAN term)
             with run.accelerator.autocast():
                 out = wrapped(x)
-                rec = out.reconstruction
-                # Losses in the model's [-1, 1] units, as taming computes them (see VQGAN's notes).
-                real, fake = model.normalize(x), model.normalize(rec.float())
-                rec_loss = _rec_loss(lcfg.reconstruction, fake, real)
-                if perceptual is not None:
-                    rec_loss = rec_loss + lcfg.perceptual_weight * perceptual(rec.float(), x).mean()
-                vq_loss = _vq_loss(lcfg.vq_weighting, out.vq, cfg.model.commitment_cost)
-                loss = rec_loss + lcfg.codebook_weight * vq_loss
-                logs = {"rec_loss": rec_loss.detach(), "vq_loss": vq_loss.detach()}
-                if gan:
-                    g_loss = -wrapped_disc(fake).float().mean()
-                    d_weight = lcfg.disc_weight * adaptive_weight(
-                        rec_loss, g_loss, model.last_layer, max_weight=lcfg.adaptive_weight_max
-                    )
-                    loss = loss + d_weight * g_loss
-                    logs.update(g_loss=g_loss.detach(), d_weight=d_weight)
+                loss, logs, real, fake = losses.autoencoder(x, out, gan=gan)
             opt_ae.zero_grad(set_to_none=True)
             run.accelerator.backward(loss)
             clip_gradients(run.accelerator, wrapped.parameters(), ocfg.grad_clip)
@@ -702,18 +733,13 @@ def train_vqgan(
             # -- discriminator update on the same batch (real vs this step's reconstruction)
             if gan:
                 with run.accelerator.autocast():
-                    logits_real = wrapped_disc(real).float()
-                    logits_fake = wrapped_disc(fake.detach()).float()
-                    d_loss = d_loss_fn(logits_real, logits_fake)
+                    d_loss, d_logs = losses.discriminator(real, fake)
                 opt_d.zero_grad(set_to_none=True)
                 run.accelerator.backward(d_loss)
                 clip_gradients(run.accelerator, wrapped_disc.parameters(), ocfg.grad_clip)
                 opt_d.step()
-                logs.update(
-                    d_loss=d_loss.detach(),
-                    logits_real=logits_real.detach().mean(),
-                    logits_fake=logits_fake.detach().mean(),
-                )
+                logs.update(d_logs)
+
             # -- this step's codes; unused codes restarted when due (Jukebox), still part of the step
             codes.update(out, opt_ae, step=run.step + 1)
             # GAN terms are averaged over the steps that had them (the window counts each key's steps).
