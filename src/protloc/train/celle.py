@@ -32,48 +32,39 @@ tokenizers and the sequence encoder from a run (checking the tokenizer weights a
 from __future__ import annotations
 
 import logging
-import math
 import os
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch import Tensor
 
-from protloc.config import save_config
-from protloc.data.datasets import CelleDataset, CropBatchSampler
-from protloc.data.io import CropStore
+from protloc.data.datasets import CelleDataset
 from protloc.data.sequences import default_sequences, read_sequences
-from protloc.errors import ConfigError, InputError
+from protloc.errors import ConfigError
 from protloc.eval.load import load_tokenizer
 from protloc.models.celle import Celle, CelleConfig
-from protloc.models.checkpoint import (
-    load_model_weights,
-    load_trainer_state,
-    save_checkpoint,
-)
 from protloc.models.embedders import EmbedderConfig, SequenceEncoder
 from protloc.models.vqgan import VQGAN
+from protloc.train.engine import (
+    CropDataConfig,
+    LossModule,
+    Run,
+    ScheduleConfig,
+    crop_samplers,
+    eval_mode,
+    open_crop_store,
+    sum_over_processes,
+)
 from protloc.train.loop import (
-    MetricsLogger,
     check_adam_options,
-    check_resume_model,
-    check_run_dir,
     check_run_options,
-    check_store_splits,
-    infinite_loader,
-    make_accelerator,
-    mean_over_processes,
-    process_rng_states,
-    remove_stale_temporaries,
-    restore_process_rng,
-    seed_everything,
+    clip_gradients,
     seed_process,
+    set_lr,
 )
 from protloc.train.loop import check_config as _check
 
@@ -81,14 +72,12 @@ __all__ = [
     "CelleDataConfig",
     "CelleOptimConfig",
     "CelleScheduleConfig",
-    "TokenizerConfig",
+    "CelleTokenizerConfig",
     "TrainCelleConfig",
     "train_celle",
 ]
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,8 +86,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
-class CelleDataConfig:
-    """Which crops and sequences, at which size, in which batches.
+class CelleDataConfig(CropDataConfig):
+    """Which crops and sequences, at which size, in which batches (and the fields of :class:`CropDataConfig`).
 
     Attributes
     ----------
@@ -115,8 +104,6 @@ class CelleDataConfig:
         training (paper S.3.6: "random cropping"), centred in validation. 0: the whole crop.
     batch_size
         Samples per optimizer step (per process). The paper does not give its batch size.
-    num_workers
-        DataLoader worker processes (0: read in the training process).
     augment
         Random crops, flips and sequence windows in training (paper S.3.6).
     text
@@ -125,10 +112,6 @@ class CelleDataConfig:
     eval_window
         Window of sequences longer than ``model.max_residues`` in validation: ``"start"``
         (N-terminal), ``"center"`` or ``"end"``.
-    shuffle, chunk_window
-        Training order (see :class:`~protloc.data.datasets.CropBatchSampler`).
-    train_split, val_split
-        Values of the ``split`` column used for training and validation.
     token_cache
         Keep the tokens of up to this many training image views (crop x flips x crop offset) in
         memory, so a view seen again is not re-encoded by the VQGANs (2 x grid tokens of int16 each:
@@ -136,19 +119,11 @@ class CelleDataConfig:
         per crop. 0: encode every batch.
     """
 
-    store: str = ""
     sequences: str = ""
     image_size: int = 256
     crop_size: int = 0
-    batch_size: int = 8
-    num_workers: int = 0
-    augment: bool = True
     text: Literal["sequence", "none"] = "sequence"
     eval_window: Literal["start", "center", "end"] = "start"
-    shuffle: Literal["chunks", "random"] = "chunks"
-    chunk_window: int = 16
-    train_split: str = "train"
-    val_split: str = "val"
     token_cache: int = 0
 
     def __post_init__(self) -> None:
@@ -159,20 +134,16 @@ class CelleDataConfig:
             self.crop_size == 0 or self.crop_size >= self.image_size,
             f"data.crop_size ({self.crop_size}) must be 0 or at least data.image_size ({self.image_size})",
         )
-        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
-        _check(self.chunk_window >= 1, f"data.chunk_window must be >= 1, got {self.chunk_window}")
+        super().__post_init__()
         _check(self.text in ("sequence", "none"), f"data.text must be 'sequence' or 'none', got {self.text!r}")
         _check(
             self.eval_window in ("start", "center", "end"),
             f"data.eval_window must be 'start', 'center' or 'end', got {self.eval_window!r}",
         )
-        _check(self.shuffle in ("chunks", "random"), f"data.shuffle must be 'chunks' or 'random', got {self.shuffle!r}")
-        _check(self.train_split != self.val_split, "data.train_split and data.val_split must differ")
 
 
 @dataclass(frozen=True)
-class TokenizerConfig:
+class CelleTokenizerConfig:
     """The two frozen VQGANs (``protloc train vqgan`` runs, or checkpoint folders).
 
     Attributes
@@ -218,8 +189,8 @@ class CelleOptimConfig:
 
 
 @dataclass(frozen=True)
-class CelleScheduleConfig:
-    """Step budget, validation and logging.
+class CelleScheduleConfig(ScheduleConfig):
+    """Step budget, validation and logging (and the fields of :class:`ScheduleConfig`).
 
     Attributes
     ----------
@@ -227,27 +198,15 @@ class CelleScheduleConfig:
         Optimizer steps. The paper trained to convergence (130 epochs); with its 80% training split of
         OpenCell (about 1,000 proteins x a few hundred crops) and no stated batch size the step count
         is not given, so the paper preset's 1,000,000 is a budget, not a published number.
-    eval_every
-        Validate every this many steps (0: once per pass over the training split); also at the end.
     eval_batches
         Validate on this many batches (the first ones, store order); 0: the whole split.
     eval_blank_sequence
         Also report the validation losses with every sequence replaced by padding (``blank_*``).
-    log_every
-        Log averaged training metrics every this many steps.
     """
 
     max_steps: int = 1_000_000
     eval_every: int = 5000
-    eval_batches: int = 0
     eval_blank_sequence: bool = False
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        _check(self.max_steps >= 1, f"schedule.max_steps must be >= 1, got {self.max_steps}")
-        _check(self.eval_every >= 0, f"schedule.eval_every must be >= 0, got {self.eval_every}")
-        _check(self.eval_batches >= 0, f"schedule.eval_batches must be >= 0, got {self.eval_batches}")
-        _check(self.log_every >= 1, f"schedule.log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass(frozen=True)
@@ -258,7 +217,7 @@ class TrainCelleConfig:
     ----------
     model, data, tokenizers, embedder, optim, schedule
         See :class:`~protloc.models.celle.CelleConfig`, :class:`CelleDataConfig`,
-        :class:`TokenizerConfig`, :class:`EmbedderConfig`, :class:`CelleOptimConfig`,
+        :class:`CelleTokenizerConfig`, :class:`EmbedderConfig`, :class:`CelleOptimConfig`,
         :class:`CelleScheduleConfig`.
     mixed_precision
         ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only; CPU runs fall back to float32).
@@ -270,7 +229,7 @@ class TrainCelleConfig:
 
     model: CelleConfig = field(default_factory=CelleConfig.paper)
     data: CelleDataConfig = field(default_factory=CelleDataConfig)
-    tokenizers: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenizers: CelleTokenizerConfig = field(default_factory=CelleTokenizerConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     optim: CelleOptimConfig = field(default_factory=CelleOptimConfig)
     schedule: CelleScheduleConfig = field(default_factory=CelleScheduleConfig)
@@ -290,7 +249,7 @@ class TrainCelleConfig:
         """The paper's protocol (S.3.6): the depth-32 model on 256 px crops, Adam 3e-4, TAPE embeddings."""
         return cls(
             data=CelleDataConfig(store=store, num_workers=4),
-            tokenizers=TokenizerConfig(nucleus=nucleus, threshold=threshold),
+            tokenizers=CelleTokenizerConfig(nucleus=nucleus, threshold=threshold),
         )
 
     @classmethod
@@ -301,14 +260,13 @@ class TrainCelleConfig:
         return cls(
             model=CelleConfig.tiny(),
             data=CelleDataConfig(store=store, image_size=64, batch_size=16, token_cache=200_000),
-            tokenizers=TokenizerConfig(nucleus=nucleus, threshold=threshold),
+            tokenizers=CelleTokenizerConfig(nucleus=nucleus, threshold=threshold),
             optim=CelleOptimConfig(warmup_steps=100, grad_clip=1.0),
             schedule=CelleScheduleConfig(
                 max_steps=2500, eval_every=250, eval_batches=0, eval_blank_sequence=True, log_every=10
             ),
             save_every=0,
         )
-
 
 
 @torch.no_grad()
@@ -319,22 +277,8 @@ def _tokenize_images(tokenizer: VQGAN, images: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# the loss module and evaluation
+# batches and evaluation
 # --------------------------------------------------------------------------------------------------
-
-
-class _LossModule(nn.Module):
-    """Puts ``Celle.loss`` behind ``forward`` (DDP synchronises gradients and Accelerate applies
-    autocast only through ``forward``). With several processes, ``count_reducer`` makes each segment's
-    loss the global batch's mean (see :meth:`Celle.loss`)."""
-
-    def __init__(self, model: Celle, count_reducer: Callable[[Tensor], Tensor] | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.count_reducer = count_reducer
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.model.loss(batch, count_reducer=self.count_reducer)
 
 
 class _Batches:
@@ -342,7 +286,7 @@ class _Batches:
 
     With ``cache_items > 0`` the tokens of each image view ``(index, view)`` are kept (int16, CPU,
     least recently used dropped), so a view seen again skips the VQGAN encoders; the tokens are the
-    same either way.
+    same either way. :meth:`validation` tokenizes the (deterministic) validation batches once.
     """
 
     def __init__(
@@ -358,6 +302,7 @@ class _Batches:
         self.cache_items = int(cache_items)
         self.cache: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
         self.hits = self.misses = 0
+        self.val_batches: list[dict[str, Any]] = []
 
     def _encode(self, nuc: Tensor, thr: Tensor) -> tuple[Tensor, Tensor]:
         pin = self.device.type == "cuda"
@@ -397,11 +342,25 @@ class _Batches:
     def text(self, batch: Mapping[str, Any], encoder: SequenceEncoder | None = None) -> dict[str, Tensor]:
         return (encoder or self.encoder)(batch["sequence"], batch["add_end"])
 
+    def validation(self, dataset: CelleDataset, sampler: Any, *, max_batches: int) -> list[dict[str, Any]]:
+        """The validation batches' tokens and sequences (the first ``max_batches``; 0: all).
+
+        Validation is deterministic: the tokens are computed at the first call and kept (a few bytes per
+        token); later calls return the same list.
+        """
+        if not self.val_batches:
+            for i, idx in enumerate(sampler):
+                if max_batches and i >= max_batches:
+                    break
+                raw = dataset.read_batch(idx)
+                tokens = self.tokens(raw, cache=False)
+                self.val_batches.append({**tokens, "sequence": raw["sequence"], "add_end": raw["add_end"]})
+        return self.val_batches
+
 
 #: Terms :meth:`protloc.models.celle.Celle.loss` may return.
-_LOSS_KEYS = (
-    "loss", "loss_text", "loss_nucleus", "loss_threshold", "acc_text", "acc_nucleus", "acc_threshold", "mask_ratio",
-)  # fmt: skip
+_LOSS_KEYS = ("loss", "loss_text", "loss_nucleus", "loss_threshold")
+_LOSS_KEYS += ("acc_text", "acc_nucleus", "acc_threshold", "mask_ratio")
 
 
 @torch.no_grad()
@@ -419,8 +378,6 @@ def _evaluate(
     Each batch's means are weighted by its number of samples. Masked-mode token masks come from a
     generator seeded by ``seed`` and the batch number, so every validation sees the same masks.
     """
-    was_training = model.training
-    model.eval()
     device = accelerator.device
     # Every term the loss may return, with its own sample count: a term can be absent from a batch (no
     # masked residue in it, say), and processes must reduce the same vector.
@@ -429,7 +386,7 @@ def _evaluate(
     sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
     counts = {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
     count = torch.zeros((), dtype=torch.float64, device=device)
-    try:
+    with eval_mode(model):
         for i, vb in enumerate(val_batches):
             n = vb["nucleus"].shape[0]
             runs = [("", batches.text(vb))]
@@ -446,14 +403,11 @@ def _evaluate(
                     sums[name] = sums[name] + value.detach().double() * n
                     counts[name] = counts[name] + n
             count += n
-    finally:
-        model.train(was_training)
-    if accelerator.num_processes > 1:
-        packed = torch.cat([torch.stack([sums[k] for k in keys]), torch.stack([counts[k] for k in keys]), count[None]])
-        packed = accelerator.reduce(packed, "sum")
-        sums = {k: packed[i] for i, k in enumerate(keys)}
-        counts = {k: packed[len(keys) + i] for i, k in enumerate(keys)}
-        count = packed[-1]
+    *reduced, count = sum_over_processes(accelerator, [*(sums[k] for k in keys), *(counts[k] for k in keys), count])
+    sums, counts = (
+        dict(zip(keys, reduced[: len(keys)], strict=True)),
+        dict(zip(keys, reduced[len(keys) :], strict=True)),
+    )
     if float(count) == 0:
         raise RuntimeError("validation saw no samples")
     return {k: float(sums[k]) / float(counts[k]) for k in sorted(keys) if float(counts[k]) > 0}
@@ -462,21 +416,6 @@ def _evaluate(
 # --------------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------------
-
-
-def _open_store(cfg: TrainCelleConfig) -> CropStore:
-    if not cfg.data.store:
-        raise ConfigError("data.store is not set: give the CELL-E crop store from `protloc prepare` (OUT/celle.zarr)")
-    store = CropStore.open(cfg.data.store)
-    missing = [c for c in ("nucleus", "protein", "threshold") if c not in store.channels]
-    if missing:
-        raise InputError(
-            f"the store lacks channel(s) {missing} (it has {store.channels}); use the CELL-E store (celle.zarr) "
-            "of `protloc prepare`",
-            path=store.path,
-        )
-    check_store_splits(store, cfg.data.train_split, cfg.data.val_split)
-    return store
 
 
 def _check_tokenizer(cfg: TrainCelleConfig, kind: str, vq: VQGAN, ckpt: Path) -> None:
@@ -491,6 +430,25 @@ def _check_tokenizer(cfg: TrainCelleConfig, kind: str, vq: VQGAN, ckpt: Path) ->
         problems.append(f"it has {c.n_embed} codes, model.num_{kind}_codes is {codes}")
     if problems:
         raise ConfigError(f"the {kind} tokenizer ({ckpt}) does not fit this CELL-E: " + "; ".join(problems))
+
+
+def _load_tokenizers(
+    cfg: TrainCelleConfig, saved: Mapping[str, Any], device: torch.device
+) -> tuple[VQGAN, VQGAN, dict]:
+    """Both frozen tokenizers, checked against the config (and, when resuming, against the SHA-256 of the
+    weights the run was trained with: ``saved`` = ``last/``'s ``tokenizers`` record); returns them and the
+    record for the checkpoints (resolved paths and SHA-256)."""
+    record: dict[str, str] = {}
+    vqgans = []
+    for kind in ("nucleus", "threshold"):
+        vq, ckpt, sha = load_tokenizer(
+            getattr(cfg.tokenizers, kind), kind, sha256=saved.get(f"{kind}_sha256"), map_location=device
+        )
+        vqgans.append((kind, vq, ckpt))
+        record.update({kind: str(ckpt.resolve()), f"{kind}_sha256": sha})
+    for kind, vq, ckpt in vqgans:
+        _check_tokenizer(cfg, kind, vq, ckpt)
+    return vqgans[0][1], vqgans[1][1], record
 
 
 def _lr_at(cfg: CelleOptimConfig, step: int) -> float:
@@ -525,8 +483,8 @@ def train_celle(
     -------
     dict
         ``steps``, ``steps_this_run``, ``epochs``, ``best_val_loss``, ``best_step``, ``samples_per_s``
-        (training throughput of this call, validation excluded), ``last_val`` (the last validation
-        record), ``run_dir``.
+        (training throughput of this call, validation excluded), ``samples_seen``,
+        ``token_cache_hit_rate``, ``last_val`` (the last validation record), ``run_dir``.
 
     Raises
     ------
@@ -536,41 +494,25 @@ def train_celle(
     ConfigError
         If a setting is missing or inconsistent, or ``resume`` meets a different model.
     """
-    run = Path(run_dir)
-    last_dir, best_dir = check_run_dir(run, resume=resume)
-    store = _open_store(cfg)
-    seq_path = Path(cfg.data.sequences) if cfg.data.sequences else default_sequences(store.path)
-    sequences = read_sequences(seq_path)
-    saved_extra: dict[str, Any] = {}
-    if resume:
-        saved_extra = check_resume_model(last_dir, cfg.model, config_cls=CelleConfig, model_cls=Celle)
+    run = Run(
+        run_dir, resume=resume, mixed_precision=cfg.mixed_precision, name="celle", unit="samples", progress=progress
+    )
+    source = "the CELL-E crop store from `protloc prepare` (OUT/celle.zarr)"
+    store = open_crop_store(cfg.data, source=source, channels=("nucleus", "protein", "threshold"))
+    sequences = read_sequences(Path(cfg.data.sequences) if cfg.data.sequences else default_sequences(store.path))
+    saved_extra = run.check_resume_model(cfg.model, config_cls=CelleConfig, model_cls=Celle)
     dcfg, ocfg, scfg = cfg.data, cfg.optim, cfg.schedule
 
-    accelerator = make_accelerator(cfg.mixed_precision)
-    main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-    device = accelerator.device
-    tok_sha = saved_extra.get("tokenizers", {})
-    vq_nuc, nuc_ckpt, nuc_sha = load_tokenizer(
-        cfg.tokenizers.nucleus, "nucleus", sha256=tok_sha.get("nucleus_sha256"), map_location=device
-    )
-    vq_thr, thr_ckpt, thr_sha = load_tokenizer(
-        cfg.tokenizers.threshold, "threshold", sha256=tok_sha.get("threshold_sha256"), map_location=device
-    )
-    _check_tokenizer(cfg, "nucleus", vq_nuc, nuc_ckpt)
-    _check_tokenizer(cfg, "threshold", vq_thr, thr_ckpt)
-    encoder = SequenceEncoder(cfg.model, cfg.embedder, device=device, blank=dcfg.text == "none")
+    # ---- frozen tokenizers and sequence encoders (before seeding: they are loaded, not drawn) ---
+    vq_nuc, vq_thr, tokenizers = _load_tokenizers(cfg, saved_extra.get("tokenizers", {}), run.device)
+    encoder = SequenceEncoder(cfg.model, cfg.embedder, device=run.device, blank=dcfg.text == "none")
     blank_encoder = None
     if scfg.eval_blank_sequence and dcfg.text != "none":
-        blank_encoder = SequenceEncoder(cfg.model, cfg.embedder, device=device, blank=True)
-    batches = _Batches(vq_nuc, vq_thr, encoder, device, cache_items=dcfg.token_cache)
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
-    seed_everything(cfg.seed)
+        blank_encoder = SequenceEncoder(cfg.model, cfg.embedder, device=run.device, blank=True)
+    batches = _Batches(vq_nuc, vq_thr, encoder, run.device, cache_items=dcfg.token_cache)
+    run.setup(cfg)
 
     # ---- data ----------------------------------------------------------------------------------
-    cache = dcfg.chunk_window + 1
     common = dict(
         sequences=sequences,
         image_size=dcfg.image_size,
@@ -578,247 +520,69 @@ def train_celle(
         max_residues=cfg.model.max_residues,
         eval_window=dcfg.eval_window,
         seed=cfg.seed,
-        cache_chunks=cache,
+        cache_chunks=dcfg.chunk_window + 1,
     )
     train_ds = CelleDataset(store, split=dcfg.train_split, augment=dcfg.augment, **common)
     val_ds = CelleDataset(store, split=dcfg.val_split, augment=False, **common)
-    sampler = CropBatchSampler(
-        train_ds,
-        dcfg.batch_size,
-        shuffle=dcfg.shuffle,
-        window=dcfg.chunk_window,
-        drop_last=True,
-        seed=cfg.seed,
-        num_replicas=world,
-        rank=rank,
-    )
-    steps_per_epoch = len(sampler)
-    if steps_per_epoch == 0:
-        raise InputError(
-            f"the training split has {len(train_ds)} crops, fewer than one batch of {dcfg.batch_size} per process",
-            path=store.path,
-        )
-    val_sampler = CropBatchSampler(
-        val_ds, dcfg.batch_size, shuffle="none", seed=cfg.seed, num_replicas=world, rank=rank
-    )
-    pin = device.type == "cuda"
-    loader = DataLoader(
-        train_ds,
-        batch_sampler=sampler,
-        num_workers=dcfg.num_workers,
-        pin_memory=pin,
-        generator=torch.Generator().manual_seed(cfg.seed),  # iterators must not move the global RNG
-    )
-    eval_every = scfg.eval_every or steps_per_epoch
-
-    # Validation is deterministic: its tokens are computed once and kept (a few bytes per token).
-    val_cache: list[dict[str, Any]] = []
-
-    def validation_batches() -> list[dict[str, Any]]:
-        if not val_cache:
-            for i, idx in enumerate(val_sampler):
-                if scfg.eval_batches and i >= scfg.eval_batches:
-                    break
-                raw = val_ds.read_batch(idx)
-                tokens = batches.tokens(raw, cache=False)
-                val_cache.append({**tokens, "sequence": raw["sequence"], "add_end": raw["add_end"]})
-        return val_cache
+    sampler, val_sampler = crop_samplers(run, dcfg, train_ds, val_ds)
+    loader = run.train_loader(train_ds, sampler, num_workers=dcfg.num_workers, path=store.path)
 
     # ---- model, optimizer, state ---------------------------------------------------------------
     model = Celle(cfg.model)
-    seed_process(cfg.seed, rank)  # after the initialisation, which must be the same on every process
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=ocfg.lr,
-        betas=ocfg.betas,
-        weight_decay=ocfg.weight_decay,
-    )
-    step = epoch = batch_in_epoch = samples_seen = 0
-    best_val, best_step = math.inf, -1
-    metrics = MetricsLogger(run / METRICS_FILE)
-    if main:
-        remove_stale_temporaries(run)
-        if not resume and metrics.drop_after(-1):
-            # metrics of an earlier attempt that died before its first checkpoint: this run starts over
-            logger.info("cleared the metrics of an earlier attempt that never reached a checkpoint")
-    if resume:
-        load_model_weights(last_dir, model, strict=True)
-        state = load_trainer_state(last_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        samples_seen = int(state.get("samples_seen", 0))
-        best_val, best_step = float(state["best_val_loss"]), int(state["best_step"])
-        if main:
-            dropped = metrics.drop_after(step)
-            if dropped:
-                logger.info("dropped %d metric records logged after step %d", dropped, step)
-        restore_process_rng(state, accelerator, seed=cfg.seed, step=step)
-        logger.info("resumed %s at step %d (epoch %d, batch %d)", run, step, epoch, batch_in_epoch)
-    if batch_in_epoch >= steps_per_epoch:
-        epoch, batch_in_epoch = epoch + 1, 0
-    count_reducer = None
-    if world > 1:
-
-        def count_reducer(counts: Tensor) -> Tensor:
-            return accelerator.reduce(counts, reduction="sum") / world
-
-    loss_module = _LossModule(model, count_reducer)
-    wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
-    start_step = step
-    last_val: dict[str, Any] = {}
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("CELL-E: %.3g M trainable parameters, %d steps per epoch", n_params / 1e6, steps_per_epoch)
-
-    def trainer_state() -> dict[str, Any]:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "samples_seen": samples_seen,
-            "best_val_loss": best_val,
-            "best_step": best_step,
-        }
-
-    def extra(**more: Any) -> dict[str, Any]:
-        return {
-            "step": step,
+    seed_process(cfg.seed, run.rank)  # after the initialisation, which must be the same on every process
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=ocfg.lr, betas=ocfg.betas, weight_decay=ocfg.weight_decay)
+    run.attach(
+        model,
+        cfg.model,
+        state=lambda: {"optimizer": optimizer.state_dict()},
+        extra=lambda **more: {
+            "step": run.step,
             "image_size": dcfg.image_size,
             "crop_size": dcfg.crop_size,
             "text": dcfg.text,
             "eval_window": dcfg.eval_window,
             "embedder_path": cfg.embedder.path,
-            "tokenizers": {
-                "nucleus": str(nuc_ckpt.resolve()),
-                "nucleus_sha256": nuc_sha,
-                "threshold": str(thr_ckpt.resolve()),
-                "threshold_sha256": thr_sha,
-            },
+            "tokenizers": tokenizers,
             **more,
-        }
+        },
+    )
+    if (state := run.resume()) is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    count_reducer = None
+    if run.world > 1:
+        # Each segment's loss is then the global batch's mean, not a mean of per-process means (Celle.loss).
+        def count_reducer(counts: Tensor) -> Tensor:
+            return run.accelerator.reduce(counts, reduction="sum") / run.world
 
-    def save_last() -> None:
-        accelerator.wait_for_everyone()
-        rng = process_rng_states(accelerator)  # a collective: before the main-process-only write
-        if main:
-            state = {**trainer_state(), **rng}
-            save_checkpoint(last_dir, model=model, config=cfg.model, trainer_state=state, extra=extra())
-
-    def set_epoch(e: int, start: int) -> None:
-        sampler.set_epoch(e, start)
-        train_ds.set_epoch(e)
+    wrapped, optimizer = run.accelerator.prepare(LossModule(model, count_reducer=count_reducer), optimizer)
+    n_params = sum(p.numel() for p in trainable)
+    logger.info("CELL-E: %.3g M trainable parameters, %d steps per epoch", n_params / 1e6, run.steps_per_epoch)
 
     # ---- loop ----------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    max_steps = scfg.max_steps
-    bar = tqdm(
-        total=max_steps, initial=step, desc="celle", unit="step", disable=not (progress and main), dynamic_ncols=True
-    )
-    window: dict[str, float] = {}
-    window_counts: dict[str, int] = {}
-    window_steps, window_samples, window_time = 0, 0, 0.0
-    train_time, train_samples = 0.0, 0
-    saved_at = step if resume else -1
     wrapped.train()
-    try:
-        if step >= max_steps:
-            logger.info("the run already reached max_steps=%d; nothing to train", max_steps)
-        else:
-            t_last = time.perf_counter()
-            for ep, index, raw in infinite_loader(loader, set_epoch, start_epoch=epoch, start_batch=batch_in_epoch):
-                batch = {**batches.tokens(raw), **batches.text(raw)}
-                lr = _lr_at(ocfg, step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with accelerator.autocast():
-                    out = wrapped(batch)
-                loss = out["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if ocfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(wrapped.parameters(), ocfg.grad_clip)
-                optimizer.step()
+    with run:
+        for raw in run.batches(loader):
+            batch = {**batches.tokens(raw), **batches.text(raw)}
+            lr = _lr_at(ocfg, run.step)
+            set_lr(lr, optimizer)
+            with run.accelerator.autocast():
+                out = wrapped(batch)
+            optimizer.zero_grad(set_to_none=True)
+            run.accelerator.backward(out["loss"])
+            clip_gradients(run.accelerator, wrapped.parameters(), ocfg.grad_clip)
+            optimizer.step()
+            # A term absent from a step (no masked residue in the batch, say) is averaged over the steps
+            # that had it.
+            run.step_done(batch["nucleus"].shape[0], {k: float(v.detach()) for k, v in out.items()})
 
-                step += 1
-                epoch, batch_in_epoch = ep, index + 1
-                n = int(batch["nucleus"].shape[0]) * world
-                samples_seen += n
-                for key, value in out.items():
-                    # A term absent from a step (no masked residue in the batch, say) is averaged over the
-                    # steps that had it.
-                    window[key] = window.get(key, 0.0) + float(value.detach())
-                    window_counts[key] = window_counts.get(key, 0) + 1
-                window_steps += 1
-                window_samples += n
-                now = time.perf_counter()
-                window_time += now - t_last
-                train_time += now - t_last
-                train_samples += n
-                bar.update(1)
-
-                if step % scfg.log_every == 0:
-                    means = mean_over_processes(accelerator, window, window_counts)
-                    if not math.isfinite(means["loss"]):
-                        logger.warning("training loss is %s at step %d", means["loss"], step)
-                    if main:
-                        metrics.log(
-                            step,
-                            "train",
-                            means,
-                            lr=lr,
-                            epoch=epoch + batch_in_epoch / steps_per_epoch,
-                            samples_per_s=window_samples / max(window_time, 1e-9),
-                        )
-                    bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
-                    window, window_counts, window_steps, window_samples, window_time = {}, {}, 0, 0, 0.0
-
-                last_step = step >= max_steps
-                evaluated = False
-                if step % eval_every == 0 or last_step:
-                    val = _evaluate(
-                        model, validation_batches(), batches, accelerator, seed=cfg.seed, blank=blank_encoder
-                    )
-                    evaluated = True
-                    improved = val["loss"] < best_val
-                    if improved:
-                        best_val, best_step = val["loss"], step
-                        accelerator.wait_for_everyone()
-                        if main:
-                            save_checkpoint(best_dir, model=model, config=cfg.model, extra=extra(val=val))
-                    last_val = {"step": step, **val}
-                    if main:
-                        metrics.log(step, "val", val, best_loss=best_val, improved=improved)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", val=f"{val['loss']:.4g}", refresh=False)
-                if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and evaluated):
-                    save_last()
-                    saved_at = step
-                if last_step:
-                    break
-                t_last = time.perf_counter()
-        if saved_at != step:
-            save_last()
-    finally:
-        bar.close()
-        metrics.close()
-
-    summary = {
-        "steps": step,
-        "steps_this_run": step - start_step,
-        "epochs": epoch + batch_in_epoch / steps_per_epoch,
-        "best_val_loss": best_val,
-        "best_step": best_step,
-        "samples_per_s": train_samples / train_time if train_time > 0 else 0.0,
-        "samples_seen": samples_seen,
-        "token_cache_hit_rate": batches.hits / max(1, batches.hits + batches.misses),
-        "last_val": last_val,
-        "run_dir": str(run),
-    }
-    logger.info(
-        "trained CELL-E for %d steps (%.3g samples/s); best validation loss %.5g at step %d",
-        step,
-        summary["samples_per_s"],
-        best_val,
-        best_step,
-    )
-    return summary
+            if run.should_log():
+                run.log("train", run.window_means(), lr=lr, **run.progress())
+            if run.should_eval():
+                val_batches = batches.validation(val_ds, val_sampler, max_batches=scfg.eval_batches)
+                run.evaluated(
+                    _evaluate(model, val_batches, batches, run.accelerator, seed=cfg.seed, blank=blank_encoder)
+                )
+            if run.end_step():
+                break
+    return run.finish(token_cache_hit_rate=batches.hits / max(1, batches.hits + batches.misses), last_val=run.last_val)

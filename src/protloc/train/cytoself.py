@@ -23,55 +23,45 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
-from protloc._fs import atomic_write_text
-from protloc.config import save_config
-from protloc.data.datasets import CropBatchSampler, CropDataset, make_label_map
+from protloc.data.datasets import CropDataset, make_label_map
 from protloc.data.io import CropStore
 from protloc.errors import ConfigError, InputError
-from protloc.models.checkpoint import (
-    load_model_weights,
-    load_trainer_state,
-    save_checkpoint,
-)
 from protloc.models.cytoself import Cytoself, CytoselfConfig
 from protloc.nn.syncbn import convert_sync_batchnorm
+from protloc.train.engine import (
+    CropDataConfig,
+    LossModule,
+    Run,
+    ScheduleConfig,
+    crop_samplers,
+    eval_mode,
+    open_crop_store,
+    sum_over_processes,
+)
 from protloc.train.loop import (
-    MetricsLogger,
     PlateauController,
     check_adam_options,
-    check_resume_model,
-    check_run_dir,
     check_run_options,
-    check_store_splits,
-    infinite_loader,
-    make_accelerator,
-    mean_over_processes,
-    process_rng_states,
-    remove_stale_temporaries,
-    restore_process_rng,
-    seed_everything,
+    clip_gradients,
     seed_process,
+    set_lr,
 )
-from protloc.train.loop import (
-    check_config as _check,
-)
+from protloc.train.loop import check_config as _check
 
 __all__ = [
     "CytoselfDataConfig",
-    "OptimConfig",
-    "ScheduleConfig",
+    "CytoselfOptimConfig",
+    "CytoselfScheduleConfig",
     "TrainCytoselfConfig",
     "train_cytoself",
 ]
@@ -79,12 +69,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LABEL_MAP_FILE = "label_map.json"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
-class CytoselfDataConfig:
-    """Where the crops come from and how they are batched.
+class CytoselfDataConfig(CropDataConfig):
+    """Which crops, which channels, in which batches (and the fields of :class:`CropDataConfig`).
 
     Attributes
     ----------
@@ -95,41 +84,21 @@ class CytoselfDataConfig:
         Store channels fed to the model, in order; must equal ``model.channels``.
     batch_size
         Crops per optimizer step (per process).
-    num_workers
-        DataLoader worker processes (0: read in the training process).
     augment
         Random element of the dihedral group D4 (4 rotations x flip) per training crop.
-    shuffle
-        ``"chunks"``: chunk-shuffled order (shuffle Zarr chunks, then crops within a window of
-        ``chunk_window`` chunks), about 20x faster reading than ``"random"`` (a uniform permutation).
-    chunk_window
-        Chunks mixed per window in ``"chunks"`` mode (also the per-process chunk cache size).
-    train_split, val_split
-        Values of the ``split`` column used for training and validation.
     """
 
-    store: str = ""
     channels: tuple[str, ...] = ("protein", "nucleus_distance")
     batch_size: int = 32
-    num_workers: int = 0
-    augment: bool = True
-    shuffle: Literal["chunks", "random"] = "chunks"
-    chunk_window: int = 16
-    train_split: str = "train"
-    val_split: str = "val"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
         _check(len(self.channels) > 0, "data.channels must name at least one channel")
-        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
-        _check(self.chunk_window >= 1, f"data.chunk_window must be >= 1, got {self.chunk_window}")
-        _check(self.shuffle in ("chunks", "random"), f"data.shuffle must be 'chunks' or 'random', got {self.shuffle!r}")
-        _check(self.train_split != self.val_split, "data.train_split and data.val_split must differ")
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class CytoselfOptimConfig:
     """Adam (paper: learning rate 4e-4).
 
     Attributes
@@ -156,8 +125,8 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
-    """Step budget, validation and the plateau schedule.
+class CytoselfScheduleConfig(ScheduleConfig):
+    """Step budget, validation and the plateau schedule (and the fields of :class:`ScheduleConfig`).
 
     Attributes
     ----------
@@ -168,8 +137,6 @@ class ScheduleConfig:
         Validation also runs at the last step.
     eval_batches
         Validate on this many batches (a fixed, spread-out subset of the split); 0 = the whole split.
-    log_every
-        Log averaged training metrics every this many steps.
     plateau_patience
         Validation checks without improvement before each learning-rate reduction (paper: 4 epochs).
     lr_factor
@@ -180,19 +147,16 @@ class ScheduleConfig:
         Smallest decrease of the validation loss that counts as an improvement.
     """
 
-    max_steps: int = 0
-    eval_every: int = 0
-    eval_batches: int = 0
-    log_every: int = 50
+    min_max_steps: ClassVar[int] = 0  # early stopping ends a run without a step limit
+
     plateau_patience: int = 4
     lr_factor: float = 0.1
     stop_patience: int = 12
     min_delta: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "eval_every", "eval_batches", "stop_patience"):
-            _check(getattr(self, name) >= 0, f"schedule.{name} must be >= 0, got {getattr(self, name)}")
-        _check(self.log_every >= 1, f"schedule.log_every must be >= 1, got {self.log_every}")
+        super().__post_init__()
+        _check(self.stop_patience >= 0, f"schedule.stop_patience must be >= 0, got {self.stop_patience}")
         _check(self.plateau_patience >= 1, f"schedule.plateau_patience must be >= 1, got {self.plateau_patience}")
         _check(0 < self.lr_factor <= 1, f"schedule.lr_factor must be in (0, 1], got {self.lr_factor}")
         _check(self.min_delta >= 0, f"schedule.min_delta must be >= 0, got {self.min_delta}")
@@ -212,7 +176,7 @@ class TrainCytoselfConfig:
         The model. ``model.num_classes`` is always set to the number of proteins in the training
         split (the preset's value is a placeholder); ``model.channels`` must equal ``data.channels``.
     data, optim, schedule
-        See :class:`CytoselfDataConfig`, :class:`OptimConfig`, :class:`ScheduleConfig`.
+        See :class:`CytoselfDataConfig`, :class:`CytoselfOptimConfig`, :class:`CytoselfScheduleConfig`.
     mixed_precision
         ``"no"``, ``"bf16"`` or ``"fp16"`` (GPU only; CPU runs fall back to float32).
     sync_batchnorm
@@ -228,8 +192,8 @@ class TrainCytoselfConfig:
 
     model: CytoselfConfig = field(default_factory=_paper_model)
     data: CytoselfDataConfig = field(default_factory=CytoselfDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: CytoselfOptimConfig = field(default_factory=CytoselfOptimConfig)
+    schedule: CytoselfScheduleConfig = field(default_factory=CytoselfScheduleConfig)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     sync_batchnorm: bool = True
     seed: int = 0
@@ -245,7 +209,7 @@ class TrainCytoselfConfig:
         return cls(
             model=CytoselfConfig.paper(),
             data=CytoselfDataConfig(store=store, num_workers=4),
-            schedule=ScheduleConfig(max_steps=0, eval_every=0, log_every=50),
+            schedule=CytoselfScheduleConfig(max_steps=0, eval_every=0, log_every=50),
             save_every=5000,
         )
 
@@ -255,24 +219,9 @@ class TrainCytoselfConfig:
         return cls(
             model=CytoselfConfig.tiny(),
             data=CytoselfDataConfig(store=store, batch_size=32),
-            schedule=ScheduleConfig(max_steps=2000, eval_every=100, log_every=10),
+            schedule=CytoselfScheduleConfig(max_steps=2000, eval_every=100, log_every=10),
             save_every=500,
         )
-
-
-class _LossModule(nn.Module):
-    """Puts ``Cytoself.loss`` behind ``forward``.
-
-    Data-parallel wrappers synchronise gradients (and Accelerate applies autocast) only through
-    ``forward``; calling ``model.loss`` on a wrapped model would bypass both.
-    """
-
-    def __init__(self, model: Cytoself) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.model.loss(batch)
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -290,25 +239,12 @@ def _read_label_map(path: Path) -> dict[str, int]:
     return {str(k): int(v) for k, v in data.items()}
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 @torch.no_grad()
-def _evaluate(
-    model: Cytoself,
-    loader: DataLoader,
-    accelerator: Any,
-    *,
-    max_batches: int,
-) -> dict[str, float]:
+def _evaluate(model: Cytoself, loader: DataLoader, accelerator: Any, *, max_batches: int) -> dict[str, float]:
     """Mean of every loss / metric over the validation batches (weighted by batch size), eval mode."""
-    was_training = model.training
-    model.eval()
     sums: dict[str, Tensor] = {}
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    try:
+    with eval_mode(model):
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
@@ -319,19 +255,12 @@ def _evaluate(
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().double() * n
             count += n
-    finally:
-        model.train(was_training)
     keys = list(sums)  # the model's order, the same on every rank
-    if accelerator.num_processes > 1:
-        # One collective call per evaluation; every rank runs the same number of batches.
-        packed = torch.stack([sums[k] for k in keys] + [count])
-        packed = accelerator.reduce(packed, reduction="sum")
-        sums = {k: packed[i] for i, k in enumerate(keys)}
-        count = packed[-1]
+    *values, count = sum_over_processes(accelerator, [*(sums[k] for k in keys), count])
     total = float(count)
     if total == 0:
         raise RuntimeError("validation saw no crops")
-    return {k: float(sums[k]) / total for k in keys}
+    return {k: float(v) / total for k, v in zip(keys, values, strict=True)}
 
 
 def _resolve(cfg: TrainCytoselfConfig, label_map: Mapping[str, int], store: CropStore) -> TrainCytoselfConfig:
@@ -376,9 +305,9 @@ def train_cytoself(
     Returns
     -------
     dict
-        ``steps`` (total optimizer steps), ``epochs`` (passes over the training split, fractional),
-        ``best_val_loss``, ``best_step``, ``stopped_early``, ``images_per_s`` (training throughput
-        of this call, validation excluded), ``run_dir``.
+        ``steps`` (total optimizer steps), ``steps_this_run``, ``epochs`` (passes over the training
+        split, fractional), ``best_val_loss``, ``best_step``, ``images_per_s`` (training throughput
+        of this call, validation excluded), ``images_seen``, ``stopped_early``, ``run_dir``.
 
     Raises
     ------
@@ -389,43 +318,20 @@ def train_cytoself(
     ConfigError
         If ``data.store`` is unset or the config is inconsistent.
     """
-    run = Path(run_dir)
-    last_dir, best_dir = check_run_dir(run, resume=resume)
-    if not cfg.data.store:
-        raise ConfigError("data.store is not set: give the crop store from `protloc prepare` (OUT/cytoself.zarr)")
-
-    store = CropStore.open(cfg.data.store)
-    check_store_splits(store, cfg.data.train_split, cfg.data.val_split)
-
-    label_path = run / LABEL_MAP_FILE
+    run = Run(run_dir, resume=resume, mixed_precision=cfg.mixed_precision, name="cytoself", progress=progress)
+    store = open_crop_store(cfg.data, source="the crop store from `protloc prepare` (OUT/cytoself.zarr)")
+    label_path = run.dir / LABEL_MAP_FILE
     label_map = _read_label_map(label_path) if resume else make_label_map(store.obs, split=cfg.data.train_split)
     cfg = _resolve(cfg, label_map, store)
-    if resume:
-        check_resume_model(last_dir, cfg.model, config_cls=CytoselfConfig, model_cls=Cytoself)
-    model_cfg = cfg.model
+    run.check_resume_model(cfg.model, config_cls=CytoselfConfig, model_cls=Cytoself)
     dcfg, ocfg, scfg = cfg.data, cfg.optim, cfg.schedule
-
-    accelerator = make_accelerator(cfg.mixed_precision)
-    main = accelerator.is_main_process
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
-        if not resume:
-            atomic_write_text(label_path, json.dumps(label_map, indent=1) + "\n")
-    seed_everything(cfg.seed)
+    run.setup(cfg, files=None if resume else {LABEL_MAP_FILE: json.dumps(label_map, indent=1) + "\n"})
 
     # ---- data ----------------------------------------------------------------------------------
     cache = dcfg.chunk_window + 1
-    train_ds = CropDataset(
-        store,
-        split=dcfg.train_split,
-        channels=dcfg.channels,
-        label_map=label_map,
-        augment=dcfg.augment,
-        seed=cfg.seed,
-        cache_chunks=cache,
-    )
-    val_ds = CropDataset(store, split=dcfg.val_split, channels=dcfg.channels, label_map=label_map, cache_chunks=cache)
+    read = dict(channels=dcfg.channels, label_map=label_map, cache_chunks=cache)
+    train_ds = CropDataset(store, split=dcfg.train_split, augment=dcfg.augment, seed=cfg.seed, **read)
+    val_ds = CropDataset(store, split=dcfg.val_split, **read)
     unknown = int((val_ds.labels < 0).sum())
     if unknown:
         # Proteins absent from the training split have no class; the ID loss cannot score them.
@@ -433,249 +339,64 @@ def train_cytoself(
         val_ds = val_ds.subset(val_ds.labels >= 0)
         if len(val_ds) == 0:
             raise InputError("no validation crop shows a protein of the training split", path=store.path)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    sampler = CropBatchSampler(
-        train_ds,
-        dcfg.batch_size,
-        shuffle=dcfg.shuffle,
-        window=dcfg.chunk_window,
-        drop_last=True,  # a last batch of 1 would break BatchNorm
-        seed=cfg.seed,
-        num_replicas=world,
-        rank=rank,
-    )
-    steps_per_epoch = len(sampler)
-    if steps_per_epoch == 0:
-        raise InputError(
-            f"the training split has {len(train_ds)} crops, fewer than one batch of {dcfg.batch_size} per process",
-            path=store.path,
-        )
     # A fixed, spread-out subset when eval_batches limits validation; store order otherwise.
-    val_sampler = CropBatchSampler(
-        val_ds,
-        dcfg.batch_size,
-        shuffle="chunks" if scfg.eval_batches else "none",
-        window=dcfg.chunk_window,
-        seed=cfg.seed,
-        num_replicas=world,
-        rank=rank,
-    )
-    pin = accelerator.device.type == "cuda"
-    # A private generator: creating a loader iterator draws a seed, which must not move the global
-    # RNG (a resumed run creates its iterator at a different step than an uninterrupted one).
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(
-        train_ds, batch_sampler=sampler, num_workers=dcfg.num_workers, pin_memory=pin, generator=loader_gen
-    )
-    val_loader = DataLoader(val_ds, batch_sampler=val_sampler, num_workers=dcfg.num_workers, pin_memory=pin)
-    eval_every = scfg.eval_every or steps_per_epoch
+    val_shuffle = "chunks" if scfg.eval_batches else "none"
+    sampler, val_sampler = crop_samplers(run, dcfg, train_ds, val_ds, val_shuffle=val_shuffle)
+    loader = run.train_loader(train_ds, sampler, num_workers=dcfg.num_workers, path=store.path)
+    val_loader = DataLoader(val_ds, batch_sampler=val_sampler, num_workers=dcfg.num_workers, pin_memory=run.pin_memory)
 
     # ---- model, optimizer, state ---------------------------------------------------------------
-    model = Cytoself(model_cfg)
-    if world > 1 and cfg.sync_batchnorm:
-        convert_sync_batchnorm(model, device=accelerator.device)
-    seed_process(cfg.seed, rank)  # after the initialisation, which must be the same on every process
+    model = Cytoself(cfg.model)
+    if run.world > 1 and cfg.sync_batchnorm:
+        convert_sync_batchnorm(model, device=run.device)
+    seed_process(cfg.seed, run.rank)  # after the initialisation, which must be the same on every process
     optimizer = torch.optim.Adam(model.parameters(), lr=ocfg.lr, betas=ocfg.betas, weight_decay=ocfg.weight_decay)
-    wrapped, optimizer = accelerator.prepare(_LossModule(model), optimizer)
+    wrapped, optimizer = run.accelerator.prepare(LossModule(model), optimizer)
     controller = PlateauController(
         patience=scfg.plateau_patience,
         factor=scfg.lr_factor,
         stop_patience=scfg.stop_patience,
         min_delta=scfg.min_delta,
     )
-    step = epoch = batch_in_epoch = images_seen = 0
-    best_val, best_step, stopped_early = math.inf, -1, False
-    metrics = MetricsLogger(run / METRICS_FILE)
-    if main:
-        remove_stale_temporaries(run)
-        if not resume and metrics.drop_after(-1):
-            # metrics of an earlier attempt that died before its first checkpoint: this run starts over
-            logger.info("cleared the metrics of an earlier attempt that never reached a checkpoint")
-    if resume:
-        load_model_weights(last_dir, model, strict=True)
-        state = load_trainer_state(last_dir)
+    run.attach(
+        model,
+        cfg.model,
+        state=lambda: {"optimizer": optimizer.state_dict(), "controller": controller.state_dict()},
+        extra=lambda **more: {"label_map": label_map, "step": run.step, **more, "channels": list(dcfg.channels)},
+    )
+    if (state := run.resume()) is not None:
         optimizer.load_state_dict(state["optimizer"])
         controller.load_state_dict(state["controller"])
-        step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        images_seen = int(state.get("images_seen", 0))
-        best_val, best_step = float(state["best_val_loss"]), int(state["best_step"])
-        if state.get("stopped_early"):
-            logger.info("the run had stopped early at step %d; continuing as asked", step)
-        if main:
-            dropped = metrics.drop_after(step)
-            if dropped:
-                logger.info(
-                    "dropped %d metric records logged after step %d (lost with the interruption)", dropped, step
-                )
-        restore_process_rng(state, accelerator, seed=cfg.seed, step=step)
-        logger.info("resumed %s at step %d (epoch %d, batch %d)", run, step, epoch, batch_in_epoch)
-    if batch_in_epoch >= steps_per_epoch:
-        epoch, batch_in_epoch = epoch + 1, 0
-    _set_lr(optimizer, ocfg.lr * controller.lr_scale)
-    start_step = step
-
-    def trainer_state() -> dict[str, Any]:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "controller": controller.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "images_seen": images_seen,
-            "best_val_loss": best_val,
-            "best_step": best_step,
-            "stopped_early": stopped_early,
-        }
-
-    def save_last() -> None:
-        accelerator.wait_for_everyone()
-        rng = process_rng_states(accelerator)  # a collective: before the main-process-only write
-        if main:
-            save_checkpoint(
-                last_dir,
-                model=model,
-                config=model_cfg,
-                trainer_state={**trainer_state(), **rng},
-                extra={"label_map": label_map, "step": step, "channels": list(dcfg.channels)},
-            )
-
-    def set_epoch(e: int, start: int) -> None:
-        sampler.set_epoch(e, start)
-        train_ds.set_epoch(e)
+    set_lr(ocfg.lr * controller.lr_scale, optimizer)
 
     # ---- loop ----------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    max_steps = scfg.max_steps
-    bar = tqdm(
-        total=max_steps or None,
-        initial=step,
-        desc="cytoself",
-        unit="step",
-        disable=not (progress and main),
-        dynamic_ncols=True,
-    )
-    window: dict[str, Tensor] = {}
-    window_steps, window_images, window_time = 0, 0, 0.0
-    train_time, train_images = 0.0, 0
-    saved_at = step if resume else -1
     wrapped.train()
-    try:
-        if max_steps and step >= max_steps:
-            logger.info("the run already reached max_steps=%d; nothing to train", max_steps)
-        else:
-            t_last = time.perf_counter()
-            for ep, index, batch in infinite_loader(loader, set_epoch, start_epoch=epoch, start_batch=batch_in_epoch):
-                batch = _to_device(batch, accelerator.device)
-                out = wrapped(batch)
-                loss = out["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if ocfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(wrapped.parameters(), ocfg.grad_clip)
-                optimizer.step()
-                step += 1
-                epoch, batch_in_epoch = ep, index + 1
-                n_img = int(batch["image"].shape[0]) * world
-                images_seen += n_img
-                for key, value in out.items():
-                    window[key] = window.get(key, 0.0) + value.detach().float()
-                window_steps += 1
-                window_images += n_img
-                now = time.perf_counter()
-                window_time += now - t_last
-                train_time += now - t_last
-                train_images += n_img
-                bar.update(1)
+    with run:
+        for batch in run.batches(loader):
+            batch = _to_device(batch, run.device)
+            out = wrapped(batch)
+            optimizer.zero_grad(set_to_none=True)
+            run.accelerator.backward(out["loss"])
+            clip_gradients(run.accelerator, wrapped.parameters(), ocfg.grad_clip)
+            optimizer.step()
+            run.step_done(batch["image"].shape[0], out)
 
-                if step % scfg.log_every == 0:
-                    means = mean_over_processes(accelerator, {k: float(v) for k, v in window.items()}, window_steps)
-                    if not math.isfinite(means["loss"]):
-                        logger.warning("training loss is %s at step %d", means["loss"], step)
-                    if main:
-                        metrics.log(
-                            step,
-                            "train",
-                            means,
-                            lr=optimizer.param_groups[0]["lr"],
-                            epoch=epoch + batch_in_epoch / steps_per_epoch,
-                            images_per_s=window_images / max(window_time, 1e-9),
-                        )
-                    bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
-                    window, window_steps, window_images, window_time = {}, 0, 0, 0.0
-
-                last_step = bool(max_steps) and step >= max_steps
-                evaluated = False
-                if step % eval_every == 0 or last_step:
-                    val = _evaluate(model, val_loader, accelerator, max_batches=scfg.eval_batches)
-                    improved, lr_changed, stop = controller.update(val["loss"])
-                    evaluated = True
-                    if improved:
-                        best_val, best_step = val["loss"], step
-                        accelerator.wait_for_everyone()
-                        if main:
-                            save_checkpoint(
-                                best_dir,
-                                model=model,
-                                config=model_cfg,
-                                trainer_state=None,
-                                extra={
-                                    "label_map": label_map,
-                                    "step": step,
-                                    "val": val,
-                                    "channels": list(dcfg.channels),
-                                },
-                            )
-                    if lr_changed:
-                        _set_lr(optimizer, ocfg.lr * controller.lr_scale)
-                        logger.info("validation plateau: learning rate now %.3g", ocfg.lr * controller.lr_scale)
-                    if main:
-                        metrics.log(
-                            step,
-                            "val",
-                            val,
-                            best_loss=controller.best,
-                            improved=improved,
-                            lr=optimizer.param_groups[0]["lr"],
-                            checks_without_improvement=controller.num_bad,
-                        )
-                    if stop:
-                        stopped_early = True
-                        logger.info(
-                            "stopping early at step %d: %d validation checks without improvement",
-                            step,
-                            controller.num_bad,
-                        )
-                    bar.set_postfix(loss=f"{float(out['loss'].detach()):.4g}", val=f"{val['loss']:.4g}", refresh=False)
-                if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and evaluated):
-                    save_last()
-                    saved_at = step
-                if stopped_early or last_step:
-                    break
-                t_last = time.perf_counter()
-        if saved_at != step:
-            save_last()
-    finally:
-        bar.close()
-        metrics.close()
-
-    summary = {
-        "steps": step,
-        "epochs": epoch + batch_in_epoch / steps_per_epoch,
-        "best_val_loss": best_val,
-        "best_step": best_step,
-        "stopped_early": stopped_early,
-        "images_per_s": train_images / train_time if train_time > 0 else 0.0,
-        "images_seen": images_seen,
-        "steps_this_run": step - start_step,
-        "run_dir": str(run),
-    }
-    logger.info(
-        "trained %d steps (%.3g images/s); best validation loss %.5g at step %d%s",
-        step,
-        summary["images_per_s"],
-        best_val,
-        best_step,
-        " (stopped early)" if stopped_early else "",
-    )
-    return summary
+            if run.should_log():
+                run.log("train", run.window_means(), lr=optimizer.param_groups[0]["lr"], **run.progress())
+            if run.should_eval():
+                val = _evaluate(model, val_loader, run.accelerator, max_batches=scfg.eval_batches)
+                improved, lr_changed, stop = controller.update(val["loss"])
+                if lr_changed:
+                    set_lr(ocfg.lr * controller.lr_scale, optimizer)
+                    logger.info("validation plateau: learning rate now %.3g", ocfg.lr * controller.lr_scale)
+                run.evaluated(
+                    val,
+                    improved=improved,
+                    lr=optimizer.param_groups[0]["lr"],
+                    checks_without_improvement=controller.num_bad,
+                )
+                if stop:
+                    run.stop_early(f"{controller.num_bad} validation checks without improvement")
+            if run.end_step():
+                break
+    return run.finish(stopped_early=run.stopped_early)

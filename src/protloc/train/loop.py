@@ -1,21 +1,23 @@
-"""Pieces shared by protloc's explicit, step-counted training loops.
+"""Building blocks of protloc's explicit, step-counted training loops (the run itself: :mod:`protloc.train.engine`).
 
 - :class:`MetricsLogger`: one JSON line per record in ``metrics.jsonl``, flushed as written, so a
   run can be followed (``tail -f``) and survives a crash up to the last line;
 - :class:`PlateauController`: learning-rate reduction on a validation plateau and early stopping,
   with the counters the cytoself paper describes (and the reference code gets wrong);
-- :func:`seed_everything`, :func:`make_accelerator`, :func:`infinite_loader`.
+- seeding and random states per process (:func:`seed_everything`, :func:`seed_process`,
+  :func:`process_rng_states`, :func:`restore_process_rng`), :func:`mean_over_processes`,
+  :func:`make_accelerator`, :func:`infinite_loader`, :func:`set_lr`, :func:`clip_gradients`;
+- config checks shared by the training configs (:func:`check_config`, :func:`check_run_options`,
+  :func:`check_adam_options`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import random
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -25,17 +27,16 @@ import numpy as np
 import torch
 
 from protloc._fs import atomic_path
-from protloc.errors import ConfigError, InputError
-from protloc.models.checkpoint import TRAINER_FILE, capture_rng_state, load_checkpoint_config, restore_rng_state
+from protloc.errors import ConfigError
+from protloc.models.checkpoint import capture_rng_state, restore_rng_state
 
 __all__ = [
     "MetricsLogger",
     "PlateauController",
-    "check_resume_model",
-    "remove_stale_temporaries",
+    "check_adam_options",
+    "check_config",
     "check_run_options",
-    "check_run_dir",
-    "check_store_splits",
+    "clip_gradients",
     "infinite_loader",
     "make_accelerator",
     "mean_over_processes",
@@ -43,6 +44,7 @@ __all__ = [
     "restore_process_rng",
     "seed_everything",
     "seed_process",
+    "set_lr",
     "to_python",
 ]
 
@@ -456,6 +458,19 @@ def infinite_loader(
         epoch, first = epoch + 1, 0
 
 
+def set_lr(lr: float, *optimizers: Any) -> None:
+    """Set the learning rate of every parameter group of ``optimizers`` (Accelerate-wrapped or not)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def clip_gradients(accelerator: Any, parameters: Iterable[torch.Tensor], max_norm: float) -> None:
+    """Clip the gradient norm of ``parameters`` to ``max_norm`` (0: no clipping)."""
+    if max_norm > 0:
+        accelerator.clip_grad_norm_(parameters, max_norm)
+
+
 def check_config(condition: bool, message: str) -> None:
     """Raise :class:`~protloc.errors.ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:
@@ -479,89 +494,3 @@ def check_adam_options(lr: float, betas: tuple[float, ...], grad_clip: float) ->
         f"optim.betas must be two values in [0, 1), got {betas}",
     )
     check_config(grad_clip >= 0, f"optim.grad_clip must be >= 0, got {grad_clip}")
-
-
-# --------------------------------------------------------------------------------------------------
-# run folders (shared by every trainer)
-# --------------------------------------------------------------------------------------------------
-
-
-def check_run_dir(run: Path, *, resume: bool) -> tuple[Path, Path]:
-    """Check a run folder before training; return its ``last/`` and ``best/`` checkpoint folders.
-
-    Raises
-    ------
-    InputError
-        With ``resume``, if there is no ``last/`` checkpoint with trainer state; without it, if the
-        folder already holds a run (nothing is ever overwritten).
-    """
-    last_dir, best_dir = run / "last", run / "best"
-    if resume:
-        if not (last_dir / TRAINER_FILE).is_file():
-            raise InputError("nothing to resume: no last/ checkpoint with trainer state", path=run)
-    elif last_dir.exists():
-        raise InputError("the run folder already holds a run (last/); resume it or choose another folder", path=run)
-    return last_dir, best_dir
-
-
-def remove_stale_temporaries(run: Path) -> list[str]:
-    """Delete what killed writes left in a run folder: ``.NAME.*.tmp`` and ``.NAME.old-PID`` entries.
-
-    Checkpoints and metrics are written to such temporary siblings and renamed into place (``protloc._fs``);
-    a process killed mid-write (SIGKILL, power loss) leaves them behind. Call it on the main process only.
-    Returns the names removed.
-    """
-    removed = []
-    if not run.is_dir():
-        return removed
-    for entry in run.iterdir():
-        if entry.name.startswith(".") and (entry.name.endswith(".tmp") or ".old-" in entry.name):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry.name)
-    if removed:
-        logger.info("removed %d temporary file(s) left by an interrupted write in %s", len(removed), run)
-    return removed
-
-
-def check_resume_model(last_dir: Path, model_config: Any, *, config_cls: type, model_cls: type) -> dict[str, Any]:
-    """Refuse to resume a run with a different model config; return the checkpoint's ``extra``.
-
-    Raises
-    ------
-    ConfigError
-        Naming the model fields that differ.
-    """
-    saved, extra = load_checkpoint_config(last_dir, config_cls=config_cls, model_cls=model_cls)
-    if saved != model_config:
-        changed = [
-            f.name for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(model_config, f.name)
-        ]
-        raise ConfigError(
-            f"cannot resume {last_dir.parent} with a different model: model.{', model.'.join(changed)} changed"
-        )
-    return extra
-
-
-def check_store_splits(store: Any, *splits: str) -> None:
-    """Check that a crop store has a ``split`` column with rows in each of ``splits``.
-
-    Raises
-    ------
-    InputError
-        Naming the store and the splits it has.
-    """
-    if "split" not in store.obs.columns:
-        raise InputError(
-            "the crop table has no 'split' column; re-run `protloc prepare` with a train/val split", path=store.path
-        )
-    present = set(store.obs["split"].astype(str))
-    for wanted in splits:
-        if wanted not in present:
-            raise InputError(
-                f"the store has no {wanted!r} rows (splits present: {sorted(present)}); training and validation "
-                "need both: re-run `protloc prepare` with a split",
-                path=store.path,
-            )

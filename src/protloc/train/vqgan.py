@@ -44,9 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -55,16 +53,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from protloc.config import save_config
-from protloc.data.datasets import CropBatchSampler, TokenizerKind, VQGANCrops
-from protloc.data.io import CropStore
-from protloc.errors import ConfigError, InputError
+from protloc.data.datasets import TokenizerKind, VQGANCrops
+from protloc.errors import ConfigError
 from protloc.eval.metrics import threshold_metrics
-from protloc.models.checkpoint import (
-    load_model_weights,
-    load_trainer_state,
-    save_checkpoint,
-)
 from protloc.models.vqgan import (
     VQGAN,
     PatchDiscriminator,
@@ -75,21 +66,21 @@ from protloc.models.vqgan import (
     vanilla_d_loss,
 )
 from protloc.nn.quantize import VQOutput
+from protloc.train.engine import (
+    CropDataConfig,
+    Run,
+    ScheduleConfig,
+    crop_samplers,
+    eval_mode,
+    open_crop_store,
+    sum_over_processes,
+)
 from protloc.train.loop import (
-    MetricsLogger,
     check_adam_options,
-    check_resume_model,
-    check_run_dir,
     check_run_options,
-    check_store_splits,
-    infinite_loader,
-    make_accelerator,
-    mean_over_processes,
-    process_rng_states,
-    remove_stale_temporaries,
-    restore_process_rng,
-    seed_everything,
+    clip_gradients,
     seed_process,
+    set_lr,
 )
 from protloc.train.loop import (
     check_config as _check,
@@ -108,8 +99,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-
 
 # --------------------------------------------------------------------------------------------------
 # configuration
@@ -117,8 +106,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
-class VQGANDataConfig:
-    """Which crops, at which size, in which batches.
+class VQGANDataConfig(CropDataConfig):
+    """Which crops, at which size, in which batches (and the fields of :class:`CropDataConfig`).
 
     Attributes
     ----------
@@ -132,34 +121,15 @@ class VQGANDataConfig:
         binary mean-threshold image. At the store's size the stored ``threshold`` channel is used.
     batch_size
         Crops per optimizer step (per process). The paper does not state its batch size.
-    num_workers
-        DataLoader worker processes (0: read in the training process).
     augment
         Random horizontal and vertical flips of the training crops (paper S.3.4-S.3.6).
-    shuffle, chunk_window
-        Training order: ``"chunks"`` (chunk-shuffled, fast Zarr reads) or ``"random"``; chunks mixed
-        per window (see :class:`~protloc.data.datasets.CropBatchSampler`).
-    train_split, val_split
-        Values of the ``split`` column used for training and validation.
     """
 
-    store: str = ""
     image_size: int = 256
-    batch_size: int = 8
-    num_workers: int = 0
-    augment: bool = True
-    shuffle: Literal["chunks", "random"] = "chunks"
-    chunk_window: int = 16
-    train_split: str = "train"
-    val_split: str = "val"
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 1, f"data.image_size must be >= 1, got {self.image_size}")
-        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
-        _check(self.chunk_window >= 1, f"data.chunk_window must be >= 1, got {self.chunk_window}")
-        _check(self.shuffle in ("chunks", "random"), f"data.shuffle must be 'chunks' or 'random', got {self.shuffle!r}")
-        _check(self.train_split != self.val_split, "data.train_split and data.val_split must differ")
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
@@ -314,8 +284,8 @@ class VQGANOptimConfig:
 
 
 @dataclass(frozen=True)
-class VQGANScheduleConfig:
-    """Step budget, validation and logging.
+class VQGANScheduleConfig(ScheduleConfig):
+    """Step budget, validation and logging (the fields of :class:`ScheduleConfig`).
 
     Attributes
     ----------
@@ -323,8 +293,6 @@ class VQGANScheduleConfig:
         Optimizer steps to train for. The paper trained "until convergence" (344 epochs for the nucleus
         VQGAN, 371 for the threshold one, with 50,000 steps ~ 7 epochs); the paper preset's 2,450,000
         is 343 of those epochs.
-    eval_every
-        Validate every this many steps (0: once per pass over the training split); also at the end.
     eval_batches
         Validate on this many batches (the first ones of the split, in store order); 0 = the whole split.
     log_every
@@ -334,14 +302,6 @@ class VQGANScheduleConfig:
 
     max_steps: int = 2_450_000
     eval_every: int = 5000
-    eval_batches: int = 0
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        _check(self.max_steps >= 1, f"schedule.max_steps must be >= 1, got {self.max_steps}")
-        _check(self.eval_every >= 0, f"schedule.eval_every must be >= 0, got {self.eval_every}")
-        _check(self.eval_batches >= 0, f"schedule.eval_batches must be >= 0, got {self.eval_batches}")
-        _check(self.log_every >= 1, f"schedule.log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass(frozen=True)
@@ -432,6 +392,52 @@ def _rec_loss(kind: str, reconstruction: Tensor, target: Tensor) -> Tensor:
     return F.l1_loss(reconstruction, target)
 
 
+class _GANLoss:
+    """The VQGAN's two losses (taming's ``VQLPIPSWithDiscriminator``): the autoencoder's and the discriminator's.
+
+    As in taming, both work on images in [-1, 1] (:meth:`~protloc.models.vqgan.VQGAN.normalize` of the
+    [0, 1] crops). Call inside the accelerator's autocast.
+    """
+
+    def __init__(self, cfg: TrainVQGANConfig, model: VQGAN, disc: Any, perceptual: PerceptualLoss | None) -> None:
+        self.cfg, self.model, self.disc, self.perceptual = cfg.loss, model, disc, perceptual
+        self.beta = cfg.model.commitment_cost
+        self.d_loss_fn = hinge_d_loss if cfg.loss.disc_loss == "hinge" else vanilla_d_loss
+
+    def autoencoder(self, x: Tensor, out: Any, *, gan: bool) -> tuple[Tensor, dict[str, Any], Tensor, Tensor]:
+        """Reconstruction + codebook (+ perceptual) (+ the adaptively weighted GAN term when ``gan``).
+
+        Returns the loss, its terms (detached, for the log) and the real and reconstructed images in the
+        model's units (the discriminator's inputs).
+        """
+        c = self.cfg
+        rec = out.reconstruction
+        real, fake = self.model.normalize(x), self.model.normalize(rec.float())
+        rec_loss = _rec_loss(c.reconstruction, fake, real)
+        if self.perceptual is not None:
+            rec_loss = rec_loss + c.perceptual_weight * self.perceptual(rec.float(), x).mean()
+        vq_loss = _vq_loss(c.vq_weighting, out.vq, self.beta)
+        loss = rec_loss + c.codebook_weight * vq_loss
+        logs = {"rec_loss": rec_loss.detach(), "vq_loss": vq_loss.detach()}
+        if gan:
+            g_loss = -self.disc(fake).float().mean()
+            d_weight = c.disc_weight * adaptive_weight(
+                rec_loss, g_loss, self.model.last_layer, max_weight=c.adaptive_weight_max
+            )
+            loss = loss + d_weight * g_loss
+            logs.update(g_loss=g_loss.detach(), d_weight=d_weight)
+        return loss, logs, real, fake
+
+    def discriminator(self, real: Tensor, fake: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The discriminator's loss on real images vs this step's reconstructions (detached), and its terms."""
+        logits_real = self.disc(real).float()
+        logits_fake = self.disc(fake.detach()).float()
+        d_loss = self.d_loss_fn(logits_real, logits_fake)
+        logs = {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean()}
+        logs["logits_fake"] = logits_fake.detach().mean()
+        return d_loss, logs
+
+
 @torch.no_grad()
 def _evaluate(
     model: VQGAN,
@@ -442,8 +448,6 @@ def _evaluate(
     perceptual: PerceptualLoss | None,
 ) -> dict[str, float]:
     """Validation means over images (eval mode) and code statistics over the whole pass."""
-    was_training = model.training
-    model.eval()
     device = accelerator.device
     sums: dict[str, Tensor] = {}
     usage = torch.zeros(model.config.n_embed, dtype=torch.float64, device=device)
@@ -453,7 +457,7 @@ def _evaluate(
     def add(key: str, per_image: Tensor) -> None:
         sums[key] = sums.get(key, 0.0) + per_image.detach().double().sum()
 
-    try:
+    with eval_mode(model):
         for i, batch in enumerate(loader):
             if cfg.schedule.eval_batches and i >= cfg.schedule.eval_batches:
                 break
@@ -475,17 +479,12 @@ def _evaluate(
                     add(key, value)
             usage += out.vq.usage.double()
             count += n
-    finally:
-        model.train(was_training)
     keys = list(sums)
-    if accelerator.num_processes > 1:
-        packed = accelerator.reduce(torch.cat([torch.stack([sums[k] for k in keys]), count[None], usage]), "sum")
-        sums = {k: packed[i] for i, k in enumerate(keys)}
-        count, usage = packed[len(keys)], packed[len(keys) + 1 :]
+    *values, count, usage = sum_over_processes(accelerator, [*(sums[k] for k in keys), count, usage])
     total = float(count)
     if total == 0:
         raise RuntimeError("validation saw no crops")
-    val = {k: float(sums[k]) / total for k in keys}
+    val = {k: float(v) / total for k, v in zip(keys, values, strict=True)}
     val["perplexity"] = float(model.quantize.perplexity_from_usage(usage))
     val["dead_codes"] = int((usage == 0).sum())
     val["codes_used"] = model.config.n_embed - val["dead_codes"]
@@ -497,36 +496,10 @@ def _evaluate(
 # --------------------------------------------------------------------------------------------------
 
 
-def _open_store(cfg: TrainVQGANConfig) -> CropStore:
-    if not cfg.data.store:
-        raise ConfigError("data.store is not set: give the CELL-E crop store from `protloc prepare` (OUT/celle.zarr)")
-    store = CropStore.open(cfg.data.store)
-    needed = ["nucleus"] if cfg.kind == "nucleus" else ["nucleus", "protein", "threshold"]
-    missing = [c for c in needed if c not in store.channels]
-    if missing:
-        raise InputError(
-            f"the store lacks channel(s) {missing} for the {cfg.kind} tokenizer (it has {store.channels}); "
-            "use the CELL-E store (celle.zarr) of `protloc prepare`",
-            path=store.path,
-        )
-    if cfg.data.image_size > store.size:
-        raise InputError(
-            f"data.image_size {cfg.data.image_size} is larger than the store's {store.size}x{store.size} crops",
-            path=store.path,
-        )
-    check_store_splits(store, cfg.data.train_split, cfg.data.val_split)
-    return store
-
-
 def _load_perceptual(cfg: TrainVQGANConfig) -> PerceptualLoss | None:
     if not cfg.loss.perceptual_weights:
         return None
     return PerceptualLoss.from_file(cfg.loss.perceptual_weights, input_range=cfg.model.value_range)
-
-
-def _clip(accelerator: Any, params: Any, max_norm: float) -> None:
-    if max_norm > 0:
-        accelerator.clip_grad_norm_(params, max_norm)
 
 
 def reset_optimizer_rows(optimizer: Any, param: Tensor, rows: Tensor) -> None:
@@ -581,6 +554,57 @@ def _restart_codes(
     return n
 
 
+class _CodeUsage:
+    """Code usage of the training batches, all processes together: restarts and the logging window.
+
+    Counts the codes the quantizer assigned since the last restart (summed over processes, so every
+    process restarts the same codes; see :class:`VQGANCodebookConfig`) and over the logging window
+    (its perplexity and dead codes are logged), and the codes restarted in the window and the run.
+    """
+
+    def __init__(self, model: VQGAN, cfg: TrainVQGANConfig, accelerator: Any) -> None:
+        self.model, self.cfg, self.accelerator = model, cfg, accelerator
+        self.since_restart = torch.zeros(cfg.model.n_embed, dtype=torch.long, device=accelerator.device)
+        self.window = torch.zeros_like(self.since_restart)
+        self.restarted = self.window_restarted = 0
+
+    def _summed(self, usage: Tensor) -> Tensor:
+        return self.accelerator.reduce(usage.clone(), "sum") if self.accelerator.num_processes > 1 else usage
+
+    def update(self, out: Any, optimizer: Any, step: int) -> None:
+        """Count the codes of optimizer step ``step`` (``out``: the VQGAN's output); restart dead ones when due."""
+        if self.cfg.codebook.enabled:
+            self.since_restart += self._summed(out.vq.usage)
+            if self.cfg.codebook.restarts_at(step):
+                n = _restart_codes(
+                    self.model, optimizer, out.latent, self.since_restart, self.cfg, step, self.accelerator
+                )
+                self.window_restarted += n
+                self.restarted += n
+                self.since_restart.zero_()
+        self.window += out.vq.usage
+
+    def window_stats(self) -> tuple[dict[str, Any], dict[str, int]]:
+        """``({perplexity, dead_codes}, {codes_restarted} or {})`` of the window, then a new window (a collective)."""
+        usage = self._summed(self.window)
+        stats = {"perplexity": self.model.quantize.perplexity_from_usage(usage), "dead_codes": int((usage == 0).sum())}
+        restarted = {"codes_restarted": self.window_restarted} if self.cfg.codebook.enabled else {}
+        self.window.zero_()
+        self.window_restarted = 0
+        return stats, restarted
+
+    def state_dict(self) -> dict[str, Any]:
+        """The restart counters, for ``last/trainer_state.pt``."""
+        return {"restart_usage": self.since_restart.detach().cpu().clone(), "codes_restarted": self.restarted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a state without restart usage, or of another codebook size, starts at 0)."""
+        self.restarted = int(state.get("codes_restarted", 0))
+        saved = state.get("restart_usage")
+        if saved is not None and saved.shape == self.since_restart.shape:
+            self.since_restart.copy_(saved)
+
+
 def train_vqgan(
     cfg: TrainVQGANConfig,
     *,
@@ -620,325 +644,115 @@ def train_vqgan(
         If ``data.store`` is unset, the perceptual weights cannot be loaded, or ``resume`` meets a
         different model or kind.
     """
-    run = Path(run_dir)
-    last_dir, best_dir = check_run_dir(run, resume=resume)
-    store = _open_store(cfg)
-    if resume:
-        saved_extra = check_resume_model(last_dir, cfg.model, config_cls=VQGANConfig, model_cls=VQGAN)
-        if saved_extra.get("kind") != cfg.kind:
-            raise ConfigError(
-                f"cannot resume {run}: it trains the {saved_extra.get('kind')!r} tokenizer, not {cfg.kind!r}"
-            )
+    run = Run(
+        run_dir,
+        resume=resume,
+        mixed_precision=cfg.mixed_precision,
+        name=f"vqgan-{cfg.kind}",
+        best="rec_loss",
+        progress=progress,
+    )
+    store = open_crop_store(
+        cfg.data,
+        source="the CELL-E crop store from `protloc prepare` (OUT/celle.zarr)",
+        channels=["nucleus"] if cfg.kind == "nucleus" else ["nucleus", "protein", "threshold"],
+        purpose=f" for the {cfg.kind} tokenizer",
+        min_size=cfg.data.image_size,
+    )
+    saved_extra = run.check_resume_model(cfg.model, config_cls=VQGANConfig, model_cls=VQGAN)
+    if resume and saved_extra.get("kind") != cfg.kind:
+        raise ConfigError(
+            f"cannot resume {run.dir}: it trains the {saved_extra.get('kind')!r} tokenizer, not {cfg.kind!r}"
+        )
     perceptual = _load_perceptual(cfg)
-    dcfg, lcfg, ocfg, scfg = cfg.data, cfg.loss, cfg.optim, cfg.schedule
-
-    accelerator = make_accelerator(cfg.mixed_precision)
-    main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
-    seed_everything(cfg.seed)
+    dcfg, lcfg, ocfg = cfg.data, cfg.loss, cfg.optim
+    run.setup(cfg)
 
     # ---- data ----------------------------------------------------------------------------------
-    cache = dcfg.chunk_window + 1
-    train_ds = VQGANCrops(
-        store,
-        split=dcfg.train_split,
-        kind=cfg.kind,
-        image_size=dcfg.image_size,
-        augment=dcfg.augment,
-        seed=cfg.seed,
-        cache_chunks=cache,
-    )
-    val_ds = VQGANCrops(
-        store,
-        split=dcfg.val_split,
-        kind=cfg.kind,
-        image_size=dcfg.image_size,
-        with_nucleus=cfg.kind == "threshold",
-        cache_chunks=cache,
-    )
-    sampler = CropBatchSampler(
-        train_ds.base,
-        dcfg.batch_size,
-        shuffle=dcfg.shuffle,
-        window=dcfg.chunk_window,
-        drop_last=True,  # a last batch of 1 would give the discriminator's BatchNorm one sample
-        seed=cfg.seed,
-        num_replicas=world,
-        rank=rank,
-    )
-    steps_per_epoch = len(sampler)
-    if steps_per_epoch == 0:
-        raise InputError(
-            f"the training split has {len(train_ds)} crops, fewer than one batch of {dcfg.batch_size} per process",
-            path=store.path,
-        )
-    val_sampler = CropBatchSampler(
-        val_ds.base, dcfg.batch_size, shuffle="none", seed=cfg.seed, num_replicas=world, rank=rank
-    )
-    pin = accelerator.device.type == "cuda"
-    # A private generator: creating an iterator must not move the global RNG (resume reproducibility).
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(
-        train_ds, batch_sampler=sampler, num_workers=dcfg.num_workers, pin_memory=pin, generator=loader_gen
-    )
+    read = dict(kind=cfg.kind, image_size=dcfg.image_size, cache_chunks=dcfg.chunk_window + 1)
+    train_ds = VQGANCrops(store, split=dcfg.train_split, augment=dcfg.augment, seed=cfg.seed, **read)
+    val_ds = VQGANCrops(store, split=dcfg.val_split, with_nucleus=cfg.kind == "threshold", **read)
+    sampler, val_sampler = crop_samplers(run, dcfg, train_ds.base, val_ds.base)
+    loader = run.train_loader(train_ds, sampler, num_workers=dcfg.num_workers, path=store.path)
     val_loader = DataLoader(
         val_ds,
         batch_sampler=val_sampler,
         num_workers=dcfg.num_workers,
-        pin_memory=pin,
+        pin_memory=run.pin_memory,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    eval_every = scfg.eval_every or steps_per_epoch
 
     # ---- models, optimizers, state -------------------------------------------------------------
     model = VQGAN(cfg.model)
     disc = PatchDiscriminator(in_channels=cfg.model.in_channels, channels=lcfg.disc_channels, layers=lcfg.disc_layers)
-    seed_process(cfg.seed, rank)  # after the initialisation, which must be the same on every process
-    lr = ocfg.lr * (dcfg.batch_size * world if ocfg.scale_lr else 1)
+    seed_process(cfg.seed, run.rank)  # after the initialisation, which must be the same on every process
+    lr = ocfg.lr * (dcfg.batch_size * run.world if ocfg.scale_lr else 1)
     opt_ae = torch.optim.Adam(model.parameters(), lr=lr, betas=ocfg.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=ocfg.betas)
-    ccfg = cfg.codebook
-    # Code usage since the last restart, summed over processes (so every process restarts the same codes).
-    restart_usage = torch.zeros(cfg.model.n_embed, dtype=torch.long, device=accelerator.device)
-    codes_restarted = 0
+    codes = _CodeUsage(model, cfg, run.accelerator)
     if perceptual is not None:
-        perceptual = perceptual.to(accelerator.device)
-    d_loss_fn = hinge_d_loss if lcfg.disc_loss == "hinge" else vanilla_d_loss
-    step = epoch = batch_in_epoch = images_seen = 0
-    best_val, best_step = math.inf, -1
-    metrics = MetricsLogger(run / METRICS_FILE)
-    if main:
-        remove_stale_temporaries(run)
-        if not resume and metrics.drop_after(-1):
-            # metrics of an earlier attempt that died before its first checkpoint: this run starts over
-            logger.info("cleared the metrics of an earlier attempt that never reached a checkpoint")
-    if resume:
-        load_model_weights(last_dir, model, strict=True)
-        state = load_trainer_state(last_dir)
-        disc.load_state_dict(state["discriminator"], strict=True)
-        opt_ae.load_state_dict(state["opt_ae"])
-        opt_d.load_state_dict(state["opt_disc"])
-        step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        images_seen = int(state.get("images_seen", 0))
-        codes_restarted = int(state.get("codes_restarted", 0))
-        saved_usage = state.get("restart_usage")
-        if saved_usage is not None and saved_usage.shape == restart_usage.shape:
-            restart_usage.copy_(saved_usage)
-        best_val, best_step = float(state["best_val_loss"]), int(state["best_step"])
-        if main:
-            dropped = metrics.drop_after(step)
-            if dropped:
-                logger.info(
-                    "dropped %d metric records logged after step %d (lost with the interruption)", dropped, step
-                )
-        restore_process_rng(state, accelerator, seed=cfg.seed, step=step)
-        logger.info("resumed %s at step %d (epoch %d, batch %d)", run, step, epoch, batch_in_epoch)
-    if batch_in_epoch >= steps_per_epoch:
-        epoch, batch_in_epoch = epoch + 1, 0
-    for group in (*opt_ae.param_groups, *opt_d.param_groups):
-        group["lr"] = lr
-    wrapped, wrapped_disc, opt_ae, opt_d = accelerator.prepare(model, disc, opt_ae, opt_d)
-    start_step = step
-    last_val: dict[str, Any] = {}
-
-    def trainer_state() -> dict[str, Any]:
-        return {
+        perceptual = perceptual.to(run.device)
+    run.attach(
+        model,
+        cfg.model,
+        state=lambda: {
             "opt_ae": opt_ae.state_dict(),
             "opt_disc": opt_d.state_dict(),
             "discriminator": {k: v.detach().cpu().clone() for k, v in disc.state_dict().items()},
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "images_seen": images_seen,
-            "restart_usage": restart_usage.detach().cpu().clone(),
-            "codes_restarted": codes_restarted,
-            "best_val_loss": best_val,
-            "best_step": best_step,
-        }
-
-    def extra(**more: Any) -> dict[str, Any]:
-        return {"kind": cfg.kind, "step": step, "image_size": dcfg.image_size, **more}
-
-    def save_last() -> None:
-        accelerator.wait_for_everyone()
-        rng = process_rng_states(accelerator)  # a collective: before the main-process-only write
-        if main:
-            state = {**trainer_state(), **rng}
-            save_checkpoint(last_dir, model=model, config=cfg.model, trainer_state=state, extra=extra())
-
-    def set_epoch(e: int, start: int) -> None:
-        sampler.set_epoch(e, start)
-        train_ds.set_epoch(e)
+            **codes.state_dict(),
+        },
+        extra=lambda **more: {"kind": cfg.kind, "step": run.step, "image_size": dcfg.image_size, **more},
+    )
+    if (state := run.resume()) is not None:
+        disc.load_state_dict(state["discriminator"], strict=True)
+        opt_ae.load_state_dict(state["opt_ae"])
+        opt_d.load_state_dict(state["opt_disc"])
+        codes.load_state_dict(state)
+    set_lr(lr, opt_ae, opt_d)
+    wrapped, wrapped_disc, opt_ae, opt_d = run.accelerator.prepare(model, disc, opt_ae, opt_d)
+    losses = _GANLoss(cfg, model, wrapped_disc, perceptual)
 
     # ---- loop ----------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    max_steps = scfg.max_steps
-    bar = tqdm(
-        total=max_steps,
-        initial=step,
-        desc=f"vqgan-{cfg.kind}",
-        unit="step",
-        disable=not (progress and main),
-        dynamic_ncols=True,
-    )
-    window: dict[str, float] = {}
-    window_usage = torch.zeros(cfg.model.n_embed, dtype=torch.long, device=accelerator.device)
-    window_steps, window_gan_steps, window_images, window_time, window_restarted = 0, 0, 0, 0.0, 0
-    train_time, train_images = 0.0, 0
-    saved_at = step if resume else -1
     wrapped.train()
     wrapped_disc.train()
-    try:
-        if step >= max_steps:
-            logger.info("the run already reached max_steps=%d; nothing to train", max_steps)
-        else:
-            t_last = time.perf_counter()
-            for ep, index, batch in infinite_loader(loader, set_epoch, start_epoch=epoch, start_batch=batch_in_epoch):
-                x = batch["image"].to(accelerator.device, non_blocking=pin)
-                gan = step >= lcfg.disc_start  # taming's adopt_weight: no GAN term before disc_start
+    with run:
+        for batch in run.batches(loader):
+            x = batch["image"].to(run.device, non_blocking=run.pin_memory)
+            gan = run.step >= lcfg.disc_start  # taming's adopt_weight: no GAN term before disc_start
 
-                # -- autoencoder update: reconstruction + codebook (+ perceptual) (+ adaptive GAN term)
-                with accelerator.autocast():
-                    out = wrapped(x)
-                    rec = out.reconstruction
-                    # Losses in the model's [-1, 1] units, as taming computes them (see VQGAN's notes).
-                    real, fake = model.normalize(x), model.normalize(rec.float())
-                    rec_loss = _rec_loss(lcfg.reconstruction, fake, real)
-                    if perceptual is not None:
-                        rec_loss = rec_loss + lcfg.perceptual_weight * perceptual(rec.float(), x).mean()
-                    vq_loss = _vq_loss(lcfg.vq_weighting, out.vq, cfg.model.commitment_cost)
-                    loss = rec_loss + lcfg.codebook_weight * vq_loss
-                    logs = {"rec_loss": rec_loss.detach(), "vq_loss": vq_loss.detach()}
-                    if gan:
-                        g_loss = -wrapped_disc(fake).float().mean()
-                        d_weight = lcfg.disc_weight * adaptive_weight(
-                            rec_loss, g_loss, model.last_layer, max_weight=lcfg.adaptive_weight_max
-                        )
-                        loss = loss + d_weight * g_loss
-                        logs.update(g_loss=g_loss.detach(), d_weight=d_weight)
-                opt_ae.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                _clip(accelerator, wrapped.parameters(), ocfg.grad_clip)
-                opt_ae.step()
-                logs["loss"] = loss.detach()
+            # -- autoencoder update: reconstruction + codebook (+ perceptual) (+ adaptive GAN term)
+            with run.accelerator.autocast():
+                out = wrapped(x)
+                loss, logs, real, fake = losses.autoencoder(x, out, gan=gan)
+            opt_ae.zero_grad(set_to_none=True)
+            run.accelerator.backward(loss)
+            clip_gradients(run.accelerator, wrapped.parameters(), ocfg.grad_clip)
+            opt_ae.step()
+            logs["loss"] = loss.detach()
 
-                # -- discriminator update on the same batch (real vs this step's reconstruction)
-                if gan:
-                    with accelerator.autocast():
-                        logits_real = wrapped_disc(real).float()
-                        logits_fake = wrapped_disc(fake.detach()).float()
-                        d_loss = d_loss_fn(logits_real, logits_fake)
-                    opt_d.zero_grad(set_to_none=True)
-                    accelerator.backward(d_loss)
-                    _clip(accelerator, wrapped_disc.parameters(), ocfg.grad_clip)
-                    opt_d.step()
-                    logs.update(
-                        d_loss=d_loss.detach(),
-                        logits_real=logits_real.detach().mean(),
-                        logits_fake=logits_fake.detach().mean(),
-                    )
+            # -- discriminator update on the same batch (real vs this step's reconstruction)
+            if gan:
+                with run.accelerator.autocast():
+                    d_loss, d_logs = losses.discriminator(real, fake)
+                opt_d.zero_grad(set_to_none=True)
+                run.accelerator.backward(d_loss)
+                clip_gradients(run.accelerator, wrapped_disc.parameters(), ocfg.grad_clip)
+                opt_d.step()
+                logs.update(d_logs)
 
-                step += 1
-                epoch, batch_in_epoch = ep, index + 1
+            # -- this step's codes; unused codes restarted when due (Jukebox), still part of the step
+            codes.update(out, opt_ae, step=run.step + 1)
+            # GAN terms are averaged over the steps that had them (the window counts each key's steps).
+            run.step_done(x.shape[0], {k: float(v) for k, v in logs.items()})
 
-                # -- codebook restart (Jukebox): codes unused over the last restart_every steps -> latents
-                if ccfg.enabled:
-                    usage = out.vq.usage
-                    restart_usage += accelerator.reduce(usage.clone(), "sum") if world > 1 else usage
-                    if ccfg.restarts_at(step):
-                        n_restarted = _restart_codes(model, opt_ae, out.latent, restart_usage, cfg, step, accelerator)
-                        window_restarted += n_restarted
-                        codes_restarted += n_restarted
-                        restart_usage.zero_()
-                n_img = int(x.shape[0]) * world
-                images_seen += n_img
-                for key, value in logs.items():
-                    window[key] = window.get(key, 0.0) + float(value)
-                window_usage += out.vq.usage
-                window_steps += 1
-                window_gan_steps += int(gan)
-                window_images += n_img
-                now = time.perf_counter()
-                window_time += now - t_last
-                train_time += now - t_last
-                train_images += n_img
-                bar.update(1)
-
-                if step % scfg.log_every == 0:
-                    # GAN terms are averaged over the steps that had them.
-                    gan_keys = ("g_loss", "d_weight", "d_loss", "logits_real", "logits_fake")
-                    counts = {k: window_gan_steps if k in gan_keys else window_steps for k in window}
-                    means = mean_over_processes(accelerator, window, counts)
-                    usage = accelerator.reduce(window_usage.clone(), "sum") if world > 1 else window_usage
-                    if not math.isfinite(means["loss"]):
-                        logger.warning("training loss is %s at step %d", means["loss"], step)
-                    if main:
-                        metrics.log(
-                            step,
-                            "train",
-                            means,
-                            perplexity=model.quantize.perplexity_from_usage(usage),
-                            dead_codes=int((usage == 0).sum()),
-                            gan=gan,
-                            lr=opt_ae.param_groups[0]["lr"],
-                            epoch=epoch + batch_in_epoch / steps_per_epoch,
-                            images_per_s=window_images / max(window_time, 1e-9),
-                            **({"codes_restarted": window_restarted} if ccfg.enabled else {}),
-                        )
-                    bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
-                    window, window_steps, window_gan_steps, window_images, window_time = {}, 0, 0, 0, 0.0
-                    window_restarted = 0
-                    window_usage.zero_()
-
-                last_step = step >= max_steps
-                evaluated = False
-                if step % eval_every == 0 or last_step:
-                    val = _evaluate(model, val_loader, accelerator, cfg=cfg, perceptual=perceptual)
-                    evaluated = True
-                    improved = val["rec_loss"] < best_val
-                    if improved:
-                        best_val, best_step = val["rec_loss"], step
-                        accelerator.wait_for_everyone()
-                        if main:
-                            save_checkpoint(best_dir, model=model, config=cfg.model, extra=extra(val=val))
-                    last_val = {"step": step, **val}
-                    if main:
-                        metrics.log(step, "val", val, best_rec_loss=best_val, improved=improved)
-                    bar.set_postfix(loss=f"{float(logs['loss']):.4g}", val=f"{val['rec_loss']:.4g}", refresh=False)
-                if (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and evaluated):
-                    save_last()
-                    saved_at = step
-                if last_step:
-                    break
-                t_last = time.perf_counter()
-        if saved_at != step:
-            save_last()
-    finally:
-        bar.close()
-        metrics.close()
-
-    summary = {
-        "steps": step,
-        "steps_this_run": step - start_step,
-        "epochs": epoch + batch_in_epoch / steps_per_epoch,
-        "best_val_loss": best_val,
-        "best_step": best_step,
-        "images_per_s": train_images / train_time if train_time > 0 else 0.0,
-        "images_seen": images_seen,
-        "codes_restarted": codes_restarted,
-        "last_val": last_val,
-        "run_dir": str(run),
-    }
-    logger.info(
-        "trained the %s tokenizer for %d steps (%.3g images/s); best validation reconstruction loss %.5g at step %d",
-        cfg.kind,
-        step,
-        summary["images_per_s"],
-        best_val,
-        best_step,
-    )
-    return summary
+            if run.should_log():
+                means = run.window_means()
+                usage, restarted = codes.window_stats()
+                run.log(
+                    "train", means, **usage, gan=gan, lr=opt_ae.param_groups[0]["lr"], **run.progress(), **restarted
+                )
+            if run.should_eval():
+                run.evaluated(_evaluate(model, val_loader, run.accelerator, cfg=cfg, perceptual=perceptual))
+            if run.end_step():
+                break
+    return run.finish(codes_restarted=codes.restarted, last_val=run.last_val)
