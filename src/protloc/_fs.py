@@ -45,7 +45,8 @@ _UMASK = _umask()
 
 
 def check_overwrite(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse to replace an existing output unless ``overwrite`` is set.
+    """Refuse to replace an existing output file unless ``overwrite`` is set (``protloc embed``'s ``.h5ad``;
+    output folders go through :func:`check_out`).
 
     Returns the path as a :class:`~pathlib.Path`.
     """
@@ -58,10 +59,10 @@ def check_overwrite(path: str | os.PathLike, *, overwrite: bool) -> Path:
 def check_out(path: str | os.PathLike, *, overwrite: bool) -> Path:
     """Refuse an existing output folder that is not empty unless ``overwrite`` (an empty folder is fine).
 
-    The one guard of the output folders of ``protloc atlas``, ``spectrum``, ``interpret``, ``predict``,
-    ``fill``, ``screen``, ``evaluate`` and ``import``: called before the slow work, then the folder is
-    written beside ``path`` and moved into place when complete (:func:`atomic_dir`). Returns the path as
-    a :class:`~pathlib.Path`.
+    The one guard of every command's output folder (``protloc world make``, ``prepare``, ``import``,
+    ``atlas``, ``spectrum``, ``interpret``, ``predict``, ``fill``, ``screen``, ``evaluate``): called before
+    the slow work, then the folder is written beside ``path`` and moved into place when complete
+    (:func:`atomic_dir`). Returns the path as a :class:`~pathlib.Path`.
 
     Raises
     ------

@@ -121,10 +121,10 @@ def make_world(
 
     Returns the world folder (``fovs.csv``, ``sequences.fasta``, ``truth.csv``, ``fovs/``, ``truth/``).
     """
-    from protloc.data.world.make import make_world as _make_world
+    from protloc.data.world.make import make_world as render_world
 
     return Path(
-        _make_world(
+        render_world(
             out,
             proteins=proteins,
             fovs=fovs,
@@ -390,12 +390,12 @@ def evaluate(
     """Image-accuracy tables of CELL-E models beside the VQGAN ceiling and a sequence-only baseline
     (``protloc evaluate``; :func:`protloc.commands.evaluate.run_evaluate`). ``checkpoints=None``: the shipped
     model. Other keywords are those of ``run_evaluate``; the sampling is given as ``temperature``,
-    ``top_k_fraction``, ``steps`` and ``sampling_seed`` (as on the command line)."""
+    ``top_k_fraction``, ``steps`` and ``sampling_seed`` (as on the command line) or as ``sampling``."""
     from protloc.commands.evaluate import run_evaluate
     from protloc.pretrained import resolve_checkpoint
 
     given = {field: kwargs.pop(key) for key, field in _EVALUATE_SAMPLING.items() if key in kwargs}
-    sampling = sampling_config(**given)
+    sampling = sampling_config(kwargs.pop("sampling", None), **given)
     ckpts = (
         [resolve_checkpoint(c) for c in checkpoints]
         if checkpoints

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from protloc._fs import atomic_dir
-from protloc.analysis.atlas import atlas as _compute_atlas
+from protloc.analysis.atlas import atlas as compute_atlas
 from protloc.commands._output import check_out, save_fig, write_csv, write_json
 from protloc.data.io import CropStore, read_table
 from protloc.errors import InputError
@@ -105,7 +105,7 @@ def atlas(
     dict
         The scores (``clustering_score``, ``knn``, ``n_crops``, ``n_proteins``, ...).
     """
-    return _compute_atlas(
+    return compute_atlas(
         adata, label_key=label_key, split=split, complexes=complexes, random_state=random_state, **kwargs
     )
 

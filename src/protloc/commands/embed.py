@@ -53,9 +53,9 @@ def run_embed(
     pathlib.Path
         The written file.
     """
-    from protloc.eval.embed import embed as _embed
+    from protloc.eval.embed import embed as embed_store
 
-    return _embed(
+    return embed_store(
         resolve_checkpoint(checkpoint, default="cytoself-tiny"),
         store,
         out,

@@ -74,9 +74,9 @@ def load_cytoself(checkpoint: str | os.PathLike | None = None, *, device: str = 
     device
         Torch device.
     """
-    from protloc.eval.load import load_cytoself as _load
+    from protloc.eval.load import load_cytoself as load_checkpoint
 
-    return _load(resolve_checkpoint(checkpoint, default="cytoself-tiny"), device=device)
+    return load_checkpoint(resolve_checkpoint(checkpoint, default="cytoself-tiny"), device=device)
 
 
 def load_celle(

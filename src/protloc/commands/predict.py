@@ -107,10 +107,11 @@ def predict_sequences(
             t_batch = time.perf_counter()
             res = predict(run, [s for _, s in batch], nuc_t.expand(len(batch), 1, size, size), sampling=sampling)
             prob = res["probability"].float().cpu()
-            thr = (res["threshold"].float().cpu()[:, 0] > 0.5).numpy()
+            thr_t = res["threshold"].float().cpu()
+            thr = (thr_t[:, 0] > 0.5).numpy()
             mask = res["nucleus_mask"].cpu()
             mask_np = mask[0, 0].numpy() if mask_np is None else mask_np
-            thr_prop = nucleus_proportion(res["threshold"].float().cpu(), mask).tolist()
+            thr_prop = nucleus_proportion(thr_t, mask).tolist()
             prob_prop = res["nucleus_proportion"].float().cpu().tolist()
             starts = res["window_start"].cpu().tolist()
             ends = res["add_end"].cpu().tolist()
