@@ -26,6 +26,7 @@ __all__ = [
     "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
+    "check_out",
     "check_overwrite",
     "json_ready",
     "resumable_dir",
@@ -44,13 +45,33 @@ _UMASK = _umask()
 
 
 def check_overwrite(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse to replace an existing output unless ``overwrite`` is set.
+    """Refuse to replace an existing output file unless ``overwrite`` is set (``protloc embed``'s ``.h5ad``;
+    output folders go through :func:`check_out`).
 
     Returns the path as a :class:`~pathlib.Path`.
     """
     p = Path(path)
     if p.exists() and not overwrite:
         raise InputError("output already exists (pass --overwrite to replace it)", path=p)
+    return p
+
+
+def check_out(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Refuse an existing output folder that is not empty unless ``overwrite`` (an empty folder is fine).
+
+    The one guard of every command's output folder (``protloc world make``, ``prepare``, ``import``,
+    ``atlas``, ``spectrum``, ``interpret``, ``predict``, ``fill``, ``screen``, ``evaluate``): called before
+    the slow work, then the folder is written beside ``path`` and moved into place when complete
+    (:func:`atomic_dir`). Returns the path as a :class:`~pathlib.Path`.
+
+    Raises
+    ------
+    InputError
+        ``path`` exists, is not an empty folder, and ``overwrite`` is False.
+    """
+    p = Path(path)
+    if p.exists() and not overwrite and (not p.is_dir() or any(p.iterdir())):
+        raise InputError("output already exists and is not empty (pass --overwrite to replace it)", path=p)
     return p
 
 

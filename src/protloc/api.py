@@ -13,6 +13,10 @@ Conventions (as in scanpy): every argument after the first is keyword-only; func
 ``tiny`` model (:mod:`protloc.pretrained`); ``"pretrained:NAME"`` names one explicitly. Commands that
 write a results folder (``evaluate``, ``demo``) take ``out=`` and return what they wrote.
 
+Everything here is a re-export of :mod:`protloc.commands` (the functions the command line runs) and the
+lower layers, or a thin wrapper that only converts arguments (sampling keywords into a
+:class:`~protloc.eval.predict.SamplingConfig`, a checkpoint into a loaded model) before calling them.
+
 =====================  ==============================  =============================================
 command                function                        returns
 =====================  ==============================  =============================================
@@ -36,7 +40,6 @@ command                function                        returns
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,16 +48,20 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from protloc.analysis.atlas import atlas as _atlas
 from protloc.analysis.screens import construct_experiment
+from protloc.commands.atlas import atlas
+from protloc.commands.embed import embed
+from protloc.commands.inputs import check_batch_size, gather_sequences, load_celle, load_cytoself
+from protloc.commands.interpret import feature_zeroing
+from protloc.commands.spectrum import spectra
 from protloc.data.imports import import_celle_manifest, import_cytoself_crops
-from protloc.errors import ConfigError, InputError
+from protloc.eval.predict import SamplingConfig, sampling_config
 from protloc.plotting.atlas import plot_atlas
 from protloc.plotting.celle import plot_prediction, plot_residue_probabilities
 from protloc.plotting.interpret import plot_feature_zeroing
 from protloc.plotting.screens import plot_constructs, plot_residue_attention, plot_screen
 from protloc.plotting.spectrum import plot_family_correlation, plot_feature_spectrum, plot_spectrum_heatmap
-from protloc.pretrained import list_pretrained, resolve_checkpoint
+from protloc.pretrained import list_pretrained
 
 __all__ = [
     "atlas",
@@ -88,6 +95,15 @@ __all__ = [
 ]
 
 
+#: The sampling keywords of :func:`evaluate` (as ``protloc evaluate``'s flags) -> SamplingConfig fields.
+_EVALUATE_SAMPLING = {
+    "temperature": "temperature",
+    "top_k_fraction": "top_k_fraction",
+    "steps": "steps",
+    "sampling_seed": "seed",
+}
+
+
 # ------------------------------------------------------------------------------------------ data
 def make_world(
     out: str | os.PathLike,
@@ -105,10 +121,21 @@ def make_world(
 
     Returns the world folder (``fovs.csv``, ``sequences.fasta``, ``truth.csv``, ``fovs/``, ``truth/``).
     """
-    from protloc.data.world.make import make_world as _make_world
+    from protloc.data.world.make import make_world as render_world
 
-    return Path(_make_world(out, proteins=proteins, fovs=fovs, seed=seed, size=size, mode=mode, workers=workers,
-                            overwrite=overwrite, progress=progress))  # fmt: skip
+    return Path(
+        render_world(
+            out,
+            proteins=proteins,
+            fovs=fovs,
+            seed=seed,
+            size=size,
+            mode=mode,
+            workers=workers,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    )
 
 
 def prepare(
@@ -124,6 +151,8 @@ def prepare(
 ) -> dict[str, Any]:
     """Fields of view -> cytoself and CELL-E crop stores (``protloc prepare``).
 
+    Runs :func:`protloc.commands.prepare.run_prepare`, as the command line does.
+
     Parameters
     ----------
     fovs
@@ -137,13 +166,18 @@ def prepare(
     workers, overwrite, progress
         As on the command line.
     """
-    from protloc.config import load_config
-    from protloc.data.prepare import PrepareConfig
-    from protloc.data.prepare import prepare as _prepare
+    from protloc.commands.prepare import run_prepare
 
-    cfg = load_config(PrepareConfig, path=config, overrides=list(overrides))
-    return _prepare(fovs, out, config=cfg, sequences=sequences, workers=workers, overwrite=overwrite,
-                    progress=progress)  # fmt: skip
+    return run_prepare(
+        fovs,
+        out,
+        sequences=sequences,
+        config=config,
+        overrides=overrides,
+        workers=workers,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -164,195 +198,31 @@ def train(
 ) -> dict[str, Any]:
     """Train ``"cytoself"``, ``"vqgan"`` (with ``kind="nucleus"`` / ``"threshold"``) or ``"celle"`` (``protloc train``).
 
-    The configuration is the ``preset`` (``"tiny"`` or ``"paper"``), then the YAML ``config``, then the
-    ``a.b=c`` ``overrides``; the run folder ``out`` gets ``config.yaml``, ``metrics.jsonl``, ``best/`` and
-    ``last/``. ``resume`` continues from ``out/last``. Under ``accelerate launch`` the same call trains on
-    every process.
+    The configuration (:func:`protloc.commands.train.train_config`, as on the command line) is the
+    ``preset`` (``"tiny"`` or ``"paper"``), then the YAML ``config`` (resuming without one: the run's own
+    ``config.yaml``), then the ``a.b=c`` ``overrides``, then ``store`` and the other named options; the run
+    folder ``out`` gets ``config.yaml``, ``metrics.jsonl``, ``best/`` and ``last/``. ``resume`` continues
+    from ``out/last``. Under ``accelerate launch`` the same call trains on every process.
     """
-    from protloc.config import load_config
+    from protloc.commands.train import run_train, train_config
 
-    extra = [f"data.store={store}"]
-    if model == "cytoself":
-        from protloc.train.cytoself import TrainCytoselfConfig as cls
-        from protloc.train.cytoself import train_cytoself as fn
-    elif model == "vqgan":
-        from protloc.train.vqgan import TrainVQGANConfig as cls
-        from protloc.train.vqgan import train_vqgan as fn
-
-        if kind is not None:
-            extra.append(f"kind={kind}")
-    elif model == "celle":
-        from protloc.train.celle import TrainCelleConfig as cls
-        from protloc.train.celle import train_celle as fn
-
-        for key, value in (("data.sequences", sequences), ("tokenizers.nucleus", nucleus_vqgan),
-                           ("tokenizers.threshold", threshold_vqgan)):  # fmt: skip
-            if value is not None:
-                extra.append(f"{key}={value}")
-    else:
-        raise ConfigError(f"model must be 'cytoself', 'vqgan' or 'celle', got {model!r}")
-    if preset not in ("tiny", "paper"):
-        raise ConfigError(f"preset must be 'tiny' or 'paper', got {preset!r}")
-    base = cls.paper() if preset == "paper" else cls.tiny()
-    cfg = load_config(cls, base=base, path=config, overrides=[*extra, *overrides])
-    return fn(cfg, run_dir=out, resume=resume, progress=progress)
-
-
-# --------------------------------------------------------------------------------------- cytoself
-def load_cytoself(checkpoint: str | os.PathLike | None = None, *, device: str = "cpu") -> Any:
-    """A trained cytoself model in eval mode (``None``: the shipped ``cytoself-tiny``)."""
-    from protloc.eval.load import load_cytoself as _load
-
-    return _load(resolve_checkpoint(checkpoint, default="cytoself-tiny"), device=device)
-
-
-def embed(
-    store: str | os.PathLike,
-    *,
-    checkpoint: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
-    split: str | None = None,
-    batch_size: int = 256,
-    include_local: bool = False,
-    device: str | None = None,
-    progress: bool = True,
-) -> ad.AnnData:
-    """cytoself encodings of a crop store's crops (``protloc embed``), as an in-memory AnnData.
-
-    ``obs``: ``protein_id``, ``fov_id``, ``split``, ``label``, ...; ``obsm``: ``global`` (the atlas
-    input), ``global_indices`` and ``local_indices`` (for feature spectra), optionally ``local``. With
-    ``out`` the ``.h5ad`` is kept there; otherwise it is written to a temporary file and read back.
-    """
-    from protloc.eval.embed import embed as _embed
-
-    ckpt = resolve_checkpoint(checkpoint, default="cytoself-tiny")
-    if out is not None:
-        path = _embed(ckpt, store, out, split=split, batch_size=batch_size, include_local=include_local,
-                      device=device, overwrite=True, progress=progress)  # fmt: skip
-        return ad.read_h5ad(path)
-    with tempfile.TemporaryDirectory(prefix="protloc-embed-") as tmp:
-        path = _embed(ckpt, store, Path(tmp) / "embeddings.h5ad", split=split, batch_size=batch_size,
-                      include_local=include_local, device=device, progress=progress)  # fmt: skip
-        adata = ad.read_h5ad(path)
-        adata = adata.to_memory() if adata.isbacked else adata
-    return adata
-
-
-def atlas(
-    adata: ad.AnnData,
-    *,
-    label_key: str = "label",
-    split: str | None = None,
-    complexes: Mapping[str, str] | None = None,
-    random_state: int | None = 0,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """UMAP atlas + clustering score + k-NN macro-F1 (cytoself Fig. 2); adds ``obsm["X_umap"]`` to ``adata``.
-
-    ``split=None`` maps every crop of ``adata`` (give ``"test"`` to map only the test crops, as the
-    paper). Other keyword arguments go to :func:`protloc.analysis.atlas.atlas`.
-    """
-    return _atlas(adata, label_key=label_key, split=split, complexes=complexes, random_state=random_state, **kwargs)
-
-
-def spectra(
-    adata: ad.AnnData, *, level: str = "local", n_clusters: int = 11, group_key: str = "protein_id"
-) -> tuple[pd.DataFrame, Any]:
-    """Feature spectra (proteins x codes) and their biclustering (cytoself Fig. 4).
-
-    Returns ``(spectra, order)``: per-protein code frequencies and a
-    :class:`~protloc.analysis.spectrum.SpectrumOrder` (``order.apply(spectra)`` reorders, and the feature
-    clusters are in ``order.feature_clusters``); draw them with :func:`plot_spectrum_heatmap`.
-    """
-    from protloc.analysis.spectrum import bicluster, spectra_from_indices
-
-    key = {"local": "local_indices", "global": "global_indices"}.get(level)
-    if key is None:
-        raise ConfigError(f"level must be 'local' or 'global', got {level!r}")
-    if key not in adata.obsm:
-        raise InputError(f"adata has no obsm[{key!r}] (use protloc embed / protloc.api.embed)")
-    info = adata.uns.get("cytoself", {})
-    k = int(info.get("codebook_size1" if level == "local" else "codebook_size2", 0)) or None
-    spec = spectra_from_indices(np.asarray(adata.obsm[key]), adata.obs[group_key].astype(str).to_numpy(),
-                                codebook_size=k)  # fmt: skip
-    return spec, bicluster(spec, n_clusters=n_clusters)
-
-
-def feature_zeroing(
-    store: str | os.PathLike,
-    *,
-    protein: str,
-    checkpoint: str | os.PathLike | None = None,
-    top: int = 3,
-    n_crops: int = 4,
-    split: str | None = None,
-    level: str = "local",
-    device: str = "cpu",
-) -> tuple[np.ndarray, Any]:
-    """Feature zeroing of one protein's strongest codes (cytoself Fig. 5).
-
-    Returns ``(images, result)``: the ``n_crops`` crops using the top code most (``[B, S, S]``, the
-    protein channel) and their :class:`~protloc.analysis.interpret.ZeroingResult`; draw them with
-    ``plot_feature_zeroing(images, result)``.
-    """
-    import torch
-
-    from protloc.analysis.interpret import feature_zeroing as _fz
-    from protloc.analysis.interpret import top_codes
-    from protloc.data.io import CropStore
-
-    model = load_cytoself(checkpoint, device=device)
-    crops = CropStore.open(store)
-    obs = crops.obs
-    mask = obs["protein_id"].astype(str).to_numpy() == protein
-    if split is not None:
-        mask &= obs["split"].astype(str).to_numpy() == split
-    rows = np.flatnonzero(mask)
-    if len(rows) == 0:
-        raise InputError(f"no crops of protein {protein!r}" + (f" in split {split!r}" if split else ""),
-                         path=crops.path)  # fmt: skip
-    data = crops.read(rows, channels=list(model.config.channels))
-    x = torch.from_numpy(np.stack([np.asarray(data[c], np.float32) for c in model.config.channels], 1)).to(device)
-    with torch.inference_mode():
-        idx = np.concatenate([
-            (e.idx1 if level == "local" else e.idx2).cpu().numpy()
-            for e in (model.encode(x[s : s + 256]) for s in range(0, len(x), 256))
-        ])  # fmt: skip
-    codes = top_codes(idx, k=top)
-    usage = (idx.reshape(len(x), -1) == codes[0]).mean(axis=1) if codes else np.zeros(len(x))
-    pick = np.sort(np.argsort(-usage, kind="stable")[:n_crops])
-    return x[pick, 0].cpu().numpy(), _fz(model, x[pick], codes, level=level)
+    cfg = train_config(
+        model,
+        out=out,
+        store=store,
+        preset=preset,
+        config=config,
+        overrides=overrides,
+        kind=kind,
+        sequences=sequences,
+        nucleus_vqgan=nucleus_vqgan,
+        threshold_vqgan=threshold_vqgan,
+        resume=resume,
+    )
+    return run_train(cfg, out=out, resume=resume, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------- CELL-E
-def load_celle(
-    checkpoint: str | os.PathLike | None = None,
-    *,
-    device: str = "cpu",
-    precision: str = "fp32",
-    embedder_path: str | os.PathLike | None = None,
-) -> Any:
-    """A trained CELL-E with its tokenizers (``None``: the shipped ``celle-tiny``); see
-    :func:`protloc.eval.load.load_celle_run`. ``embedder_path`` replaces the ESM-2 / TAPE weights path
-    recorded at training time."""
-    from protloc.eval.load import load_celle_run
-    from protloc.models.embedders import EmbedderConfig
-
-    embedder = EmbedderConfig(path=str(embedder_path)) if embedder_path else None
-    return load_celle_run(resolve_checkpoint(checkpoint, default="celle-tiny"), map_location=device,
-                          precision=precision, embedder=embedder)  # fmt: skip
-
-
-def _run_and_nucleus(checkpoint: Any, nucleus: Any, device: str, precision: str) -> tuple[Any, np.ndarray, dict]:
-    from protloc.workflows import _model_nucleus
-
-    run = checkpoint if hasattr(checkpoint, "model") and hasattr(checkpoint, "threshold") else None
-    if run is None:
-        run = load_celle(checkpoint, device=device, precision=precision)
-    nuc, info = _model_nucleus(run, nucleus)
-    return run, nuc, info
-
-
 def predict(
     sequences: Mapping[str, str] | str,
     *,
@@ -369,13 +239,15 @@ def predict(
 ) -> ad.AnnData:
     """Where proteins go, from sequence + one nucleus image (CELL-E; ``protloc predict`` without files).
 
+    The computation of ``protloc predict``: :func:`protloc.commands.predict.predict_sequences`.
+
     Parameters
     ----------
     sequences
         ``{name: sequence}`` or one sequence (named ``query``).
     nucleus
-        Nucleus image (path or 2-D array; see :func:`protloc.workflows.run_predict`); ``None``: a real
-        nucleus shipped with the reference world.
+        Nucleus image (path or 2-D array; see :func:`protloc.commands.predict.run_predict`); ``None``: a
+        real nucleus shipped with the reference world.
     checkpoint
         Run / checkpoint folder, ``pretrained:NAME``, a loaded run (:func:`load_celle`) or ``None`` (shipped).
     samples, temperature, top_k_fraction, steps, seed, batch_size, device, precision
@@ -386,55 +258,20 @@ def predict(
     anndata.AnnData
         One observation per sequence. ``obs``: ``length``, ``window_start``, ``window_end``,
         ``nucleus_proportion`` (probability-map share inside the nucleus), ``threshold_nucleus_proportion``,
-        ``threshold_fraction``. ``obsm``: ``probability`` ``[n, S, S]`` (the 2D probability density map,
-        each summing to 1) and ``threshold`` ``[n, S, S]`` (predicted binary image). ``uns``: ``nucleus``
-        (the image as the model saw it), ``nucleus_mask``, ``sampling``, ``checkpoint``.
+        ``threshold_fraction``, ``end_token``, ``seconds``. ``obsm``: ``probability`` ``[n, S, S]`` (the 2D
+        probability density map, each summing to 1) and ``threshold`` ``[n, S, S]`` (predicted binary
+        image). ``uns``: ``nucleus`` (the image as the model saw it), ``nucleus_mask``, ``sampling``,
+        ``checkpoint``, ``nucleus_source``.
     """
-    import torch
+    from protloc.commands.predict import predict_sequences
 
-    from protloc.eval.metrics import nucleus_proportion
-    from protloc.eval.predict import SamplingConfig
-    from protloc.eval.predict import predict as _predict
-    from protloc.workflows import _check_batch_size, _gather_sequences
-
-    records = _gather_sequences(sequences, None)
-    sampling = SamplingConfig(temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps,
-                              samples=samples)  # fmt: skip
-    _check_batch_size(batch_size)
-    run, nuc, info = _run_and_nucleus(checkpoint, nucleus, device, precision)
-    size, window = run.image_size, run.model.config.max_residues
-    nuc_t = torch.from_numpy(nuc)[None, None]
-    probs, thrs, rows, mask_np = [], [], [], None
-    for start in range(0, len(records), batch_size):
-        batch = records[start : start + batch_size]
-        res = _predict(run, [s for _, s in batch], nuc_t.expand(len(batch), 1, size, size), sampling=sampling)
-        prob = res["probability"].float().cpu()
-        thr = res["threshold"].float().cpu()
-        mask = res["nucleus_mask"].cpu()
-        mask_np = mask[0, 0].numpy() if mask_np is None else mask_np
-        thr_prop = nucleus_proportion(thr, mask).tolist()
-        for i, (name, seq) in enumerate(batch):
-            s0 = int(res["window_start"][i])
-            rows.append({"name": name, "length": len(seq), "window_start": s0,
-                         "window_end": min(len(seq), s0 + window),
-                         "nucleus_proportion": float(res["nucleus_proportion"][i]),
-                         "threshold_nucleus_proportion": float(thr_prop[i]),
-                         "threshold_fraction": float((thr[i, 0] > 0.5).float().mean())})  # fmt: skip
-        probs.append(prob[:, 0].numpy())
-        thrs.append((thr[:, 0] > 0.5).numpy().astype(np.uint8))
-    obs = pd.DataFrame(rows).set_index("name")
-    obs.index = obs.index.astype(str)
-    adata = ad.AnnData(obs=obs)
-    adata.obs_names_make_unique()
-    adata.obsm["probability"] = np.concatenate(probs).astype(np.float32)
-    adata.obsm["threshold"] = np.concatenate(thrs)
-    adata.uns["nucleus"] = nuc.astype(np.float32)
-    adata.uns["nucleus_mask"] = np.asarray(mask_np, dtype=np.uint8)
-    adata.uns["sampling"] = {"samples": samples, "temperature": temperature, "top_k_fraction": top_k_fraction,
-                             "steps": steps, "seed": seed}  # fmt: skip
-    adata.uns["checkpoint"] = str(run.checkpoint)
-    adata.uns["nucleus_source"] = {k: str(v) for k, v in info.items()}
-    return adata
+    records = dict(gather_sequences(sequences))  # bad residues are named before a model is loaded
+    sampling = SamplingConfig(
+        temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps, samples=samples
+    )
+    check_batch_size(batch_size)
+    run = load_celle(checkpoint, device=device, precision=precision)
+    return predict_sequences(records, run=run, nucleus=nucleus, sampling=sampling, batch_size=batch_size)
 
 
 def screen(
@@ -464,27 +301,34 @@ def screen(
     """An in-silico screen of one protein (``protloc screen``): ``mode`` ``"insert"``, ``"truncate"``,
     ``"delete"`` or ``"mutate"``.
 
-    Returns the :func:`~protloc.analysis.screens.run_screen` table (wild type first; ``nucleus_proportion``,
+    The variants are :func:`protloc.commands.screen.screen_variants`, predicted by
+    :func:`protloc.commands.screen.screen` (as ``protloc screen``). Returns the
+    :func:`~protloc.analysis.screens.run_screen` table (wild type first; ``nucleus_proportion``,
     ``delta``, ...); draw it with :func:`plot_screen`. For residue attention use
-    :func:`protloc.analysis.screens.residue_attention` with :func:`load_celle`.
+    :func:`protloc.commands.screen.attention` or :func:`protloc.analysis.screens.residue_attention`
+    with :func:`load_celle`.
     """
-    import torch
-
-    from protloc.analysis.screens import run_screen
+    import protloc.commands.screen as screen_command
     from protloc.data.sequences import validate_sequence
-    from protloc.eval.predict import SamplingConfig
-    from protloc.workflows import _screen_variants
 
-    if mode == "attention":
-        raise ConfigError("screen() runs variant screens; for attention use protloc.analysis.screens.residue_attention")
-    seq = validate_sequence(sequence, name=name)
-    opts = {"peptides": peptides, "at": list(at), "step": step, "from_": from_, "min_length": min_length,
-            "window": window, "residues": residues, "positions": positions}  # fmt: skip
-    variants, _ = _screen_variants(mode, seq, name, opts)
-    sampling = SamplingConfig(temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps,
-                              samples=samples)  # fmt: skip
-    run, nuc, _ = _run_and_nucleus(checkpoint, nucleus, device, precision)
-    return run_screen(run, variants, torch.from_numpy(nuc)[None, None], sampling=sampling, batch_size=batch_size)
+    variants, _ = screen_command.screen_variants(
+        validate_sequence(sequence, name=name),
+        mode=mode,
+        name=name,
+        peptides=peptides,
+        at=at,
+        step=step,
+        from_=from_,
+        min_length=min_length,
+        window=window,
+        residues=residues,
+        positions=positions,
+    )
+    sampling = SamplingConfig(
+        temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps, samples=samples
+    )
+    run = load_celle(checkpoint, device=device, precision=precision)
+    return screen_command.screen(variants, run=run, nucleus=nucleus, sampling=sampling, batch_size=batch_size)
 
 
 def fill(
@@ -506,28 +350,29 @@ def fill(
 
     Needs a masked-mode CELL-E trained with ``"text"`` masked (the shipped ``celle-tiny`` is
     autoregressive, so ``checkpoint`` is required). Returns one row per sequence and sample (``name``,
-    ``sample``, ``filled``); with ``out`` the files of ``protloc fill`` are kept there.
+    ``sample``, ``filled``: the first table of :func:`protloc.commands.fill.fill_masked`); with ``out``
+    the files of ``protloc fill`` (:func:`protloc.commands.fill.run_fill`) are kept there.
     """
-    from protloc.workflows import run_fill
+    from protloc.commands.fill import fill_masked, run_fill
 
-    def _go(dest: Path) -> pd.DataFrame:
-        run_fill(checkpoint=resolve_checkpoint(checkpoint), out=dest, threshold=threshold, sequences=sequences,
-                 nucleus=nucleus, samples=samples, temperature=temperature, top_k_fraction=top_k_fraction,
-                 steps=steps, seed=seed, device=device, precision=precision, overwrite=True,
-                 progress=False)  # fmt: skip
-        from protloc.data.sequences import read_fasta
-
-        recs = read_fasta(dest / "filled.fasta")
-        rows = []
-        for rid, seq in recs.items():
-            stem, _, k = rid.rpartition("_sample")
-            rows.append({"name": stem, "sample": int(k) if k.isdigit() else 0, "filled": seq})
-        return pd.DataFrame(rows, columns=["name", "sample", "filled"])
-
-    if out is not None:
-        return _go(Path(out))
-    with tempfile.TemporaryDirectory(prefix="protloc-fill-") as tmp:
-        return _go(Path(tmp) / "fill")
+    sampling = SamplingConfig(
+        temperature=temperature, top_k_fraction=top_k_fraction, seed=seed, steps=steps, samples=samples
+    )
+    options = dict(threshold=threshold, nucleus=nucleus, sampling=sampling)
+    if out is None:
+        run = load_celle(checkpoint, device=device, precision=precision)
+        return fill_masked(sequences, run=run, **options)[0]
+    summary = run_fill(
+        checkpoint=checkpoint,
+        out=out,
+        sequences=sequences,
+        device=device,
+        precision=precision,
+        overwrite=True,
+        **options,
+    )
+    rows = [(s["name"], k + 1, text) for s in summary["sequences"] for k, text in enumerate(s["filled"])]
+    return pd.DataFrame(rows, columns=["name", "sample", "filled"])
 
 
 def evaluate(
@@ -543,15 +388,32 @@ def evaluate(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Image-accuracy tables of CELL-E models beside the VQGAN ceiling and a sequence-only baseline
-    (``protloc evaluate``; :func:`protloc.workflows.run_evaluate`). ``checkpoints=None``: the shipped model."""
-    from protloc.workflows import run_evaluate
+    (``protloc evaluate``; :func:`protloc.commands.evaluate.run_evaluate`). ``checkpoints=None``: the shipped
+    model. Other keywords are those of ``run_evaluate``; the sampling is given as ``temperature``,
+    ``top_k_fraction``, ``steps`` and ``sampling_seed`` (as on the command line) or as ``sampling``."""
+    from protloc.commands.evaluate import run_evaluate
+    from protloc.pretrained import resolve_checkpoint
 
-    if checkpoints:
-        ckpts = [resolve_checkpoint(c) for c in checkpoints]
-    else:
-        ckpts = [resolve_checkpoint(None, default="celle-tiny")]
-    return run_evaluate(checkpoints=ckpts, store=store, out=out, names=names, split=split, max_crops=max_crops,
-                        device=device, precision=precision, overwrite=True, **kwargs)  # fmt: skip
+    given = {field: kwargs.pop(key) for key, field in _EVALUATE_SAMPLING.items() if key in kwargs}
+    sampling = sampling_config(kwargs.pop("sampling", None), **given)
+    ckpts = (
+        [resolve_checkpoint(c) for c in checkpoints]
+        if checkpoints
+        else [resolve_checkpoint(None, default="celle-tiny")]
+    )
+    return run_evaluate(
+        checkpoints=ckpts,
+        store=store,
+        out=out,
+        names=names,
+        split=split,
+        max_crops=max_crops,
+        sampling=sampling,
+        device=device,
+        precision=precision,
+        overwrite=True,
+        **kwargs,
+    )
 
 
 def demo(out: str | os.PathLike = "runs/demo", *, train: bool = False, fresh: bool = False, **settings: Any) -> dict:

@@ -19,8 +19,6 @@ from pathlib import Path
 from protloc import __version__
 from protloc.errors import ProtlocError
 
-logger = logging.getLogger("protloc.cli")
-
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keep the example blocks as written and show defaults."""
@@ -28,9 +26,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 def _sub(subparsers, name: str, *, help: str, description: str, example: str) -> argparse.ArgumentParser:
     epilog = "example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  ")
-    return subparsers.add_parser(
-        name, help=help, description=description, epilog=epilog, formatter_class=_Formatter
-    )
+    return subparsers.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=_Formatter)
 
 
 # --------------------------------------------------------------------------------------------- world
@@ -53,9 +49,10 @@ def _cmd_world_make(args: argparse.Namespace) -> int:
     )
     meta = json.loads((Path(out) / "world.json").read_text())
     counts = meta.get("counts", {})
-    print(f"world written to {out} in {time.perf_counter() - t0:.1f} s: " + ", ".join(
-        f"{k}={v}" for k, v in counts.items()
-    ))
+    print(
+        f"world written to {out} in {time.perf_counter() - t0:.1f} s: "
+        + ", ".join(f"{k}={v}" for k, v in counts.items())
+    )
     return 0
 
 
@@ -94,15 +91,14 @@ def _add_world(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------- prepare
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from protloc.config import load_config
-    from protloc.data.prepare import PrepareConfig, prepare
+    from protloc.commands.prepare import run_prepare
 
-    cfg = load_config(PrepareConfig, path=args.config, overrides=args.set or [])
-    summary = prepare(
+    summary = run_prepare(
         args.fovs,
         args.out,
-        config=cfg,
         sequences=args.sequences,
+        config=args.config,
+        overrides=args.set or [],
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.quiet,
@@ -137,8 +133,11 @@ def _add_prepare(subparsers) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. params.sigma=1.5")
     p.add_argument("--workers", type=int, default=1, help="worker processes over fields of view")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-resume", action="store_true",
-                   help="keep no per-field results in OUT.partial (saves temporary disk; an interrupted run restarts)")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="keep no per-field results in OUT.partial (saves temporary disk; an interrupted run restarts)",
+    )
     p.set_defaults(func=_cmd_prepare)
 
 
@@ -215,12 +214,18 @@ def _add_import(subparsers) -> None:
     c.add_argument("--src", required=True, type=Path, help="folder of the released .npy / .csv files")
     c.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     c.add_argument("--seed", type=int, default=0, help="split seed")
-    c.add_argument("--fractions", default="paper",
-                   help="split fractions: paper (0.8/0.1/0.1), reference (0.82/0.098/0.082) or train=..,val=..,test=..")
+    c.add_argument(
+        "--fractions",
+        default="paper",
+        help="split fractions: paper (0.8/0.1/0.1), reference (0.82/0.098/0.082) or train=..,val=..,test=..",
+    )
     c.add_argument("--stratify", action="store_true", help="split each protein's fields of view separately")
     c.add_argument("--crop-size", type=int, default=100, help="expected crop side in pixels")
-    c.add_argument("--split-by-crop", action="store_true",
-                   help="split crops without a FOV_id one by one instead of refusing (neighbours may straddle splits)")
+    c.add_argument(
+        "--split-by-crop",
+        action="store_true",
+        help="split crops without a FOV_id one by one instead of refusing (neighbours may straddle splits)",
+    )
     c.add_argument("--as-released", action="store_true", help="store the values as released, without rescaling")
     c.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="type of the stored crops")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -245,8 +250,9 @@ def _add_import(subparsers) -> None:
     m.add_argument("--manifest", required=True, type=Path, help="the CELL-E manifest (CSV/TSV)")
     m.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     m.add_argument("--image-size", type=int, default=256, help="crop side in pixels (larger images: centre crop)")
-    m.add_argument("--ignore-split", action="store_true",
-                   help="split proteins 80/20 even when the manifest has a split column")
+    m.add_argument(
+        "--ignore-split", action="store_true", help="split proteins 80/20 even when the manifest has a split column"
+    )
     m.add_argument("--fractions", default="paper", help="protein split fractions: paper (0.8/0.2) or train=..,val=..")
     m.add_argument("--seed", type=int, default=0, help="protein split seed")
     m.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="type of the stored images")
@@ -311,8 +317,11 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--fovs", type=int, default=4, help="fields of view per protein")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="processes for building and preparing the world")
-    p.add_argument("--allow-mismatch", action="store_true",
-                   help="use the shipped weights on a non-default world (the report warns)")
+    p.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="use the shipped weights on a non-default world (the report warns)",
+    )
     p.add_argument("--eval-crops", type=int, default=400, help="held-out crops evaluated (0 = all)")
     p.add_argument("--gallery", type=int, default=8, help="held-out proteins in the prediction gallery")
     p.add_argument("--samples", type=int, default=8, help="draws per CELL-E prediction")
@@ -374,71 +383,58 @@ def _add_weights(subparsers) -> None:
         """,
     )
     p.add_argument("name", nargs="?", default=None, help="a shipped model to describe")
-    p.add_argument("--write-config", type=Path, default=None, metavar="YAML",
-                   help="write NAME's training configuration to this YAML (for `protloc train ... --config`)")
+    p.add_argument(
+        "--write-config",
+        type=Path,
+        default=None,
+        metavar="YAML",
+        help="write NAME's training configuration to this YAML (for `protloc train ... --config`)",
+    )
     p.set_defaults(func=_cmd_weights)
 
 
 # --------------------------------------------------------------------------------------------- train
-def _cmd_train_cytoself(args: argparse.Namespace) -> int:
-    from protloc.config import load_config
-    from protloc.train.cytoself import TrainCytoselfConfig, train_cytoself
+def _train(args: argparse.Namespace, model: str, **options) -> tuple[object, dict]:
+    """The configuration (:func:`protloc.commands.train.train_config`) and summary of one training run."""
+    from protloc.commands.train import run_train, train_config
 
-    base = TrainCytoselfConfig.paper() if args.preset == "paper" else TrainCytoselfConfig.tiny()
-    overrides = list(args.set or [])
-    if args.store is not None:
-        overrides.append(f"data.store={args.store}")
-    cfg = load_config(TrainCytoselfConfig, base=base, path=_train_config_path(args), overrides=overrides)
-    summary = train_cytoself(cfg, run_dir=args.out, resume=args.resume, progress=not args.quiet)
+    cfg = train_config(
+        model,
+        out=args.out,
+        store=args.store,
+        preset=args.preset,
+        config=args.config,
+        overrides=args.set or [],
+        resume=args.resume,
+        **options,
+    )
+    return cfg, run_train(cfg, out=args.out, resume=args.resume, progress=not args.quiet)
+
+
+def _cmd_train_cytoself(args: argparse.Namespace) -> int:
+    _, summary = _train(args, "cytoself")
     _print_table("train cytoself", summary)
     return 0
 
 
 def _cmd_train_vqgan(args: argparse.Namespace) -> int:
-    from protloc.config import load_config
-    from protloc.train.vqgan import TrainVQGANConfig, train_vqgan
-
-    preset = TrainVQGANConfig.paper if args.preset == "paper" else TrainVQGANConfig.tiny
-    overrides = list(args.set or [])
-    if args.store is not None:
-        overrides.append(f"data.store={args.store}")
-    if args.kind is not None:
-        overrides.append(f"kind={args.kind}")
-    cfg = load_config(TrainVQGANConfig, base=preset(), path=_train_config_path(args), overrides=overrides)
-    summary = train_vqgan(cfg, run_dir=args.out, resume=args.resume, progress=not args.quiet)
+    cfg, summary = _train(args, "vqgan", kind=args.kind)
     _print_table(f"train vqgan ({cfg.kind})", {k: v for k, v in summary.items() if k != "last_val"})
     _print_table("last validation", summary["last_val"])
     return 0
 
 
 def _cmd_train_celle(args: argparse.Namespace) -> int:
-    from protloc.config import load_config
-    from protloc.train.celle import TrainCelleConfig, train_celle
-
-    preset = TrainCelleConfig.paper if args.preset == "paper" else TrainCelleConfig.tiny
-    overrides = list(args.set or [])
-    for key, value in (
-        ("data.store", args.store),
-        ("data.sequences", args.sequences),
-        ("tokenizers.nucleus", args.nucleus_vqgan),
-        ("tokenizers.threshold", args.threshold_vqgan),
-    ):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    cfg = load_config(TrainCelleConfig, base=preset(), path=_train_config_path(args), overrides=overrides)
-    summary = train_celle(cfg, run_dir=args.out, resume=args.resume, progress=not args.quiet)
+    _, summary = _train(
+        args,
+        "celle",
+        sequences=args.sequences,
+        nucleus_vqgan=args.nucleus_vqgan,
+        threshold_vqgan=args.threshold_vqgan,
+    )
     _print_table("train celle", {k: v for k, v in summary.items() if k != "last_val"})
     _print_table("last validation", summary["last_val"])
     return 0
-
-
-def _train_config_path(args: argparse.Namespace) -> Path | None:
-    """The YAML a run starts from: --config, or, when resuming without one, the run's own config.yaml
-    (so `--resume` needs no other option; options given again still override it)."""
-    if args.config is None and args.resume and (Path(args.out) / "config.yaml").is_file():
-        logger.info("resuming with %s", Path(args.out) / "config.yaml")
-        return Path(args.out) / "config.yaml"
-    return args.config
 
 
 def _common_train_args(p: argparse.ArgumentParser, store_help: str) -> None:
@@ -447,8 +443,11 @@ def _common_train_args(p: argparse.ArgumentParser, store_help: str) -> None:
     p.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="starting configuration")
     p.add_argument("--config", type=Path, default=None, help="YAML file applied on top of the preset")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. schedule.max_steps=200")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/last with the run's own OUT/config.yaml (options given now override it)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last with the run's own OUT/config.yaml (options given now override it)",
+    )
 
 
 def _add_train(subparsers) -> None:
@@ -498,9 +497,7 @@ def _add_train(subparsers) -> None:
         """,
     )
     _common_train_args(v, "CELL-E crop store (OUT/celle.zarr of protloc prepare)")
-    v.add_argument(
-        "--kind", choices=["nucleus", "threshold"], default=None, help="tokenizer (default: the config's)"
-    )
+    v.add_argument("--kind", choices=["nucleus", "threshold"], default=None, help="tokenizer (default: the config's)")
     v.set_defaults(func=_cmd_train_vqgan)
 
     e = _sub(
@@ -531,12 +528,12 @@ def _add_train(subparsers) -> None:
 
 # --------------------------------------------------------------------------------------------- embed
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from protloc.eval.embed import embed
+    from protloc.commands.embed import run_embed
 
-    path = embed(
-        _checkpoint(args.checkpoint, "cytoself-tiny"),
+    path = run_embed(
         args.store,
         args.out,
+        checkpoint=args.checkpoint,
         split=args.split,
         batch_size=args.batch_size,
         include_local=args.include_local,
@@ -567,29 +564,43 @@ def _add_embed(subparsers) -> None:
     p.add_argument("--split", default=None, help="only this split (train/val/test)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--include-local", action="store_true", help="also store the full local representation")
-    p.add_argument("--shard-size", type=int, default=4096,
-                   help="crops per resumable shard: run the same command again after an interruption to continue")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=4096,
+        help="crops per resumable shard: run the same command again after an interruption to continue",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_embed)
 
 
 def _cmd_atlas(args: argparse.Namespace) -> int:
-    from protloc.workflows import run_atlas
+    from protloc.commands.atlas import run_atlas
 
     result = run_atlas(
-        args.embeddings, args.out, split=None if args.split == "all" else args.split, label_key=args.label_key,
-        complexes=args.complexes, store=args.store, seed=args.seed, max_thumbnails=args.thumbnails,
+        args.embeddings,
+        args.out,
+        split=None if args.split == "all" else args.split,
+        label_key=args.label_key,
+        complexes=args.complexes,
+        store=args.store,
+        seed=args.seed,
+        max_thumbnails=args.thumbnails,
         overwrite=args.overwrite,
     )
     cs = result["clustering_score"]
     knn = result.get("knn", {}).get("features", {})
-    _print_table("atlas", {
-        "crops": result["n_crops"], "proteins": result["n_proteins"],
-        "clustering score (localization)": _fmt(cs.get("localization")),
-        "clustering score (complexes)": _fmt(cs.get("complex")),
-        "k-NN macro-F1": _fmt(knn.get("macro_f1")),
-    })
+    _print_table(
+        "atlas",
+        {
+            "crops": result["n_crops"],
+            "proteins": result["n_proteins"],
+            "clustering score (localization)": _fmt(cs.get("localization")),
+            "clustering score (complexes)": _fmt(cs.get("complex")),
+            "k-NN macro-F1": _fmt(knn.get("macro_f1")),
+        },
+    )
     print(f"atlas written to {args.out}")
     return 0
 
@@ -621,11 +632,17 @@ def _add_atlas(subparsers) -> None:
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
-    from protloc.workflows import run_spectrum
+    from protloc.commands.spectrum import run_spectrum
 
     summary = run_spectrum(
-        args.embeddings, args.out, split=None if args.split == "all" else args.split, label_key=args.label_key,
-        queries=args.query or [], n_clusters=args.clusters, level=args.level, overwrite=args.overwrite,
+        args.embeddings,
+        args.out,
+        split=None if args.split == "all" else args.split,
+        label_key=args.label_key,
+        queries=args.query or [],
+        n_clusters=args.clusters,
+        level=args.level,
+        overwrite=args.overwrite,
     )
     _print_table("spectrum", {k: v for k, v in summary.items() if k != "queries"})
     for q, r in summary["queries"].items():
@@ -658,12 +675,18 @@ def _add_spectrum(subparsers) -> None:
 
 
 def _cmd_interpret(args: argparse.Namespace) -> int:
-    from protloc.workflows import run_interpret
+    from protloc.commands.interpret import run_interpret
 
     summary = run_interpret(
-        _checkpoint(args.checkpoint, "cytoself-tiny"), args.store, args.out, protein=args.protein, top=args.top,
+        _checkpoint(args.checkpoint, "cytoself-tiny"),
+        args.store,
+        args.out,
+        protein=args.protein,
+        top=args.top,
         n_crops=args.crops,
-        split=args.split, level=args.level, overwrite=args.overwrite,
+        split=args.split,
+        level=args.level,
+        overwrite=args.overwrite,
     )
     _print_table("feature zeroing", summary)
     return 0
@@ -723,29 +746,40 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from protloc.commands.predict import run_predict
     from protloc.errors import InputError
-    from protloc.workflows import run_predict
 
     if args.name is not None and args.fasta is not None:
         raise InputError("--name names a --sequence; FASTA record ids name the outputs of --fasta")
     sequences = {args.name or "query": args.sequence} if args.sequence is not None else None
     summary = run_predict(
-        checkpoint=_checkpoint(args.checkpoint, "celle-tiny"), out=args.out, sequences=sequences, fasta=args.fasta,
+        checkpoint=_checkpoint(args.checkpoint, "celle-tiny"),
+        out=args.out,
+        sequences=sequences,
+        fasta=args.fasta,
         nucleus=args.nucleus,
-        samples=args.samples, temperature=args.temperature, top_k_fraction=args.top_k_fraction, steps=args.steps,
-        seed=args.seed, batch_size=args.batch_size, device=args.device, precision=args.precision,
+        sampling=_sampling(args, seed=args.seed, samples=args.samples),
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
         embedder_path=args.embedder_path,
-        overwrite=args.overwrite, progress=not args.quiet,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
     )
-    _print_table("predict", {
-        "checkpoint": f"{summary['checkpoint']} (step {summary['step']})",
-        "nucleus": summary["nucleus"]["source"],
-        "sequences": len(summary["sequences"]),
-        "seconds": summary["seconds"],
-    })
+    _print_table(
+        "predict",
+        {
+            "checkpoint": f"{summary['checkpoint']} (step {summary['step']})",
+            "nucleus": summary["nucleus"]["source"],
+            "sequences": len(summary["sequences"]),
+            "seconds": summary["seconds"],
+        },
+    )
     for r in summary["sequences"]:
-        print(f"  {r['name']}: nucleus proportion {r['nucleus_proportion']:.3f} (probability map), "
-              f"{r['threshold_nucleus_proportion']:.3f} (threshold image)")
+        print(
+            f"  {r['name']}: nucleus proportion {r['nucleus_proportion']:.3f} (probability map), "
+            f"{r['threshold_nucleus_proportion']:.3f} (threshold image)"
+        )
     print(f"predictions written to {args.out}")
     return 0
 
@@ -793,26 +827,34 @@ def _add_predict(subparsers) -> None:
 
 # ---------------------------------------------------------------------------------------------- fill
 def _cmd_fill(args: argparse.Namespace) -> int:
+    from protloc.commands.fill import run_fill
     from protloc.errors import InputError
-    from protloc.workflows import run_fill
 
     if args.name is not None and args.fasta is not None:
         raise InputError("--name names a --sequence; FASTA record ids name the outputs of --fasta")
     sequences = {args.name or "query": args.sequence} if args.sequence is not None else None
     summary = run_fill(
-        checkpoint=_checkpoint(args.checkpoint, None), out=args.out, threshold=args.threshold, sequences=sequences,
+        checkpoint=_checkpoint(args.checkpoint, None),
+        out=args.out,
+        threshold=args.threshold,
+        sequences=sequences,
         fasta=args.fasta,
-        nucleus=args.nucleus, samples=args.samples, temperature=args.temperature,
-        top_k_fraction=args.top_k_fraction, steps=args.steps, seed=args.seed, device=args.device,
-        precision=args.precision, embedder_path=args.embedder_path, overwrite=args.overwrite,
-        progress=not args.quiet,
-    )  # fmt: skip
-    _print_table("fill", {
-        "checkpoint": f"{summary['checkpoint']} (step {summary['step']})",
-        "threshold": summary["threshold"]["source"],
-        "sequences": len(summary["sequences"]),
-        "seconds": summary["seconds"],
-    })  # fmt: skip
+        nucleus=args.nucleus,
+        sampling=_sampling(args, seed=args.seed, samples=args.samples),
+        device=args.device,
+        precision=args.precision,
+        embedder_path=args.embedder_path,
+        overwrite=args.overwrite,
+    )
+    _print_table(
+        "fill",
+        {
+            "checkpoint": f"{summary['checkpoint']} (step {summary['step']})",
+            "threshold": summary["threshold"]["source"],
+            "sequences": len(summary["sequences"]),
+            "seconds": summary["seconds"],
+        },
+    )
     for r in summary["sequences"]:
         print(f"  {r['name']}: {r['masked']} residue(s) filled, mean probability {r['mean_probability']:.3f}")
         for k, seq in enumerate(r["filled"][:3]):
@@ -846,8 +888,11 @@ def _add_fill(subparsers) -> None:
             --samples 4 --steps 4 --out runs/fill_fasta
         """,
     )
-    p.add_argument("--checkpoint", required=True,
-                   help="masked-mode CELL-E trained with text masked: run folder (uses best/) or checkpoint folder")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="masked-mode CELL-E trained with text masked: run folder (uses best/) or checkpoint folder",
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--sequence", default=None, help="one sequence with '_' at the residues to fill")
     what.add_argument("--fasta", type=Path, default=None, help="FASTA file of sequences with '_' (ids name them)")
@@ -929,8 +974,8 @@ def _parse_positions(spec: str) -> list[int]:
 
 
 def _cmd_screen(args: argparse.Namespace) -> int:
+    from protloc.commands.screen import run_screen
     from protloc.errors import InputError
-    from protloc.workflows import run_screen_workflow
 
     given = {
         "insert": args.insert is not None,
@@ -960,14 +1005,23 @@ def _cmd_screen(args: argparse.Namespace) -> int:
         kwargs = {"residues": args.mutate, "positions": positions}
     else:
         kwargs = {"method": args.method or "rollout"}
-    summary = run_screen_workflow(
-        checkpoint=_checkpoint(args.checkpoint, "celle-tiny"), out=args.out, mode=mode, sequence=args.sequence,
+    summary = run_screen(
+        checkpoint=_checkpoint(args.checkpoint, "celle-tiny"),
+        out=args.out,
+        mode=mode,
+        sequence=args.sequence,
         name=args.name,
-        fasta=args.fasta, record_id=args.id, nucleus=args.nucleus, samples=args.samples,
-        temperature=args.temperature, top_k_fraction=args.top_k_fraction, steps=args.steps, seed=args.seed,
-        batch_size=args.batch_size, device=args.device, precision=args.precision, embedder_path=args.embedder_path,
+        fasta=args.fasta,
+        record_id=args.id,
+        nucleus=args.nucleus,
+        sampling=_sampling(args, seed=args.seed, samples=args.samples),
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        embedder_path=args.embedder_path,
         overwrite=args.overwrite,
-        progress=not args.quiet, **kwargs,
+        progress=not args.quiet,
+        **kwargs,
     )
     seq = summary["sequence"]
     table = {
@@ -976,15 +1030,23 @@ def _cmd_screen(args: argparse.Namespace) -> int:
         "nucleus": summary["nucleus"]["source"],
     }
     if mode == "attention":
-        table.update({"patches": f"{summary['n_present']} present, {summary['n_background']} background",
-                      "seconds": summary["seconds"]})
+        table.update(
+            {
+                "patches": f"{summary['n_present']} present, {summary['n_background']} background",
+                "seconds": summary["seconds"],
+            }
+        )
         _print_table("screen (attention)", table)
         for r in summary["top_residues"]:
             print(f"  {r['residue']}{r['position']}: present - background {_fmt(r['difference'])}")
     else:
-        table.update({"variants": summary["variants"],
-                      "wild type": f"nucleus proportion {_fmt(summary['wild_type_nucleus_proportion'])}",
-                      "seconds": summary["seconds"]})
+        table.update(
+            {
+                "variants": summary["variants"],
+                "wild type": f"nucleus proportion {_fmt(summary['wild_type_nucleus_proportion'])}",
+                "seconds": summary["seconds"],
+            }
+        )
         _print_table(f"screen ({mode})", table)
         for r in summary["top_variants"]:
             print(f"  {r['name']}: nucleus proportion {_fmt(r['nucleus_proportion'])} (delta {r['delta']:+.3f})")
@@ -1041,22 +1103,32 @@ def _add_screen(subparsers) -> None:
     p.add_argument("--nucleus", type=Path, default=None, help="2-D grey nucleus image; None: reference nucleus")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     kind = p.add_argument_group("screens (exactly one)")
-    kind.add_argument("--insert", action="append", default=None, metavar="NAME=PEPTIDE",
-                      help="peptide to insert (repeatable)")
-    kind.add_argument("--at", action="append", default=None, metavar="start|end|N",
-                      help="insertion point: start, end or after N residues (repeatable); None: end")
+    kind.add_argument(
+        "--insert", action="append", default=None, metavar="NAME=PEPTIDE", help="peptide to insert (repeatable)"
+    )
+    kind.add_argument(
+        "--at",
+        action="append",
+        default=None,
+        metavar="start|end|N",
+        help="insertion point: start, end or after N residues (repeatable); None: end",
+    )
     kind.add_argument("--truncate", type=int, default=None, metavar="STEP", help="truncation series step (residues)")
-    kind.add_argument("--from", dest="from_", choices=["n", "c"], default=None,
-                      help="terminus truncated; None: n")
+    kind.add_argument("--from", dest="from_", choices=["n", "c"], default=None, help="terminus truncated; None: n")
     kind.add_argument("--min-length", type=int, default=None, help="shortest truncation kept; None: 1")
     kind.add_argument("--delete", type=int, default=None, metavar="WINDOW", help="deletion scan window (residues)")
     kind.add_argument("--step", type=int, default=None, help="deletion window slide; None: WINDOW")
     kind.add_argument("--mutate", default=None, metavar="A|all", help="target residue(s) of a mutational scan")
-    kind.add_argument("--positions", default=None, metavar="1-50",
-                      help="residues to mutate (1-based ranges, comma-separated); None: all")
+    kind.add_argument(
+        "--positions",
+        default=None,
+        metavar="1-50",
+        help="residues to mutate (1-based ranges, comma-separated); None: all",
+    )
     kind.add_argument("--attention", action="store_true", help="residue attention, present vs background (S.3.8)")
-    kind.add_argument("--method", choices=["rollout", "mean"], default=None,
-                      help="attention over layers; None: rollout")
+    kind.add_argument(
+        "--method", choices=["rollout", "mean"], default=None, help="attention over layers; None: rollout"
+    )
     p.add_argument("--samples", type=int, default=1, help="draws per variant (mean and sd of the proportion)")
     _add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (shared by all variants)")
@@ -1068,17 +1140,31 @@ def _add_screen(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------ evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from protloc.workflows import run_evaluate
+    from protloc.commands.evaluate import run_evaluate
 
+    if args.checkpoint:
+        checkpoints = [_checkpoint(c, None) for c in args.checkpoint]
+    else:
+        checkpoints = [_checkpoint(None, "celle-tiny")]
     summary = run_evaluate(
-        checkpoints=[_checkpoint(c, None) for c in args.checkpoint] if args.checkpoint
-        else [_checkpoint(None, "celle-tiny")], names=args.name, store=args.store, out=args.out,
+        checkpoints=checkpoints,
+        names=args.name,
+        store=args.store,
+        out=args.out,
         sequences=args.sequences,
-        split=None if args.split == "all" else args.split, max_crops=args.max_crops, seed=args.seed,
-        augment=not args.no_augment, ceiling=not args.no_ceiling, baseline=not args.no_baseline,
-        train_split=args.train_split, batch_size=args.batch_size, temperature=args.temperature,
-        top_k_fraction=args.top_k_fraction, steps=args.steps, sampling_seed=args.sampling_seed,
-        device=args.device, precision=args.precision, embedder_path=args.embedder_path, overwrite=args.overwrite,
+        split=None if args.split == "all" else args.split,
+        max_crops=args.max_crops,
+        seed=args.seed,
+        augment=not args.no_augment,
+        ceiling=not args.no_ceiling,
+        baseline=not args.no_baseline,
+        train_split=args.train_split,
+        batch_size=args.batch_size,
+        sampling=_sampling(args, seed=args.sampling_seed),
+        device=args.device,
+        precision=args.precision,
+        embedder_path=args.embedder_path,
+        overwrite=args.overwrite,
         progress=not args.quiet,
     )
     crops = next(iter(summary["models"].values()))["images"]
@@ -1113,11 +1199,19 @@ def _add_evaluate(subparsers) -> None:
             --store prep/celle.zarr --split test --max-crops 500 --seed 1 --out runs/evaluate_test
         """,
     )
-    p.add_argument("--checkpoint", action="append", default=None,
-                   help="CELL-E run folder (uses best/), checkpoint folder or pretrained:NAME (repeatable); "
-                   "default: the shipped celle-tiny")
-    p.add_argument("--name", action="append", default=None,
-                   help="row name of each --checkpoint, in order (default: CELL-E, or the folder names)")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=None,
+        help="CELL-E run folder (uses best/), checkpoint folder or pretrained:NAME (repeatable); "
+        "default: the shipped celle-tiny",
+    )
+    p.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="row name of each --checkpoint, in order (default: CELL-E, or the folder names)",
+    )
     p.add_argument("--store", required=True, type=Path, help="CELL-E crop store (OUT/celle.zarr of protloc prepare)")
     p.add_argument("--sequences", type=Path, default=None, help="FASTA or table (default: beside the store)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -1151,6 +1245,15 @@ _CKPT_HELP = (
     "run folder (uses best/), checkpoint folder, or pretrained:NAME (see `protloc weights`); default: the shipped "
     "{default}"
 )
+
+
+def _sampling(args: argparse.Namespace, *, seed: int, samples: int = 1):
+    """The SamplingConfig of --temperature, --top-k-fraction, --steps (_add_sampling_options), a seed and samples."""
+    from protloc.eval.predict import SamplingConfig
+
+    return SamplingConfig(
+        temperature=args.temperature, top_k_fraction=args.top_k_fraction, steps=args.steps, seed=seed, samples=samples
+    )
 
 
 def _checkpoint(value: str | None, default: str | None) -> Path:
@@ -1218,7 +1321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``protloc`` command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
-    # global flags may also appear after the subcommand
+    # the global flags (-q, -v, --debug) go before the subcommand: the subcommands do not accept them
     _configure_logging(args.verbose, args.quiet)
     if getattr(args, "_proteins_zero_is_all", False) and getattr(args, "proteins", None) == 0:
         args.proteins = None

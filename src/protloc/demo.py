@@ -223,10 +223,11 @@ def _train_models(out: Path, prepared: Path, config: DemoConfig, progress: bool)
     """Train cytoself, both VQGANs and CELL-E from the shipped recipes (resuming a stopped run)."""
     import yaml
 
+    from protloc.commands.train import run_train
     from protloc.config import load_config, save_config
-    from protloc.train.celle import TrainCelleConfig, train_celle
-    from protloc.train.cytoself import TrainCytoselfConfig, train_cytoself
-    from protloc.train.vqgan import TrainVQGANConfig, train_vqgan
+    from protloc.train.celle import TrainCelleConfig
+    from protloc.train.cytoself import TrainCytoselfConfig
+    from protloc.train.vqgan import TrainVQGANConfig
 
     train_dir = out / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -236,18 +237,19 @@ def _train_models(out: Path, prepared: Path, config: DemoConfig, progress: bool)
         "vqgan_threshold": train_dir / "vqgan_threshold",
         "celle": train_dir / "celle",
     }
+    celle_paths = {
+        "data.store": prepared / "celle.zarr",
+        "data.sequences": prepared / "sequences.fasta",
+        "tokenizers.nucleus": runs["vqgan_nucleus"],
+        "tokenizers.threshold": runs["vqgan_threshold"],
+    }
     specs = [
-        ("cytoself", "cytoself-tiny", TrainCytoselfConfig, train_cytoself, {"data.store": prepared / "cytoself.zarr"}),
-        ("vqgan_nucleus", "vqgan-nucleus-tiny", TrainVQGANConfig, train_vqgan,
-         {"data.store": prepared / "celle.zarr"}),
-        ("vqgan_threshold", "vqgan-threshold-tiny", TrainVQGANConfig, train_vqgan,
-         {"data.store": prepared / "celle.zarr"}),
-        ("celle", "celle-tiny", TrainCelleConfig, train_celle, {
-            "data.store": prepared / "celle.zarr", "data.sequences": prepared / "sequences.fasta",
-            "tokenizers.nucleus": runs["vqgan_nucleus"], "tokenizers.threshold": runs["vqgan_threshold"],
-        }),
-    ]  # fmt: skip
-    for key, shipped, cfg_cls, train_fn, paths in specs:
+        ("cytoself", "cytoself-tiny", TrainCytoselfConfig, {"data.store": prepared / "cytoself.zarr"}),
+        ("vqgan_nucleus", "vqgan-nucleus-tiny", TrainVQGANConfig, {"data.store": prepared / "celle.zarr"}),
+        ("vqgan_threshold", "vqgan-threshold-tiny", TrainVQGANConfig, {"data.store": prepared / "celle.zarr"}),
+        ("celle", "celle-tiny", TrainCelleConfig, celle_paths),
+    ]
+    for key, shipped, cfg_cls, paths in specs:
         run_dir = runs[key]
         if (run_dir / "done.json").is_file():
             logger.info("train %s: finished before, reused", key)
@@ -259,7 +261,7 @@ def _train_models(out: Path, prepared: Path, config: DemoConfig, progress: bool)
         save_config(cfg, recipe_path)
         resume = (run_dir / "last").is_dir()
         logger.info("train %s (%d steps%s)", key, cfg.schedule.max_steps, ", resuming" if resume else "")
-        summary = train_fn(cfg, run_dir=run_dir, resume=resume, progress=progress)
+        summary = run_train(cfg, out=run_dir, resume=resume, progress=progress)
         atomic_write_json(run_dir / "done.json", summary)
     return runs
 
@@ -268,10 +270,12 @@ def _models(out: Path, config: DemoConfig, prepared: Path, stages: _Stages, prog
     if config.train:
         result = stages.run(
             "train",
-            lambda: all((out / "train" / k / "done.json").is_file()
-                        for k in ("cytoself", "vqgan_nucleus", "vqgan_threshold", "celle")),
+            lambda: all(
+                (out / "train" / k / "done.json").is_file()
+                for k in ("cytoself", "vqgan_nucleus", "vqgan_threshold", "celle")
+            ),
             lambda: _train_models(out, prepared, config, progress),
-        )  # fmt: skip
+        )
         t = out / "train"
         return result or {k: t / k for k in ("cytoself", "vqgan_nucleus", "vqgan_threshold", "celle")}
     return {"cytoself": pretrained_path("cytoself-tiny"), "celle": pretrained_path("celle-tiny")}
@@ -303,9 +307,12 @@ def _gallery(run: Any, prepared: Path, out: Path, config: DemoConfig, progress: 
 
     full = read_sequences(prepared / "sequences.fasta")
     ds = CelleDataset(
-        prepared / "celle.zarr", split="val", sequences=full, image_size=run.image_size,
+        prepared / "celle.zarr",
+        split="val",
+        sequences=full,
+        image_size=run.image_size,
         max_residues=run.model.config.max_residues,
-    )  # fmt: skip
+    )
     picks = _gallery_picks(ds, prepared, config.gallery)
     sampling = SamplingConfig(samples=config.samples, seed=config.seed)
     rows = []
@@ -340,15 +347,17 @@ def _gallery(run: Any, prepared: Path, out: Path, config: DemoConfig, progress: 
             name = f"gallery_{n:02d}.png"
             with atomic_path(tmp / name) as f:
                 fig.savefig(f, dpi=100, format="png")
-            rows.append({
-                "protein_id": protein,
-                "label": _label_of(prepared, protein),
-                "crop_index": int(ds.crop_index[i]),
-                "length": len(full[protein]),
-                "nucleus_proportion_true": true_prop,
-                "nucleus_proportion_pred": pred_prop,
-                "file": name,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "protein_id": protein,
+                    "label": _label_of(prepared, protein),
+                    "crop_index": int(ds.crop_index[i]),
+                    "length": len(full[protein]),
+                    "nucleus_proportion_true": true_prop,
+                    "nucleus_proportion_pred": pred_prop,
+                    "file": name,
+                }
+            )
         summary = {"split": "val", "samples": config.samples, "seed": config.seed, "items": rows}
         atomic_write_json(tmp / "gallery.json", summary)
     return summary
@@ -398,9 +407,12 @@ def _constructs(run: Any, prepared: Path, out: Path, config: DemoConfig, progres
     records = {r["id"]: r for r in load_engineered_records()}
     constructs = {k: records[k]["sequence"] for k in CONSTRUCTS}
     ds = CelleDataset(
-        prepared / "celle.zarr", split="val", sequences=read_sequences(prepared / "sequences.fasta"),
-        image_size=run.image_size, max_residues=run.model.config.max_residues,
-    )  # fmt: skip
+        prepared / "celle.zarr",
+        split="val",
+        sequences=read_sequences(prepared / "sequences.fasta"),
+        image_size=run.image_size,
+        max_residues=run.model.config.max_residues,
+    )
     picks = np.linspace(0, len(ds) - 1, min(config.construct_nuclei, len(ds))).astype(int)
     nuclei = torch.stack([ds[int(i)]["nucleus"] for i in picks]).float()
     per_image, summary = construct_experiment(
@@ -430,32 +442,49 @@ def _val_nucleus(run: Any, prepared: Path) -> np.ndarray:
     from protloc.data.sequences import read_sequences
 
     ds = CelleDataset(
-        prepared / "celle.zarr", split="val", sequences=read_sequences(prepared / "sequences.fasta"),
-        image_size=run.image_size, max_residues=run.model.config.max_residues,
-    )  # fmt: skip
+        prepared / "celle.zarr",
+        split="val",
+        sequences=read_sequences(prepared / "sequences.fasta"),
+        image_size=run.image_size,
+        max_residues=run.model.config.max_residues,
+    )
     return ds[0]["nucleus"][0].float().numpy()
 
 
-def _screens(
-    checkpoint: Path, nucleus: np.ndarray, out: Path, config: DemoConfig, progress: bool
-) -> dict[str, Any]:
+def _screens(checkpoint: Path, nucleus: np.ndarray, out: Path, config: DemoConfig, progress: bool) -> dict[str, Any]:
+    from protloc.commands.screen import run_screen
     from protloc.data.world.assets import load_engineered_records
-    from protloc.workflows import run_screen_workflow
+    from protloc.eval.predict import SamplingConfig
 
     records = {r["id"]: r for r in load_engineered_records()}
     gfp = records["GFP"]["sequence"]
     # a held-out nucleus image (a field of cells, like the training crops) rather than the single reference nucleus
-    common = {"checkpoint": checkpoint, "nucleus": nucleus, "samples": config.samples, "seed": config.seed,
-              "device": config.device, "precision": config.precision, "progress": progress}  # fmt: skip
+    common = {
+        "checkpoint": checkpoint,
+        "nucleus": nucleus,
+        "device": config.device,
+        "precision": config.precision,
+        "progress": progress,
+    }
     with atomic_dir(out) as tmp:
-        insertion = run_screen_workflow(
-            out=tmp / "nls_scan", mode="insert", sequence=gfp, name="GFP",
-            peptides={"NLS": NLS_NUCLEOPLASMIN}, at=["start", 40, 80, 120, 160, 200, "end"], **common,
-        )  # fmt: skip
-        attention = run_screen_workflow(
-            out=tmp / "attention", mode="attention", sequence=records["GFP_NLS_nucleoplasmin"]["sequence"],
-            name="GFP_NLS_nucleoplasmin", **{**common, "samples": 1},
-        )  # fmt: skip
+        insertion = run_screen(
+            out=tmp / "nls_scan",
+            mode="insert",
+            sequence=gfp,
+            name="GFP",
+            peptides={"NLS": NLS_NUCLEOPLASMIN},
+            at=["start", 40, 80, 120, 160, 200, "end"],
+            sampling=SamplingConfig(samples=config.samples, seed=config.seed),
+            **common,
+        )
+        attention = run_screen(
+            out=tmp / "attention",
+            mode="attention",
+            sequence=records["GFP_NLS_nucleoplasmin"]["sequence"],
+            name="GFP_NLS_nucleoplasmin",
+            sampling=SamplingConfig(samples=1, seed=config.seed),
+            **common,
+        )
     return {"insertion": insertion, "attention": attention}
 
 
@@ -485,11 +514,14 @@ def run_demo(
         If ``out`` holds a demo of other settings (without ``fresh``), or the shipped weights are asked
         for on another world without ``allow_mismatch``.
     """
-    from protloc.data.prepare import PrepareConfig, prepare
+    from protloc.commands.atlas import run_atlas
+    from protloc.commands.embed import run_embed
+    from protloc.commands.evaluate import run_evaluate
+    from protloc.commands.interpret import run_interpret
+    from protloc.commands.prepare import run_prepare
+    from protloc.commands.spectrum import run_spectrum
     from protloc.data.world.make import make_world
-    from protloc.eval.embed import embed
     from protloc.report import build_report
-    from protloc.workflows import run_atlas, run_evaluate, run_interpret, run_spectrum
 
     config = config or DemoConfig()
     out = Path(out)
@@ -507,30 +539,59 @@ def run_demo(
     stages.run(
         "world",
         lambda: (world / "world.json").is_file(),
-        lambda: make_world(world, proteins=config.proteins, fovs=config.fovs, seed=config.seed, size=512,
-                           mode="real", workers=config.workers, overwrite=True, progress=progress),
-    )  # fmt: skip
+        lambda: make_world(
+            world,
+            proteins=config.proteins,
+            fovs=config.fovs,
+            seed=config.seed,
+            size=512,
+            mode="real",
+            workers=config.workers,
+            overwrite=True,
+            progress=progress,
+        ),
+    )
     stages.run(
         "prepared",
         lambda: (prepared / "summary.json").is_file(),
-        lambda: prepare(world / "fovs.csv", prepared, config=PrepareConfig(), sequences=world / "sequences.fasta",
-                        workers=config.workers, overwrite=True, progress=progress),
-    )  # fmt: skip
+        lambda: run_prepare(
+            world / "fovs.csv",
+            prepared,
+            sequences=world / "sequences.fasta",
+            workers=config.workers,
+            overwrite=True,
+            progress=progress,
+        ),
+    )
     models = _models(out, config, prepared, stages, progress)
 
     emb = out / "cytoself" / "embeddings.h5ad"
     stages.run(
         "cytoself",
         emb.is_file,
-        lambda: embed(models["cytoself"], prepared / "cytoself.zarr", emb, split="test", device=config.device,
-                      overwrite=True, progress=progress),
-    )  # fmt: skip
+        lambda: run_embed(
+            prepared / "cytoself.zarr",
+            emb,
+            checkpoint=models["cytoself"],
+            split="test",
+            device=config.device,
+            overwrite=True,
+            progress=progress,
+        ),
+    )
     stages.run(
         "atlas",
         lambda: (out / "atlas" / "scores.json").is_file(),
-        lambda: run_atlas(emb, out / "atlas", split="test", store=prepared / "cytoself.zarr",
-                          max_thumbnails=config.thumbnails, seed=config.seed, overwrite=True),
-    )  # fmt: skip
+        lambda: run_atlas(
+            emb,
+            out / "atlas",
+            split="test",
+            store=prepared / "cytoself.zarr",
+            max_thumbnails=config.thumbnails,
+            seed=config.seed,
+            overwrite=True,
+        ),
+    )
     import anndata as ad
 
     backed = ad.read_h5ad(emb, backed="r")
@@ -544,16 +605,33 @@ def run_demo(
     stages.run(
         "interpret",
         lambda: any((out / "interpret").glob("feature_zeroing_*.json")),
-        lambda: run_interpret(models["cytoself"], prepared / "cytoself.zarr", out / "interpret", protein=query,
-                              split="test", device=config.device, overwrite=True),
-    )  # fmt: skip
+        lambda: run_interpret(
+            models["cytoself"],
+            prepared / "cytoself.zarr",
+            out / "interpret",
+            protein=query,
+            split="test",
+            device=config.device,
+            overwrite=True,
+        ),
+    )
     stages.run(
         "evaluate",
         lambda: (out / "evaluate" / "metrics.json").is_file(),
-        lambda: run_evaluate(checkpoints=[models["celle"]], store=prepared / "celle.zarr", out=out / "evaluate",
-                             names=["CELL-E tiny"], split="val", max_crops=config.eval_crops, seed=config.seed,
-                             device=config.device, precision=config.precision, overwrite=True, progress=progress),
-    )  # fmt: skip
+        lambda: run_evaluate(
+            checkpoints=[models["celle"]],
+            store=prepared / "celle.zarr",
+            out=out / "evaluate",
+            names=["CELL-E tiny"],
+            split="val",
+            max_crops=config.eval_crops,
+            seed=config.seed,
+            device=config.device,
+            precision=config.precision,
+            overwrite=True,
+            progress=progress,
+        ),
+    )
     run_cache: dict[str, Any] = {}
 
     def celle_run() -> Any:

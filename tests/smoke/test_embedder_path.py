@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from protloc.cli import main
+from protloc.commands.predict import run_predict
 from protloc.errors import InputError
 from protloc.train.celle import TrainCelleConfig, train_celle
-from protloc.workflows import run_predict
 
 S = 32  # CELLE_S of tests/conftest.py
 MAX_RESIDUES = 16  # CELLE_MAX_RESIDUES of tests/conftest.py

@@ -92,7 +92,7 @@ def test_fasta_with_a_nucleus_image_and_determinism(run_dir, inputs, tmp_path):
 
 
 def test_run_predict_names_and_overwrite(run_dir, tmp_path):
-    from protloc.workflows import run_predict
+    from protloc.commands.predict import run_predict
 
     out = tmp_path / "w"
     seqs = {"a/b": "MKV", "a:b": "MKVL", "..": "MAY"}

@@ -13,10 +13,10 @@ import pytest
 from matplotlib.figure import Figure
 
 import protloc.api as pla
+from protloc.commands.predict import run_predict
 from protloc.data.io import CropStore
 from protloc.errors import ConfigError, InputError
 from protloc.pretrained import resolve_checkpoint
-from protloc.workflows import run_predict
 
 matplotlib.use("Agg")
 

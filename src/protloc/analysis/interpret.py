@@ -43,6 +43,9 @@ class ZeroingResult:
         ``[K, B, S, S]`` ``input - zeroed`` on the analysed channel (the paper's wording).
     usage
         ``[K, B]`` fraction of a crop's positions (local grid or global sub-vectors) using the code.
+    crop_index
+        The crop store's ``crop_index`` of each of the ``B`` crops, when the caller read them from a store
+        (:func:`protloc.commands.interpret.feature_zeroing`); empty otherwise.
     """
 
     codes: tuple[int, ...]
@@ -51,6 +54,7 @@ class ZeroingResult:
     difference: np.ndarray
     input_difference: np.ndarray
     usage: np.ndarray
+    crop_index: tuple[int, ...] = ()
 
 
 def top_codes(indices: np.ndarray, *, k: int = 3) -> list[int]:

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from protloc._fs import atomic_dir, atomic_write_text
+from protloc._fs import atomic_dir, atomic_write_text, check_out
 from protloc.data.io import CropStore, write_table
 from protloc.data.opencell import (
     CytoselfStacks,
@@ -75,16 +75,6 @@ _WHITESPACE = re.compile(r"\s")
 # --------------------------------------------------------------------------------------------------
 # shared helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_out(out: PathLike, *, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty ``out`` unless ``overwrite`` (an empty folder is fine)."""
-    p = Path(out)
-    if p.exists():
-        nonempty = not p.is_dir() or any(p.iterdir())
-        if nonempty and not overwrite:
-            raise InputError("output already exists and is not empty (pass --overwrite to replace it)", path=p)
-    return p
 
 
 def _check_inputs_outside(out: Path, inputs: list[Path]) -> None:
@@ -453,7 +443,7 @@ def import_cytoself_crops(
     if isinstance(crop_size, bool) or not isinstance(crop_size, int | np.integer) or crop_size < 1:
         raise ConfigError(f"crop_size must be a positive integer, got {crop_size!r}")
     layout = _cyto_layout(src)
-    out = _check_out(out, overwrite=overwrite)
+    out = check_out(out, overwrite=overwrite)
     _check_inputs_outside(out, [src])
 
     stacks: CytoselfStacks | None = None
@@ -682,7 +672,7 @@ def import_celle_manifest(
         raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
     size = int(image_size)
     fr = _fractions(fractions, kind="celle")
-    out = _check_out(out, overwrite=overwrite)
+    out = check_out(out, overwrite=overwrite)
     df = read_celle_manifest(manifest)
     _check_inputs_outside(out, [manifest, *(Path(p) for c in ("nucleus_image", "protein_image") for p in df[c])])
     pids, seqs = _manifest_sequences(df, manifest)

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from protloc._fs import atomic_dir, atomic_path, check_overwrite, resumable_dir
+from protloc._fs import atomic_dir, atomic_path, check_out, resumable_dir
 from protloc.config import config_to_dict, save_config
 from protloc.data.io import CropStore, read_table, write_table
 from protloc.data.opencell import read_fov
@@ -515,7 +515,7 @@ def prepare(
     """
     cfg = config or PrepareConfig()
     fov_table = Path(fov_table)
-    out = check_overwrite(out, overwrite=overwrite)
+    out = check_out(out, overwrite=overwrite)
     fovs = read_fov_table(fov_table)
     seqs = _collect_sequences(fovs, fov_table, sequences)
     do_cytoself = cfg.cytoself and cfg.params.cytoself_size > 0

@@ -1,4 +1,5 @@
-"""Image pre-processing: fields of view -> nucleus-centred crops for cytoself and CELL-E.
+"""Image pre-processing: fields of view -> nucleus-centred crops for cytoself and CELL-E, and single
+images -> the inputs a trained CELL-E takes.
 
 The steps follow the papers:
 
@@ -10,25 +11,35 @@ The steps follow the papers:
 * CELL-E (Khwaja et al. 2023, S.3.1 and Sec. 4.3): maximum-intensity projection, 256 x 256 crops,
   and a binarized protein image ``pixel >= mean`` used as the threshold-image target.
 
-Everything here is NumPy / SciPy / scikit-image on in-memory arrays; reading and writing files is the
-job of :mod:`protloc.data.io` and :mod:`protloc.data.prepare`.
+The model-input functions at the end (:func:`nucleus_to_model`, :func:`threshold_to_model`,
+:func:`reference_nucleus`) turn one user image into the ``[S, S]`` crop a CELL-E model sees in
+``protloc predict``, ``fill`` and ``screen``, scaled and resized as ``protloc prepare`` and the CELL-E data
+pipeline treat the training crops.
+
+Everything here is NumPy / SciPy / scikit-image on in-memory arrays (PyTorch only to resize a model
+input as the CELL-E data pipeline does); reading and writing files is the job of :mod:`protloc.data.io`
+and :mod:`protloc.data.prepare`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
+from protloc.data.io import check_image
 from protloc.errors import ConfigError, InputError, ProtlocError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_NUCLEUS_DIAMETER_UM",
+    "DEFAULT_PIXEL_SIZE_UM",
     "FovCrops",
     "PrepareParams",
     "cell_centres",
@@ -37,10 +48,14 @@ __all__ = [
     "max_project",
     "normalize_distance",
     "normalize_intensity",
+    "nucleus_to_model",
     "process_fov",
+    "reference_nucleus",
     "segment_nuclei",
     "signed_distance",
+    "square_to_model",
     "threshold_mean",
+    "threshold_to_model",
 ]
 
 _SEGMENTATION_METHODS = ("li", "cellpose")
@@ -949,3 +964,212 @@ def process_fov(
         celle=celle,
         celle_centres=celle_centres,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# one user image -> the input of a trained CELL-E (protloc predict, fill, screen)
+
+#: Reference-world geometry of the default nucleus (protloc.data.world.render.RenderParams defaults):
+#: a 12 um nucleus at 0.4 um per pixel is 30 px across in a field of view and in its CELL-E crops.
+DEFAULT_NUCLEUS_DIAMETER_UM = 12.0
+DEFAULT_PIXEL_SIZE_UM = 0.4
+
+
+def square_to_model(
+    image: np.ndarray,
+    size: int,
+    *,
+    source: str,
+    name: str,
+    scale: Callable[[np.ndarray], np.ndarray],
+    check: Callable[[np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A 2-D image -> ``[size, size]`` float32: its largest centred square, scaled, then area-averaged.
+
+    The square is ``scale``-d (to [0, 1]) and then area-averaged to ``size`` (as the CELL-E data
+    pipeline resizes its crops); the result is clipped to [0, 1].
+
+    Parameters
+    ----------
+    image
+        A 2-D grey image (``[1, Y, X]`` and ``[Y, X, 1]`` are squeezed), at least ``size`` on each side.
+    size
+        The model's image size.
+    source
+        Where the image came from, named in error messages.
+    name
+        What the image is (``"nucleus"``, ``"threshold"``), named in error messages.
+    scale
+        Maps the float64 centred square to [0, 1] (raises :class:`InputError` when it cannot).
+    check
+        Sees the whole 2-D float64 image first (raises :class:`InputError` on bad values).
+
+    Returns
+    -------
+    image : numpy.ndarray
+        ``float32 [size, size]`` in [0, 1].
+    info : dict
+        ``input_shape`` ``[h, w]`` and ``crop`` ``{"y", "x", "side"}`` of the centred square.
+
+    Raises
+    ------
+    InputError
+        A non-numeric, empty, non-finite or non-2-D image, or one smaller than ``size``.
+    """
+    import torch
+
+    arr = check_image(image, path=source, name=f"{name} image")  # numeric, non-empty, finite
+    if arr.ndim > 2:
+        arr = np.squeeze(arr)  # a [1, Y, X] or [Y, X, 1] grey image
+    if arr.ndim != 2:
+        raise InputError(f"the {name} image must be a 2-D grey image, got shape {tuple(np.shape(image))}", path=source)
+    arr = arr.astype(np.float64)
+    if check is not None:
+        check(arr)
+    h, w = arr.shape
+    if min(h, w) < size:
+        raise InputError(
+            f"the {name} image is {h} x {w} px; the model needs at least {size} x {size} (its image size)",
+            path=source,
+        )
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    crop = scale(arr[y0 : y0 + side, x0 : x0 + side])
+    t = torch.from_numpy(crop.astype(np.float32))[None, None]
+    if side != size:
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="area")
+    out = t[0, 0].clamp(0.0, 1.0).numpy().astype(np.float32)
+    return out, {"input_shape": [int(h), int(w)], "crop": {"y": int(y0), "x": int(x0), "side": int(side)}}
+
+
+def nucleus_to_model(image: np.ndarray, size: int, *, source: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """A 2-D grey image -> the ``[size, size]`` float32 nucleus crop in [0, 1] a CELL-E model sees.
+
+    Largest centred square, min-max scaled to [0, 1] (as ``protloc prepare`` scales each crop), then
+    area-averaged to ``size`` (as the CELL-E data pipeline resizes its crops): the result lies in
+    [0, 1] without necessarily reaching both ends.
+
+    Parameters
+    ----------
+    image
+        The nucleus image (DNA stain), at least ``size`` on each side.
+    size
+        The model's image size.
+    source
+        Where the image came from, named in error messages.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        ``float32 [size, size]``.
+    info : dict
+        As :func:`square_to_model`.
+
+    Raises
+    ------
+    InputError
+        As :func:`square_to_model`, and for an image that is constant in its centred square.
+    """
+
+    def minmax(crop: np.ndarray) -> np.ndarray:
+        lo, hi = float(crop.min()), float(crop.max())
+        if not hi > lo:
+            raise InputError(
+                f"the nucleus image is constant ({lo:g}) in its centred square: nothing to scale", path=source
+            )
+        return (crop - lo) / (hi - lo)
+
+    return square_to_model(image, size, source=source, name="nucleus", scale=minmax)
+
+
+def threshold_to_model(image: np.ndarray, size: int, *, source: str) -> np.ndarray:
+    """A 2-D threshold image -> the binary ``[size, size]`` float32 crop a CELL-E threshold tokenizer takes.
+
+    The centred square (as for the nucleus, :func:`nucleus_to_model`), scaled by its maximum,
+    area-averaged to ``size``, then binarised at 0.5.
+
+    Parameters
+    ----------
+    image
+        The protein-threshold image (e.g. a ``NAME_threshold.png`` of ``protloc predict``), at least
+        ``size`` on each side, without negative pixels.
+    size
+        The model's image size.
+    source
+        Where the image came from, named in error messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32 [size, size]`` of 0 and 1.
+
+    Raises
+    ------
+    InputError
+        As :func:`square_to_model`, and for negative pixels.
+    """
+
+    def non_negative(arr: np.ndarray) -> None:
+        if (arr < 0).any():
+            raise InputError("the threshold image has negative pixels", path=source)
+
+    def by_max(crop: np.ndarray) -> np.ndarray:
+        top = float(crop.max())
+        return crop / top if top > 0 else crop
+
+    out, _ = square_to_model(image, size, source=source, name="threshold", scale=by_max, check=non_negative)
+    return (out >= 0.5).astype(np.float32)
+
+
+def reference_nucleus(size: int, field_px: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The default nucleus: a real DNA-stain nucleus of the reference world's assets, as a CELL-E crop.
+
+    The first patch of ``nuclei.npz`` whose mask was not completed over a neighbour (nucleus 1 of the
+    mahotas ``nuclear.png`` demo image), background-subtracted and zeroed outside its mask, is centred
+    (mask centroid) in an empty field of ``field_px`` crop pixels at the reference world's scale: a
+    12 um nucleus at 0.4 um per pixel (30 px across at the paper's 256 px crops). The field is then
+    made into the model's input like any nucleus image (:func:`nucleus_to_model`). Nothing is
+    downloaded: the patch ships with protloc.
+
+    Parameters
+    ----------
+    size
+        The model's image size.
+    field_px
+        Side of the field in crop pixels (the run's training crops, e.g. the paper's 256).
+
+    Returns
+    -------
+    image : numpy.ndarray
+        ``float32 [size, size]`` in [0, 1].
+    info : dict
+        ``source`` (which patch), ``field_px``, ``nucleus_diameter_um`` and ``pixel_size_um``.
+    """
+    from protloc.data.world.assets import load_nuclei, load_nuclei_sources
+
+    patches, sources = load_nuclei(), load_nuclei_sources()
+    index = next((i for i, s in enumerate(sources) if "neighbour_filled" not in s), 0)
+    image, mask = patches[index]
+    img = image.astype(np.float64)
+    background = float(np.median(img[~mask])) if (~mask).any() else 0.0
+    img = np.where(mask, np.clip(img - background, 0.0, None), 0.0)
+    diameter = 2.0 * np.sqrt(mask.sum() / np.pi)  # equivalent diameter, patch pixels
+    target = DEFAULT_NUCLEUS_DIAMETER_UM / DEFAULT_PIXEL_SIZE_UM  # crop pixels
+    # Work at the patch's resolution: the field spans field_px crop pixels = field_px * diameter / target
+    # patch pixels; nucleus_to_model area-averages it down to the model's size.
+    canvas = max(int(round(field_px * diameter / target)), size)
+    field_img = np.zeros((canvas, canvas), dtype=np.float64)
+    ys, xs = np.nonzero(mask)
+    oy, ox = canvas // 2 - int(round(ys.mean())), canvas // 2 - int(round(xs.mean()))
+    h, w = img.shape
+    ty0, tx0 = max(0, oy), max(0, ox)
+    ty1, tx1 = min(canvas, oy + h), min(canvas, ox + w)
+    field_img[ty0:ty1, tx0:tx1] = img[ty0 - oy : ty1 - oy, tx0 - ox : tx1 - ox]
+    out, _ = nucleus_to_model(field_img, size, source="reference nucleus")
+    info = {
+        "source": f"reference world nucleus {index} ({sources[index]})",
+        "field_px": int(field_px),
+        "nucleus_diameter_um": DEFAULT_NUCLEUS_DIAMETER_UM,
+        "pixel_size_um": DEFAULT_PIXEL_SIZE_UM,
+    }
+    return out, info

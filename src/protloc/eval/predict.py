@@ -42,6 +42,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ __all__ = [
     "nucleus_proportion",
     "predict",
     "probability_map",
+    "sampling_config",
 ]
 
 
@@ -112,6 +114,30 @@ class SamplingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def sampling_config(sampling: SamplingConfig | None = None, /, **fields: Any) -> SamplingConfig:
+    """``sampling`` (default :class:`SamplingConfig`) with the :class:`SamplingConfig` fields given as keywords.
+
+    Lets a function that takes ``sampling=`` also take the five sampling keywords (``samples``,
+    ``temperature``, ``top_k_fraction``, ``steps``, ``seed``) without spelling them out.
+
+    >>> sampling_config(samples=2, seed=3)
+    SamplingConfig(temperature=1.0, top_k_fraction=0.25, seed=3, steps=8, samples=2)
+
+    Raises
+    ------
+    TypeError
+        A keyword that is not a :class:`SamplingConfig` field.
+    ConfigError
+        An invalid value.
+    """
+    names = [f.name for f in dataclasses.fields(SamplingConfig)]
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} (sampling fields: {', '.join(names)})")
+    base = sampling if sampling is not None else SamplingConfig()
+    return dataclasses.replace(base, **fields) if fields else base
 
 
 class GenerationResult(NamedTuple):

@@ -38,7 +38,7 @@ import pandas as pd
 import tifffile
 from tqdm.auto import tqdm
 
-from protloc._fs import atomic_dir, check_overwrite
+from protloc._fs import atomic_dir, check_out
 from protloc.data.io import write_table
 from protloc.data.sequences import validate_sequence, write_fasta
 from protloc.data.world.compartments import COMPARTMENTS, NUCLEAR, WEIGHT_COLUMNS
@@ -321,7 +321,7 @@ def make_world(
         raise ConfigError(f"fovs must be a positive integer, got {fovs!r}")
     if not isinstance(workers, int | np.integer) or workers < 1:
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
-    out_path = check_overwrite(out, overwrite=overwrite)
+    out_path = check_out(out, overwrite=overwrite)
     params = replace(params or RenderParams(), size=int(size), z=int(z))
     table = world_proteins(
         proteins=proteins, seed=seed, mode=mode, include_engineered=include_engineered, protein_table=protein_table
