@@ -53,9 +53,12 @@ def main() -> None:
     seqs = {k: records[k]["sequence"] for k in CONSTRUCTS}
     store = args.prepared / "celle.zarr"
     val = CelleDataset(
-        store, split="val", sequences=read_sequences(args.prepared / "sequences.fasta"), image_size=run.image_size,
+        store,
+        split="val",
+        sequences=read_sequences(args.prepared / "sequences.fasta"),
+        image_size=run.image_size,
         max_residues=c.max_residues,
-    )  # fmt: skip
+    )
     picks = np.linspace(0, len(val) - 1, args.nuclei).astype(int)
     nuclei = torch.stack([val[int(i)]["nucleus"] for i in picks]).float()
     sampling = SamplingConfig(samples=args.samples, seed=args.seed)
@@ -65,21 +68,25 @@ def main() -> None:
     rows = []
     for r in summary.to_dict(orient="records"):
         name = r["construct"]
-        rows.append({
-            "construct": name,
-            "length": r["length"],
-            "peptide": records[name].get("peptide", ""),
-            "nucleus_proportion_mean": r["nucleus_proportion"],
-            "nucleus_proportion_sd": r["nucleus_proportion_sd"] if args.nuclei > 1 else 0.0,
-            "delta_vs_gfp_mean": r["delta"],
-            "delta_vs_gfp_sd": r["delta_sd"] if args.nuclei > 1 else 0.0,
-            "above_gfp": r["above_reference"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "construct": name,
+                "length": r["length"],
+                "peptide": records[name].get("peptide", ""),
+                "nucleus_proportion_mean": r["nucleus_proportion"],
+                "nucleus_proportion_sd": r["nucleus_proportion_sd"] if args.nuclei > 1 else 0.0,
+                "delta_vs_gfp_mean": r["delta"],
+                "delta_vs_gfp_sd": r["delta_sd"] if args.nuclei > 1 else 0.0,
+                "above_gfp": r["above_reference"],
+            }
+        )
     print(f"{'construct':<24} {'aa':>4} {'nucleus proportion':>20} {'delta vs GFP':>18} {'above GFP':>10}")
     for r in rows:
-        print(f"{r['construct']:<24} {r['length']:>4} {r['nucleus_proportion_mean']:>10.3f} +- "
-              f"{r['nucleus_proportion_sd']:.3f} {r['delta_vs_gfp_mean']:>+9.3f} +- {r['delta_vs_gfp_sd']:.3f} "
-              f"{r['above_gfp']:>5}/{args.nuclei}")  # fmt: skip
+        print(
+            f"{r['construct']:<24} {r['length']:>4} {r['nucleus_proportion_mean']:>10.3f} +- "
+            f"{r['nucleus_proportion_sd']:.3f} {r['delta_vs_gfp_mean']:>+9.3f} +- {r['delta_vs_gfp_sd']:.3f} "
+            f"{r['above_gfp']:>5}/{args.nuclei}"
+        )
     out = {
         "run": str(args.run),
         "step": run.extra.get("step"),

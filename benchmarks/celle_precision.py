@@ -69,9 +69,12 @@ def main() -> None:
     c = runs["fp32"].model.config
     all_seqs = read_sequences(args.prepared / "sequences.fasta")
     val = CelleDataset(
-        args.prepared / "celle.zarr", split="val", sequences=all_seqs, image_size=runs["fp32"].image_size,
+        args.prepared / "celle.zarr",
+        split="val",
+        sequences=all_seqs,
+        image_size=runs["fp32"].image_size,
         max_residues=c.max_residues,
-    )  # fmt: skip
+    )
     picks = np.linspace(0, len(val) - 1, args.crops).astype(int)
     items = [val[int(i)] for i in picks]
     seqs = [all_seqs[it["protein_id"]] for it in items]

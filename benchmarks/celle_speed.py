@@ -229,10 +229,20 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device, models: 
     ar = mode == "autoregressive"
     ar_tokens = args.ar_tokens if (ar and args.ar_tokens is not None and args.ar_tokens < G) else None
     row: dict[str, Any] = {
-        "case": case, "model": name, "mode": mode, "steps": steps if not ar else G, "batch": batch,
-        "precision": precision, "residues": residues if residues is not None else cfg.max_residues,
-        "depth": cfg.depth, "dim": cfg.dim, "positions": cfg.total_len, "parameters": model.num_parameters(),
-        "device": str(device), "threads": torch.get_num_threads(), "load_before": os.getloadavg()[0],
+        "case": case,
+        "model": name,
+        "mode": mode,
+        "steps": steps if not ar else G,
+        "batch": batch,
+        "precision": precision,
+        "residues": residues if residues is not None else cfg.max_residues,
+        "depth": cfg.depth,
+        "dim": cfg.dim,
+        "positions": cfg.total_len,
+        "parameters": model.num_parameters(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "load_before": os.getloadavg()[0],
     }
     text, nucleus = _inputs(cfg, batch, device, residues=residues)
     sampling = SamplingConfig(seed=0, steps=max(steps, 1))
@@ -247,8 +257,7 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device, models: 
         timer.counter = fc
         t0 = time.perf_counter()
         try:
-            generate(model, text=ctext, nucleus=cnuc,
-                     sampling=SamplingConfig(seed=1, steps=max(count_steps, 1)))
+            generate(model, text=ctext, nucleus=cnuc, sampling=SamplingConfig(seed=1, steps=max(count_steps, 1)))
         except _StopGeneration:
             pass
         count_wall = time.perf_counter() - t0
@@ -262,12 +271,20 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device, models: 
             growth = (step_f[-1] - step_f[0]) / max(done - 1, 1)
             rest = [step_f[-1] + growth * (k + 1) for k in range(G - 1 - done)]
             flops += sum(rest)
-        row.update(prompt_gflop=prompt_f / 1e9, step_gflop_mean=sum(step_f) / len(step_f) / 1e9,
-                   other_counted_gflop=(counted - prompt_f - sum(step_f)) / 1e9)
+        row.update(
+            prompt_gflop=prompt_f / 1e9,
+            step_gflop_mean=sum(step_f) / len(step_f) / 1e9,
+            other_counted_gflop=(counted - prompt_f - sum(step_f)) / 1e9,
+        )
     else:
         flops = counted * steps / count_steps
-    row.update(gflop_per_pred=flops / 1e9, flops_scaled=costly, flops_count_batch=count_batch,
-               flops_count_steps=count_steps if not ar else count_tokens, count_run_s=count_wall)
+    row.update(
+        gflop_per_pred=flops / 1e9,
+        flops_scaled=costly,
+        flops_count_batch=count_batch,
+        flops_count_steps=count_steps if not ar else count_tokens,
+        count_run_s=count_wall,
+    )
 
     # --- timing --------------------------------------------------------------------------------
     runs = []
@@ -285,15 +302,22 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device, models: 
         run: dict[str, Any] = {"wall_s": wall, "cpu_per_wall": cpu / wall}
         if ar:
             prompt_s, step_times = timer.times[0], timer.times[1:]
-            run.update(prompt_s=prompt_s, steps_timed=len(step_times), steps_s=sum(step_times),
-                       step_s_mean=sum(step_times) / len(step_times), step_s_first=step_times[0],
-                       step_s_last=step_times[-1], other_s=wall - prompt_s - sum(step_times))
+            run.update(
+                prompt_s=prompt_s,
+                steps_timed=len(step_times),
+                steps_s=sum(step_times),
+                step_s_mean=sum(step_times) / len(step_times),
+                step_s_first=step_times[0],
+                step_s_last=step_times[-1],
+                other_s=wall - prompt_s - sum(step_times),
+            )
             if stopped:
                 # prompt + 255 steps (last-step time for the rest: attention over a longer cache) +
                 # the sampling overhead per token measured so far
                 other_per_tok = run["other_s"] / (len(step_times) + 1)
-                run["wall_s_extrapolated"] = (prompt_s + sum(step_times) + step_times[-1] * (G - 1 - len(step_times))
-                                              + other_per_tok * G)
+                run["wall_s_extrapolated"] = (
+                    prompt_s + sum(step_times) + step_times[-1] * (G - 1 - len(step_times)) + other_per_tok * G
+                )
         runs.append(run)
         if r == 0 and wall > args.single_above_s:
             break  # slow cases: one timed run
@@ -326,10 +350,16 @@ def run_tape_standin(args: argparse.Namespace, device: torch.device) -> dict[str
     layer = nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, activation="gelu", batch_first=True)
     enc = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False).to(device).eval()
     x = torch.randn(1, 1002, 768, device=device)
-    row: dict[str, Any] = {"case": "tape_standin", "model": "tape_standin", "mode": "embed", "batch": 1,
-                           "device": str(device), "threads": torch.get_num_threads(),
-                           "parameters": sum(p.numel() for p in enc.parameters()),
-                           "load_before": os.getloadavg()[0]}
+    row: dict[str, Any] = {
+        "case": "tape_standin",
+        "model": "tape_standin",
+        "mode": "embed",
+        "batch": 1,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "parameters": sum(p.numel() for p in enc.parameters()),
+        "load_before": os.getloadavg()[0],
+    }
     # Counted with autograd on: the inference fast path (one fused op per layer) is invisible to the counter.
     with torch.enable_grad(), _flop_counter() as fc:
         enc(x)
@@ -342,8 +372,14 @@ def run_tape_standin(args: argparse.Namespace, device: torch.device) -> dict[str
             enc(x)
             _sync(device)
             times.append(time.perf_counter() - t0)
-    row.update(gflop_per_pred=fc.get_total_flops() / 1e9, s_per_pred=min(times), pred_per_s=1 / min(times),
-               batch_s=min(times), runs=[{"wall_s": t} for t in times], extrapolated=False)
+    row.update(
+        gflop_per_pred=fc.get_total_flops() / 1e9,
+        s_per_pred=min(times),
+        pred_per_s=1 / min(times),
+        batch_s=min(times),
+        runs=[{"wall_s": t} for t in times],
+        extrapolated=False,
+    )
     row["gflop_s"] = row["gflop_per_pred"] / row["s_per_pred"]
     # The reference re-embeds the sequence at all 256 generation steps.
     row["reference_embed_s_per_pred_est"] = 256 * row["s_per_pred"]
@@ -375,49 +411,69 @@ def _label(r: dict[str, Any]) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], peak: float, measured: float) -> None:
-    header = (f"{'case':<22} {'batch':>5} {'s/pred':>9} {'pred/s':>8} {'GF/pred':>9} {'GF/s':>7} "
-              f"{'%190':>6} {'%meas':>6} {'vs ref':>7} {'load':>5}")
+    header = (
+        f"{'case':<22} {'batch':>5} {'s/pred':>9} {'pred/s':>8} {'GF/pred':>9} {'GF/s':>7} "
+        f"{'%190':>6} {'%meas':>6} {'vs ref':>7} {'load':>5}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         star = "*" if r.get("extrapolated") else " "
         speed = f"{r['speedup_vs_reference']:>6.1f}x" if "speedup_vs_reference" in r else f"{'':>7}"
-        print(f"{_label(r):<22} {r['batch']:>5} {r['s_per_pred']:>8.3f}{star} {r['pred_per_s']:>8.3f} "
-              f"{r['gflop_per_pred']:>9.1f} {r['gflop_s']:>7.1f} {100 * r['gflop_s'] / peak:>5.1f}% "
-              f"{100 * r['gflop_s'] / measured:>5.1f}% {speed} {max(r['load_before'], r['load_after']):>5.2f}")
+        print(
+            f"{_label(r):<22} {r['batch']:>5} {r['s_per_pred']:>8.3f}{star} {r['pred_per_s']:>8.3f} "
+            f"{r['gflop_per_pred']:>9.1f} {r['gflop_s']:>7.1f} {100 * r['gflop_s'] / peak:>5.1f}% "
+            f"{100 * r['gflop_s'] / measured:>5.1f}% {speed} {max(r['load_before'], r['load_after']):>5.2f}"
+        )
     ar_rows = [r for r in rows if r["mode"] == "autoregressive"]
     if ar_rows:
         print()
-        header = (f"{'autoregressive':<22} {'batch':>5} {'prompt s':>9} {'GF/s':>7} {'255 steps s':>11} "
-                  f"{'step ms':>8} {'GF/s':>7} {'other s':>8}")
+        header = (
+            f"{'autoregressive':<22} {'batch':>5} {'prompt s':>9} {'GF/s':>7} {'255 steps s':>11} "
+            f"{'step ms':>8} {'GF/s':>7} {'other s':>8}"
+        )
         print(header)
         print("-" * len(header))
         for r in ar_rows:
             n_steps = r["steps"] - 1
-            print(f"{_label(r):<22} {r['batch']:>5} {r['prompt_s']:>9.3f} {r['prompt_gflop_s']:>7.1f} "
-                  f"{r['step_s_mean'] * n_steps:>11.3f} {1e3 * r['step_s_mean']:>8.2f} {r['step_gflop_s']:>7.1f} "
-                  f"{r['other_s']:>8.3f}")
+            print(
+                f"{_label(r):<22} {r['batch']:>5} {r['prompt_s']:>9.3f} {r['prompt_gflop_s']:>7.1f} "
+                f"{r['step_s_mean'] * n_steps:>11.3f} {1e3 * r['step_s_mean']:>8.2f} {r['step_gflop_s']:>7.1f} "
+                f"{r['other_s']:>8.3f}"
+            )
     if any(r.get("extrapolated") for r in rows):
         print("* extrapolated from a shortened generation (prompt + --ar-tokens steps)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=None,
-                        help="comma-separated model:mode:batch (mode ar or m<steps>) and/or tape_standin; "
-                             f"default {DEFAULT_CASES}")
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help=f"comma-separated model:mode:batch (mode ar or m<steps>) and/or tape_standin; default {DEFAULT_CASES}",
+    )
     parser.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_CASES}, one repeat")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per case (best kept)")
-    parser.add_argument("--single-above-s", type=float, default=10.0,
-                        help="cases whose first timed run takes longer are timed once")
-    parser.add_argument("--ar-tokens", type=int, default=None,
-                        help="stop autoregressive generation after N threshold tokens and extrapolate")
+    parser.add_argument(
+        "--single-above-s", type=float, default=10.0, help="cases whose first timed run takes longer are timed once"
+    )
+    parser.add_argument(
+        "--ar-tokens",
+        type=int,
+        default=None,
+        help="stop autoregressive generation after N threshold tokens and extrapolate",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--peak-gflops", type=float, default=190.0,
-                        help="stated fp32 matmul peak of the machine, for the %%190 column")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="output (default benchmarks/results/celle_speed.json; none with --quick)")
+    parser.add_argument(
+        "--peak-gflops", type=float, default=190.0, help="stated fp32 matmul peak of the machine, for the %%190 column"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="output (default benchmarks/results/celle_speed.json; none with --quick)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -428,8 +484,12 @@ def main() -> None:
     cases = [c.strip() for c in cases_arg.split(",") if c.strip()]
     load_start = os.getloadavg()
     measured_peak = measure_peak(device)
-    print(f"measured fp32 matmul peak: {measured_peak:.1f} GFLOP/s ({torch.get_num_threads()} threads); "
-          f"load average {load_start[0]:.2f}", file=sys.stderr, flush=True)
+    print(
+        f"measured fp32 matmul peak: {measured_peak:.1f} GFLOP/s ({torch.get_num_threads()} threads); "
+        f"load average {load_start[0]:.2f}",
+        file=sys.stderr,
+        flush=True,
+    )
     rows, models = [], {}
     t_all = time.perf_counter()
     path = args.json
@@ -440,13 +500,20 @@ def main() -> None:
         if path is None:
             return
         out = {
-            "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "platform": platform.platform(), "device": str(device),
-                        "peak_gflops_stated": args.peak_gflops, "peak_gflops_measured_start": measured_peak,
-                        "peak_gflops_measured_end": measured_peak_end,
-                        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "threads": torch.get_num_threads(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "platform": platform.platform(),
+                "device": str(device),
+                "peak_gflops_stated": args.peak_gflops,
+                "peak_gflops_measured_start": measured_peak,
+                "peak_gflops_measured_end": measured_peak_end,
+                "loadavg_start": load_start,
+                "loadavg_end": os.getloadavg(),
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+            },
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "notes": NOTES,
             "complete": measured_peak_end is not None,

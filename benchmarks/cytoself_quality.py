@@ -99,7 +99,9 @@ def main() -> None:
     }
     for name, model_cfg in variants.items():
         cfg = dataclasses.replace(
-            base, model=model_cfg, seed=args.seed,
+            base,
+            model=model_cfg,
+            seed=args.seed,
             schedule=dataclasses.replace(base.schedule, max_steps=args.steps, eval_every=max(args.steps // 10, 1)),
         )
         run = args.out / name.split(" ")[0] / ("id" if model_cfg.use_fc else "no_id")
@@ -109,8 +111,12 @@ def main() -> None:
         emb = run / "test.h5ad"
         embed(run, store_path, emb, split="test", overwrite=True, progress=False)
         feats = read_obsm(emb, "global")
-        row = {"method": name, "train_minutes": round(t_train / 60, 2), "steps": summary["steps"],
-               **_scores(feats, test_obs, seed=args.seed)}
+        row = {
+            "method": name,
+            "train_minutes": round(t_train / 60, 2),
+            "steps": summary["steps"],
+            **_scores(feats, test_obs, seed=args.seed),
+        }
         rows.append(row)
 
     train_rows = np.flatnonzero(obs["split"].astype(str).to_numpy() == "train")
@@ -119,16 +125,27 @@ def main() -> None:
     channels = [c for c in base.data.channels if c in store.channels]
     pca = PCA(n_components=args.pca, random_state=args.seed).fit(_raw(store, fit_rows, channels))
     feats = pca.transform(_raw(store, test, channels))
-    rows.append({"method": f"PCA of raw pixels ({args.pca} comp.)", "train_minutes": 0.0, "steps": 0,
-                 **_scores(feats, test_obs, seed=args.seed)})
+    rows.append(
+        {
+            "method": f"PCA of raw pixels ({args.pca} comp.)",
+            "train_minutes": 0.0,
+            "steps": 0,
+            **_scores(feats, test_obs, seed=args.seed),
+        }
+    )
 
     header = f"{'method':<36} {'score':>7} {'score/prot':>10} {'kNN F1':>7} {'kNN acc':>7} {'train min':>9}"
     print(header)
     for r in rows:
-        print(f"{r['method']:<36} {r['clustering_score']:>7.3f} {r['clustering_score_by_protein']:>10.3f} "
-              f"{r['knn_macro_f1']:>7.3f} {r['knn_accuracy']:>7.3f} {r['train_minutes']:>9.1f}")
-    out = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-           "labelled_test_proteins": int(test_obs.loc[test_obs["label"] != "", "protein_id"].nunique())}
+        print(
+            f"{r['method']:<36} {r['clustering_score']:>7.3f} {r['clustering_score_by_protein']:>10.3f} "
+            f"{r['knn_macro_f1']:>7.3f} {r['knn_accuracy']:>7.3f} {r['train_minutes']:>9.1f}"
+        )
+    out = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "rows": rows,
+        "labelled_test_proteins": int(test_obs.loc[test_obs["label"] != "", "protein_id"].nunique()),
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")

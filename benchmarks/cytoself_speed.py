@@ -55,8 +55,21 @@ def _batch(cfg: CytoselfConfig, n: int, device: torch.device, seed: int = 0) -> 
     return {"image": x.to(device), "label": y.to(device)}
 
 
-def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+def _conv_backward_flop(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape=None,
+    **kwargs,
+) -> int:
     """Convolution backward FLOPs: one forward-sized convolution per requested gradient (input, weight).
 
     torch's built-in formula computes the weight gradient as if ``groups == 1``, which overcounts a
@@ -87,8 +100,12 @@ def _count_flops(model: Cytoself, cfg: CytoselfConfig, device: torch.device) -> 
     with _flop_counter() as fc:
         model.encode(batch["image"])
     enc = fc.get_total_flops() / n
-    return {"fwd_gflop": fwd / 1e9, "fwd_bwd_gflop": fwd_bwd / 1e9, "decoder1_fwd_gflop": dec1 / 1e9,
-            "encode_gflop": enc / 1e9}
+    return {
+        "fwd_gflop": fwd / 1e9,
+        "fwd_bwd_gflop": fwd_bwd / 1e9,
+        "decoder1_fwd_gflop": dec1 / 1e9,
+        "encode_gflop": enc / 1e9,
+    }
 
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,8 +114,13 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     cfg = PRESETS[name](num_classes=args.num_classes)
     torch.manual_seed(0)
     model = Cytoself(cfg).to(device)
-    row: dict[str, Any] = {"config": name, "device": str(device), "threads": torch.get_num_threads(),
-                           "parameters": model.num_parameters(), "load_before": os.getloadavg()[0]}
+    row: dict[str, Any] = {
+        "config": name,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "parameters": model.num_parameters(),
+        "load_before": os.getloadavg()[0],
+    }
     row.update(_count_flops(model, cfg, device))
 
     warmup, steps = DEFAULT_STEPS[name]
@@ -125,9 +147,17 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     step_s = sum(times) / len(times)
     # CPU seconds per wall second: about the thread count when the machine is ours alone, less when
     # other processes take cores (then the throughput numbers understate the code).
-    row.update({"train_batch": batch_size, "train_warmup": warmup, "train_steps": steps, "train_step_s": step_s,
-                "train_img_s": batch_size / step_s, "train_cpu_per_wall": sum(cpu) / sum(times),
-                "loss_last": float(loss.detach())})
+    row.update(
+        {
+            "train_batch": batch_size,
+            "train_warmup": warmup,
+            "train_steps": steps,
+            "train_step_s": step_s,
+            "train_img_s": batch_size / step_s,
+            "train_cpu_per_wall": sum(cpu) / sum(times),
+            "loss_last": float(loss.detach()),
+        }
+    )
     row["train_gflop_s"] = row["train_img_s"] * row["fwd_bwd_gflop"]
     del batch, opt, loss
     model.zero_grad(set_to_none=True)
@@ -155,9 +185,20 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--device", args.device,
-           "--embed-batch", str(args.embed_batch), "--embed-steps", str(args.embed_steps),
-           "--num-classes", str(args.num_classes)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        name,
+        "--device",
+        args.device,
+        "--embed-batch",
+        str(args.embed_batch),
+        "--embed-steps",
+        str(args.embed_steps),
+        "--num-classes",
+        str(args.num_classes),
+    ]
     for flag, value in (("--steps", args.steps), ("--warmup", args.warmup), ("--batch", args.batch)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -167,27 +208,32 @@ def _run_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"benchmark worker for {name!r} failed with exit code {proc.returncode}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    row = json.loads(lines[-1][len("RESULT "):])
+    row = json.loads(lines[-1][len("RESULT ") :])
     row["wall_s"] = time.perf_counter() - t0
     return row
 
 
 def _print_table(rows: list[dict[str, Any]], peak: float) -> None:
-    header = (f"{'config':<15} {'params':>7} {'fwd GF':>7} {'f+b GF':>7} {'dec1 GF':>8} {'train img/s':>11} "
-              f"{'train GF/s':>10} {'%peak':>6} {'embed img/s':>11} {'emb GF/s':>9} {'%peak':>6} {'RSS GB':>7}")
+    header = (
+        f"{'config':<15} {'params':>7} {'fwd GF':>7} {'f+b GF':>7} {'dec1 GF':>8} {'train img/s':>11} "
+        f"{'train GF/s':>10} {'%peak':>6} {'embed img/s':>11} {'emb GF/s':>9} {'%peak':>6} {'RSS GB':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:<15} {r['parameters'] / 1e6:>6.1f}M {r['fwd_gflop']:>7.2f} {r['fwd_bwd_gflop']:>7.2f} "
-              f"{r['decoder1_fwd_gflop']:>8.2f} {r['train_img_s']:>11.2f} {r['train_gflop_s']:>10.1f} "
-              f"{100 * r['train_gflop_s'] / peak:>5.1f}% {r['embed_img_s']:>11.1f} {r['embed_gflop_s']:>9.1f} "
-              f"{100 * r['embed_gflop_s'] / peak:>5.1f}% {r['peak_rss_gb']:>7.2f}")
+        print(
+            f"{r['config']:<15} {r['parameters'] / 1e6:>6.1f}M {r['fwd_gflop']:>7.2f} {r['fwd_bwd_gflop']:>7.2f} "
+            f"{r['decoder1_fwd_gflop']:>8.2f} {r['train_img_s']:>11.2f} {r['train_gflop_s']:>10.1f} "
+            f"{100 * r['train_gflop_s'] / peak:>5.1f}% {r['embed_img_s']:>11.1f} {r['embed_gflop_s']:>9.1f} "
+            f"{100 * r['embed_gflop_s'] / peak:>5.1f}% {r['peak_rss_gb']:>7.2f}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="tiny,paper,reference_wide",
-                        help="comma-separated presets out of: " + ", ".join(PRESETS))
+    parser.add_argument(
+        "--configs", default="tiny,paper,reference_wide", help="comma-separated presets out of: " + ", ".join(PRESETS)
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default per preset)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed training steps (default per preset)")
     parser.add_argument("--batch", type=int, default=None, help="training batch size (default 32)")
@@ -195,8 +241,9 @@ def main() -> None:
     parser.add_argument("--embed-steps", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=1311)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--peak-gflops", type=float, default=190.0,
-                        help="stated fp32 peak of the machine, for the %%peak columns")
+    parser.add_argument(
+        "--peak-gflops", type=float, default=190.0, help="stated fp32 peak of the machine, for the %%peak columns"
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/cytoself_speed.json"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,8 +265,13 @@ def main() -> None:
         r["embed_peak_share"] = r["embed_gflop_s"] / args.peak_gflops
     _print_table(rows, args.peak_gflops)
     out = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform(), "peak_gflops": args.peak_gflops},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "peak_gflops": args.peak_gflops,
+        },
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
         "rows": rows,
     }

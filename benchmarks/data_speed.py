@@ -33,17 +33,37 @@ def main() -> None:
         tmp = Path(tmp)
         for workers in (1, 2):
             t0 = time.perf_counter()
-            world = make_world(tmp / f"world{workers}", proteins=args.proteins, fovs=args.fovs, size=args.size,
-                               workers=workers, progress=False)
+            world = make_world(
+                tmp / f"world{workers}",
+                proteins=args.proteins,
+                fovs=args.fovs,
+                size=args.size,
+                workers=workers,
+                progress=False,
+            )
             t_world = time.perf_counter() - t0
             t0 = time.perf_counter()
-            summary = prepare(Path(world) / "fovs.csv", tmp / f"prep{workers}",
-                              sequences=Path(world) / "sequences.fasta", workers=workers, progress=False)
+            summary = prepare(
+                Path(world) / "fovs.csv",
+                tmp / f"prep{workers}",
+                sequences=Path(world) / "sequences.fasta",
+                workers=workers,
+                progress=False,
+            )
             t_prep = time.perf_counter() - t0
             n = summary["fovs"]
             crops = summary["cytoself_crops"] + summary["celle_crops"]
-            rows.append({"workers": workers, "fovs": n, "world_s": t_world, "world_fov_per_s": n / t_world,
-                         "prepare_s": t_prep, "prepare_fov_per_s": n / t_prep, "crops_per_s": crops / t_prep})
+            rows.append(
+                {
+                    "workers": workers,
+                    "fovs": n,
+                    "world_s": t_world,
+                    "world_fov_per_s": n / t_world,
+                    "prepare_s": t_prep,
+                    "prepare_fov_per_s": n / t_prep,
+                    "crops_per_s": crops / t_prep,
+                }
+            )
     for r in rows[1:]:
         r["world_speedup"] = rows[0]["world_s"] / r["world_s"]
         r["prepare_speedup"] = rows[0]["prepare_s"] / r["prepare_s"]
@@ -51,10 +71,15 @@ def main() -> None:
     print(header)
     for r in rows:
         sp = f"{r.get('world_speedup', 1):.2f} / {r.get('prepare_speedup', 1):.2f}"
-        print(f"{r['workers']:>7} {r['fovs']:>5} {r['world_fov_per_s']:>11.1f} {r['prepare_fov_per_s']:>13.1f} "
-              f"{r['crops_per_s']:>8.0f} {sp:>16}")
-    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "args": vars(args) | {
-        "json": str(args.json)}, "rows": rows}
+        print(
+            f"{r['workers']:>7} {r['fovs']:>5} {r['world_fov_per_s']:>11.1f} {r['prepare_fov_per_s']:>13.1f} "
+            f"{r['crops_per_s']:>8.0f} {sp:>16}"
+        )
+    out = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "args": vars(args) | {"json": str(args.json)},
+        "rows": rows,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")

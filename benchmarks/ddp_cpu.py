@@ -42,8 +42,13 @@ S = 100
 def _store(path: Path, n: int = 960) -> Path:
     rng = np.random.default_rng(0)
     fov = np.arange(n) // 20
-    obs = pd.DataFrame({"protein_id": [f"P{f % 5}" for f in fov], "fov_id": [f"f{f}" for f in fov],
-                        "split": [("train", "train", "train", "val")[f % 4] for f in fov]})  # fmt: skip
+    obs = pd.DataFrame(
+        {
+            "protein_id": [f"P{f % 5}" for f in fov],
+            "fov_id": [f"f{f}" for f in fov],
+            "split": [("train", "train", "train", "val")[f % 4] for f in fov],
+        }
+    )
     protein = rng.random((n, S, S)).astype(np.float32)
     chans = {"protein": "float16", "nucleus_distance": "float16"}
     with CropStore.create(path, channels=chans, size=S, chunk=64) as w:
@@ -79,24 +84,72 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         store = _store(work / "cytoself.zarr")
-        common = ["train", "cytoself", "--preset", "tiny", "--store", str(store),
-                  "--set", f"schedule.max_steps={args.steps}", "--set", "schedule.eval_every=0",
-                  "--set", "schedule.log_every=5", "--set", "save_every=0", "--set", "data.chunk_window=4"]  # fmt: skip
-        launch = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+        common = [
+            "train",
+            "cytoself",
+            "--preset",
+            "tiny",
+            "--store",
+            str(store),
+            "--set",
+            f"schedule.max_steps={args.steps}",
+            "--set",
+            "schedule.eval_every=0",
+            "--set",
+            "schedule.log_every=5",
+            "--set",
+            "save_every=0",
+            "--set",
+            "data.chunk_window=4",
+        ]
+        launch = [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
         one = [sys.executable, "-m", "protloc", "-q", *common, "--set", f"data.batch_size={2 * args.batch}"]
         runs = {
             "1 process x 2 threads": (one, 2),
             # the floor: the same run summed in another order (1 thread) drifts this far from the first
             "1 process x 1 thread": (one, 1),
             "2 processes x 1 thread, synchronised BatchNorm": (
-                [*launch, "--main_process_port", str(_free_port()), "-m", "protloc", "-q", *common,
-                 "--set", f"data.batch_size={args.batch}"], 1,
-            ),  # fmt: skip
+                [
+                    *launch,
+                    "--main_process_port",
+                    str(_free_port()),
+                    "-m",
+                    "protloc",
+                    "-q",
+                    *common,
+                    "--set",
+                    f"data.batch_size={args.batch}",
+                ],
+                1,
+            ),
             "2 processes x 1 thread, per-process BatchNorm": (
-                [*launch, "--main_process_port", str(_free_port()), "-m", "protloc", "-q", *common,
-                 "--set", f"data.batch_size={args.batch}", "--set", "sync_batchnorm=false"], 1,
-            ),  # fmt: skip
+                [
+                    *launch,
+                    "--main_process_port",
+                    str(_free_port()),
+                    "-m",
+                    "protloc",
+                    "-q",
+                    *common,
+                    "--set",
+                    f"data.batch_size={args.batch}",
+                    "--set",
+                    "sync_batchnorm=false",
+                ],
+                1,
+            ),
         }
         rows = []
         base_loss = base_speed = None
@@ -107,17 +160,23 @@ def main() -> None:
             speed = statistics.median(speeds[1:]) if len(speeds) > 1 else speeds[0]
             if base_loss is None:
                 base_loss, base_speed = losses, speed
-            rows.append({
-                "run": name,
-                "images_per_s": round(speed, 1),
-                "vs_one_process": round(speed / base_speed, 3),
-                "max_loss_gap_vs_one_process": float(max(abs(a - b) for a, b in zip(losses, base_loss, strict=True))),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "run": name,
+                    "images_per_s": round(speed, 1),
+                    "vs_one_process": round(speed / base_speed, 3),
+                    "max_loss_gap_vs_one_process": float(
+                        max(abs(a - b) for a, b in zip(losses, base_loss, strict=True))
+                    ),
+                }
+            )
     width = max(len(r["run"]) for r in rows)
     print(f"{'run':<{width}}  images/s  vs 1 process  max |loss - 1 process|")
     for r in rows:
-        print(f"{r['run']:<{width}}  {r['images_per_s']:8.1f}  {r['vs_one_process']:12.3f}  "
-              f"{r['max_loss_gap_vs_one_process']:.2e}")  # fmt: skip
+        print(
+            f"{r['run']:<{width}}  {r['images_per_s']:8.1f}  {r['vs_one_process']:12.3f}  "
+            f"{r['max_loss_gap_vs_one_process']:.2e}"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": {"cpus": os.cpu_count()}, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.json.write_text(json.dumps(payload, indent=2) + "\n")

@@ -67,8 +67,13 @@ def build_store(work: Path, n: int, source: Path | None, real: int) -> Path:
     else:
         rng = np.random.default_rng(0)
         data = {c: rng.random((m, 100, 100)).astype(np.float16) for c in chans}
-    obs = pd.DataFrame({"protein_id": [f"P{i % 1000:04d}" for i in range(m)],
-                        "fov_id": [f"F{i // 50:06d}" for i in range(m)], "split": "test"})  # fmt: skip
+    obs = pd.DataFrame(
+        {
+            "protein_id": [f"P{i % 1000:04d}" for i in range(m)],
+            "fov_id": [f"F{i // 50:06d}" for i in range(m)],
+            "split": "test",
+        }
+    )
     with CropStore.create(store, channels=chans, size=100, chunk=CHUNK) as w:
         w.append(data, obs)
     n_chunks = -(-n // CHUNK)
@@ -88,8 +93,15 @@ def build_store(work: Path, n: int, source: Path | None, real: int) -> Path:
     meta["attributes"]["n"] = n
     group_meta.write_text(json.dumps(meta, indent=2))
     idx = np.arange(n)
-    table = pd.DataFrame({"crop_index": idx, "protein_id": [f"P{i % 1000:04d}" for i in idx],
-                          "fov_id": [f"F{i // 50:07d}" for i in idx], "split": "test", "label": ""})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "crop_index": idx,
+            "protein_id": [f"P{i % 1000:04d}" for i in idx],
+            "fov_id": [f"F{i // 50:07d}" for i in idx],
+            "split": "test",
+            "label": "",
+        }
+    )
     table.to_csv(work / "cytoself.csv", index=False)
     return store
 
@@ -112,8 +124,21 @@ def main() -> None:
     out = args.work / "embeddings.h5ad"
     out.unlink(missing_ok=True)
     shutil.rmtree(args.work / "embeddings.h5ad.partial", ignore_errors=True)
-    cmd = [sys.executable, "-m", "protloc", "-q", "embed", "--checkpoint", args.checkpoint, "--store", str(store),
-           "--out", str(out), "--batch-size", str(args.batch_size)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "protloc",
+        "-q",
+        "embed",
+        "--checkpoint",
+        args.checkpoint,
+        "--store",
+        str(store),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     t1 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
@@ -137,8 +162,9 @@ def main() -> None:
     }
     print(json.dumps(row, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": [row]}, indent=2)
-                         + "\n")  # fmt: skip
+    args.json.write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": [row]}, indent=2) + "\n"
+    )
     out.unlink()
 
 

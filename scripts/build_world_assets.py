@@ -228,12 +228,31 @@ INPUTS: dict[str, Input] = {
 
 #: Evidence codes kept (every GO evidence code except IEA, electronic, and ND, "no data").
 EVIDENCE_KEPT: tuple[str, ...] = (
-    "EXP", "IDA", "IPI", "IMP", "IGI", "IEP",  # experimental
-    "HTP", "HDA", "HMP", "HGI", "HEP",  # high-throughput experimental
-    "IBA", "IBD", "IKR", "IRD",  # phylogenetic
-    "ISS", "ISO", "ISA", "ISM", "IGC", "RCA",  # computational, reviewed
-    "TAS", "NAS", "IC",  # author / curator statements
-)  # fmt: skip
+    "EXP",
+    "IDA",
+    "IPI",
+    "IMP",
+    "IGI",
+    "IEP",  # experimental
+    "HTP",
+    "HDA",
+    "HMP",
+    "HGI",
+    "HEP",  # high-throughput experimental
+    "IBA",
+    "IBD",
+    "IKR",
+    "IRD",  # phylogenetic
+    "ISS",
+    "ISO",
+    "ISA",
+    "ISM",
+    "IGC",
+    "RCA",  # computational, reviewed
+    "TAS",
+    "NAS",
+    "IC",  # author / curator statements
+)
 
 #: Terms at or below this are ignored (secreted material, exosome proteomics).
 EXTRACELLULAR = "GO:0005576"

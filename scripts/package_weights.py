@@ -147,9 +147,12 @@ def _celle_val(prepared: Path, image_size: int, max_residues: int, n: int):
     from protloc.data.sequences import read_sequences
 
     ds = CelleDataset(
-        prepared / "celle.zarr", split="val", sequences=read_sequences(prepared / "sequences.fasta"),
-        image_size=image_size, max_residues=max_residues,
-    )  # fmt: skip
+        prepared / "celle.zarr",
+        split="val",
+        sequences=read_sequences(prepared / "sequences.fasta"),
+        image_size=image_size,
+        max_residues=max_residues,
+    )
     picks = np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int)
     return [ds[int(i)] for i in picks]
 

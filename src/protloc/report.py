@@ -123,9 +123,17 @@ def _atlas_section(page: _Page, out: Path, metrics: dict[str, Any]) -> None:
     )
     table = _table(
         ["test crops", "proteins", "clustering score", "… by protein", "k-NN macro-F1", "k-NN accuracy"],
-        [[scores.get("n_crops"), scores.get("n_proteins"), _fmt(cs.get("localization")),
-          _fmt(cs.get("localization_by_protein")), _fmt(knn.get("macro_f1")), _fmt(knn.get("accuracy"))]],
-    )  # fmt: skip
+        [
+            [
+                scores.get("n_crops"),
+                scores.get("n_proteins"),
+                _fmt(cs.get("localization")),
+                _fmt(cs.get("localization_by_protein")),
+                _fmt(knn.get("macro_f1")),
+                _fmt(knn.get("accuracy")),
+            ]
+        ],
+    )
     static = page.png(out / "atlas" / "atlas.png", "atlas.png", "UMAP atlas (static)", cls="fig small")
     body = (
         "<p>UMAP of the cytoself global representation of every held-out test crop, coloured by the protein's "
@@ -207,7 +215,7 @@ def _gallery_section(page: _Page, out: Path, metrics: dict[str, Any]) -> None:
             f"true {_fmt(item['nucleus_proportion_true'], 2)}, predicted {_fmt(item['nucleus_proportion_pred'], 2)}"
         )
         img = page.png(out / "gallery" / item["file"], item["file"], f"prediction for {item['protein_id']}")
-        figs.append(f"<figure class=\"gallery-item\">{img}<figcaption>{_esc(cap)}</figcaption></figure>")
+        figs.append(f'<figure class="gallery-item">{img}<figcaption>{_esc(cap)}</figcaption></figure>')
     body = (
         "<p>Held-out proteins (never seen in training), one crop each: the nucleus image the model is given, "
         "the true thresholded protein image, the predicted threshold image (pixel-wise majority of "
@@ -223,11 +231,15 @@ def _constructs_section(page: _Page, out: Path, metrics: dict[str, Any]) -> None
         return
     metrics["constructs"] = res
     rows = [
-        [r["construct"], r["length"], _fmt(r["nucleus_proportion"]),
-         "" if i == 0 else f"{r['delta']:+.3f} ± {_fmt(r['delta_sd'])}",
-         "" if i == 0 else f"{r['above_reference']} / {r['images']}"]
+        [
+            r["construct"],
+            r["length"],
+            _fmt(r["nucleus_proportion"]),
+            "" if i == 0 else f"{r['delta']:+.3f} ± {_fmt(r['delta_sd'])}",
+            "" if i == 0 else f"{r['above_reference']} / {r['images']}",
+        ]
         for i, r in enumerate(res.get("rows", []))
-    ]  # fmt: skip
+    ]
     body = (
         "<p>The CELL-E paper's Fig. 4 experiment: GFP alone, GFP with a C-terminal nuclear localization signal "
         "(nucleoplasmin, N-Myc) and GFP with a random peptide, each predicted against the same held-out "
@@ -386,9 +398,18 @@ def build_report(out: str | os.PathLike, info: Mapping[str, Any]) -> dict[str, A
                 '<p class="warn">These results use the shipped weights on a world other than the one they were '
                 "trained on: some “held-out” proteins may have been seen in training.</p>"
             )
-        nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (
-            ("atlas", "atlas"), ("spectra", "spectra"), ("gallery", "gallery"), ("evaluate", "accuracy"),
-            ("constructs", "GFP + NLS"), ("screens", "screens"), ("models", "run")))  # fmt: skip
+        nav = "".join(
+            f'<a href="#{a}">{t}</a>'
+            for a, t in (
+                ("atlas", "atlas"),
+                ("spectra", "spectra"),
+                ("gallery", "gallery"),
+                ("evaluate", "accuracy"),
+                ("constructs", "GFP + NLS"),
+                ("screens", "screens"),
+                ("models", "run"),
+            )
+        )
         when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         doc = (
             '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -398,7 +419,7 @@ def build_report(out: str | os.PathLike, info: Mapping[str, Any]) -> dict[str, A
             "<header><h1>protloc demo report</h1><p>cytoself localization embeddings and CELL-E localization "
             f"prediction on the reference cell world &middot; weights: {_esc(info.get('weights'))} &middot; "
             f"{_esc(when)}</p></header><nav>{nav}</nav><main>{warn}"
-            "<section id=\"summary\"><h2>Summary</h2>"
+            '<section id="summary"><h2>Summary</h2>'
             + _table(["result", "value"], summary, cls="summary num")
             + "</section>"
             + "".join(page.sections)

@@ -22,8 +22,23 @@ from protloc import cli
 from protloc.demo import DemoConfig, run_demo
 from protloc.errors import ConfigError
 
-ARGS = ["--proteins", "12", "--fovs", "4", "--allow-mismatch", "--gallery", "3", "--samples", "2",
-        "--construct-nuclei", "2", "--eval-crops", "24", "--workers", "1"]  # fmt: skip
+ARGS = [
+    "--proteins",
+    "12",
+    "--fovs",
+    "4",
+    "--allow-mismatch",
+    "--gallery",
+    "3",
+    "--samples",
+    "2",
+    "--construct-nuclei",
+    "2",
+    "--eval-crops",
+    "24",
+    "--workers",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +57,7 @@ def test_demo_writes_every_stage_and_the_report(demo_dir: Path, capsys) -> None:
     assert metrics["weights"] == "shipped" and metrics["mismatch"] is True
     assert "some “held-out” proteins may have been seen in training" in page
     # figures are embedded, not linked: the page needs nothing beside it
-    assert "src=\"data:image/png;base64," in page
+    assert 'src="data:image/png;base64,' in page
     assert not re.search(r"src=\"(?!data:)", page) and "http://" not in page and "https://" not in page
     pngs = {p.name for p in report.glob("*.png")}
     assert {"atlas.png", "spectrum_heatmap.png", "constructs.png", "nls_scan.png", "attention.png"} <= pngs
@@ -112,10 +127,18 @@ def _render(page: Path, profile: Path) -> tuple[list[str], dict[str, str]]:
             pytest.fail("Chromium is missing: .ci/run installs Debian's chromium before the tests")
         pytest.skip("Chromium not installed (apt-get install chromium)")
     cmd = [
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-        f"--user-data-dir={profile}", "--virtual-time-budget=8000", "--window-size=1280,900",
-        "--dump-dom", page.resolve().as_uri(),
-    ]  # fmt: skip
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--enable-logging=stderr",
+        "--v=0",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=8000",
+        "--window-size=1280,900",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]

@@ -134,9 +134,15 @@ def _nuclear_weight(seq: str) -> float:
 
 def _build_world(root: Path) -> Path:
     world = world_make.make_world(
-        root / "world", fovs=4, size=160, seed=0, include_engineered=False, progress=False,
-        params=RenderParams(mitotic_fraction=0.0), protein_table=_short_proteins(48, rng=np.random.default_rng(0)),
-    )  # fmt: skip
+        root / "world",
+        fovs=4,
+        size=160,
+        seed=0,
+        include_engineered=False,
+        progress=False,
+        params=RenderParams(mitotic_fraction=0.0),
+        protein_table=_short_proteins(48, rng=np.random.default_rng(0)),
+    )
     config = apply_overrides(
         PrepareConfig(), ["cytoself=false", "params.downsample=false", f"params.celle_size={CROP}", "chunk=16"]
     )
@@ -148,12 +154,20 @@ def _train_tokenizer(store: Path, kind: str, out: Path, *, ch: int, steps: int) 
     cfg = apply_overrides(
         TrainVQGANConfig.tiny(str(store), kind=kind),
         [
-            f"model.image_size={S}", "model.ch_mult=[1, 2, 4]", f"model.ch={ch}", f"model.n_embed={CODES}",
-            f"data.image_size={S}", "data.chunk_window=4", "loss.disc_start=1000000000",  # no GAN phase
-            "codebook.restart_every=25", "optim.lr=1e-3",
-            f"schedule.max_steps={steps}", f"schedule.eval_every={steps}", "schedule.log_every=50",
+            f"model.image_size={S}",
+            "model.ch_mult=[1, 2, 4]",
+            f"model.ch={ch}",
+            f"model.n_embed={CODES}",
+            f"data.image_size={S}",
+            "data.chunk_window=4",
+            "loss.disc_start=1000000000",  # no GAN phase
+            "codebook.restart_every=25",
+            "optim.lr=1e-3",
+            f"schedule.max_steps={steps}",
+            f"schedule.eval_every={steps}",
+            "schedule.log_every=50",
         ],
-    )  # fmt: skip
+    )
     train_vqgan(cfg, run_dir=out, progress=False)
     return out
 
@@ -162,12 +176,21 @@ def _train_celle(store: Path, nucleus: Path, threshold: Path, out: Path, *, step
     cfg = apply_overrides(
         TrainCelleConfig.tiny(str(store), nucleus=str(nucleus), threshold=str(threshold)),
         [
-            f"model.grid_size={S // 4}", f"model.max_residues={MAX_RESIDUES}", f"model.num_nucleus_codes={CODES}",
-            f"model.num_threshold_codes={CODES}", "model.attn_dropout=0.0", "model.ff_dropout=0.0",
-            f"data.image_size={S}", "data.chunk_window=4", "optim.lr=1e-3", "optim.warmup_steps=20",
-            f"schedule.max_steps={steps}", f"schedule.eval_every={steps}", "schedule.log_every=50",
+            f"model.grid_size={S // 4}",
+            f"model.max_residues={MAX_RESIDUES}",
+            f"model.num_nucleus_codes={CODES}",
+            f"model.num_threshold_codes={CODES}",
+            "model.attn_dropout=0.0",
+            "model.ff_dropout=0.0",
+            f"data.image_size={S}",
+            "data.chunk_window=4",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=20",
+            f"schedule.max_steps={steps}",
+            f"schedule.eval_every={steps}",
+            "schedule.log_every=50",
         ],
-    )  # fmt: skip
+    )
     train_celle(cfg, run_dir=out, progress=False)
     return out
 
@@ -209,8 +232,13 @@ def test_nls_insertion_raises_predicted_nucleus_proportion(tmp_path):
 
     # 1. Wild types: held-out NLS proteins are predicted more nuclear than held-out plain ones.
     held = held_nls + held_plain
-    wt = np.mean([predict(run, held, nuc.expand(len(held), -1, -1, -1), sampling=sampling)["nucleus_proportion"]
-                  for nuc in nuclei], axis=0)  # fmt: skip
+    wt = np.mean(
+        [
+            predict(run, held, nuc.expand(len(held), -1, -1, -1), sampling=sampling)["nucleus_proportion"]
+            for nuc in nuclei
+        ],
+        axis=0,
+    )
     wt_nls, wt_plain = float(wt[: len(held_nls)].mean()), float(wt[len(held_nls) :].mean())
 
     # 2. The screen: the NLS or a control peptide inserted into the held-out plain proteins.

@@ -21,8 +21,13 @@ def cytoself_store(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     n = 120
     fov = np.arange(n) // 10
-    obs = pd.DataFrame({"protein_id": [f"P{f % 3}" for f in fov], "fov_id": [f"f{f}" for f in fov],
-                        "split": [("train", "train", "train", "val")[f % 4] for f in fov]})  # fmt: skip
+    obs = pd.DataFrame(
+        {
+            "protein_id": [f"P{f % 3}" for f in fov],
+            "fov_id": [f"f{f}" for f in fov],
+            "split": [("train", "train", "train", "val")[f % 4] for f in fov],
+        }
+    )
     protein = rng.random((n, CYTOSELF_S, CYTOSELF_S)).astype(np.float32)
     chans = {"protein": "float16", "nucleus": "float16", "nucleus_distance": "float16"}
     with CropStore.create(path, channels=chans, size=CYTOSELF_S, chunk=16) as w:

@@ -38,8 +38,14 @@ def _fov_image(rng: np.random.Generator, size: int = 200) -> np.ndarray:
 
 def _cytoself_store(path: Path, n: int = 6) -> Path:
     rng = np.random.default_rng(0)
-    obs = pd.DataFrame({"protein_id": ["P0", "P1"] * (n // 2), "fov_id": ["F0", "F1"] * (n // 2),
-                        "split": ["test"] * n, "label": ["er", "cytosol"] * (n // 2)})  # fmt: skip
+    obs = pd.DataFrame(
+        {
+            "protein_id": ["P0", "P1"] * (n // 2),
+            "fov_id": ["F0", "F1"] * (n // 2),
+            "split": ["test"] * n,
+            "label": ["er", "cytosol"] * (n // 2),
+        }
+    )
     chans = {"protein": "float32", "nucleus_distance": "float32"}
     with CropStore.create(path, channels=chans, size=100) as w:
         w.append({c: rng.random((n, 100, 100)).astype(np.float32) for c in chans}, obs)
@@ -71,8 +77,9 @@ def ws(tmp_path_factory) -> Path:
     (w / "corrupt.tif").write_bytes(b"II*\x00" + bytes(rng.integers(0, 256, 300, dtype=np.uint8)))
     (w / "corrupt.npy").write_bytes(b"\x93NUMPY garbage")
     # tables and sequences
-    good = pd.DataFrame({"fov_id": ["A", "B"], "protein_id": ["P1", "P2"], "path": ["fov_a.tif", "fov_b.tif"],
-                         "downsample": [1, 1]})  # fmt: skip
+    good = pd.DataFrame(
+        {"fov_id": ["A", "B"], "protein_id": ["P1", "P2"], "path": ["fov_a.tif", "fov_b.tif"], "downsample": [1, 1]}
+    )
     write_table(good, w / "fovs.csv")
     write_table(good.drop(columns=["path"]), w / "fovs_no_path.csv")
     write_table(pd.concat([good, good.iloc[:1]]), w / "fovs_duplicate.csv")
@@ -118,106 +125,244 @@ def ws(tmp_path_factory) -> Path:
 
 def _digest(root: Path) -> dict[str, str]:
     """SHA-256 of every file under root (outputs, checkpoints, inputs)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 CK = "{w}/ckpt/celle-tiny"
 # (id, argv template, regex the one-line message must match)
 CASES = [
     # sequences
-    ("invalid residue", ["predict", "--checkpoint", CK, "--sequence", "MKT1AY", "--name", "q1", "--out", "{w}/o"],
-     r"q1.*'1'.*position 4|position 4.*'1'"),
+    (
+        "invalid residue",
+        ["predict", "--checkpoint", CK, "--sequence", "MKT1AY", "--name", "q1", "--out", "{w}/o"],
+        r"q1.*'1'.*position 4|position 4.*'1'",
+    ),
     ("empty sequence", ["predict", "--checkpoint", CK, "--sequence", "", "--out", "{w}/o"], r"empty"),
-    ("empty FASTA", ["predict", "--checkpoint", CK, "--fasta", "{w}/empty.fasta", "--out", "{w}/o"],
-     r"empty.fasta.*(no sequences|empty)"),
-    ("FASTA bad residue", ["predict", "--checkpoint", CK, "--fasta", "{w}/bad_residue.fasta", "--out", "{w}/o"],
-     r"bad_residue.fasta.*broken"),
-    ("FASTA duplicate id", ["predict", "--checkpoint", CK, "--fasta", "{w}/dup.fasta", "--out", "{w}/o"],
-     r"dup.fasta.*'x'"),
-    ("FASTA without header", ["predict", "--checkpoint", CK, "--fasta", "{w}/no_header.fasta", "--out", "{w}/o"],
-     r"no_header.fasta.*(header|>)"),
-    ("over-long masked sequence", ["fill", "--checkpoint", CK, "--sequence", "M" * 400 + "_",
-     "--threshold", "{w}/nucleus.tif", "--out", "{w}/o"], r"(300|window|masked)"),
-    ("fill without mask", ["fill", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--threshold", "{w}/nucleus.tif",
-     "--out", "{w}/o"], r"_"),
+    (
+        "empty FASTA",
+        ["predict", "--checkpoint", CK, "--fasta", "{w}/empty.fasta", "--out", "{w}/o"],
+        r"empty.fasta.*(no sequences|empty)",
+    ),
+    (
+        "FASTA bad residue",
+        ["predict", "--checkpoint", CK, "--fasta", "{w}/bad_residue.fasta", "--out", "{w}/o"],
+        r"bad_residue.fasta.*broken",
+    ),
+    (
+        "FASTA duplicate id",
+        ["predict", "--checkpoint", CK, "--fasta", "{w}/dup.fasta", "--out", "{w}/o"],
+        r"dup.fasta.*'x'",
+    ),
+    (
+        "FASTA without header",
+        ["predict", "--checkpoint", CK, "--fasta", "{w}/no_header.fasta", "--out", "{w}/o"],
+        r"no_header.fasta.*(header|>)",
+    ),
+    (
+        "over-long masked sequence",
+        ["fill", "--checkpoint", CK, "--sequence", "M" * 400 + "_", "--threshold", "{w}/nucleus.tif", "--out", "{w}/o"],
+        r"(300|window|masked)",
+    ),
+    (
+        "fill without mask",
+        ["fill", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--threshold", "{w}/nucleus.tif", "--out", "{w}/o"],
+        r"_",
+    ),
     # images
-    ("nucleus too small", ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus",
-     "{w}/nucleus_small.tif", "--out", "{w}/o"], r"nucleus_small.tif.*(small|8)"),
-    ("nucleus constant", ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus",
-     "{w}/nucleus_const.tif", "--out", "{w}/o"], r"nucleus_const.tif.*constant"),
-    ("nucleus NaN", ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/nucleus_nan.npy",
-     "--out", "{w}/o"], r"nucleus_nan.npy.*(NaN|finite)"),
-    ("nucleus Inf", ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/nucleus_inf.npy",
-     "--out", "{w}/o"], r"nucleus_inf.npy.*(Inf|finite)"),
-    ("nucleus wrong dimensions", ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus",
-     "{w}/nucleus_3d.npy", "--out", "{w}/o"], r"nucleus_3d.npy.*(2-D|dimension|shape)"),
-    ("nucleus wrong dtype", ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus",
-     "{w}/nucleus_complex.npy", "--out", "{w}/o"], r"nucleus_complex.npy.*(dtype|type|complex)"),
-    ("corrupt TIFF", ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/corrupt.tif",
-     "--out", "{w}/o"], r"corrupt.tif"),
-    ("corrupt NPY", ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/corrupt.npy",
-     "--out", "{w}/o"], r"corrupt.npy"),
+    (
+        "nucleus too small",
+        ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/nucleus_small.tif", "--out", "{w}/o"],
+        r"nucleus_small.tif.*(small|8)",
+    ),
+    (
+        "nucleus constant",
+        ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/nucleus_const.tif", "--out", "{w}/o"],
+        r"nucleus_const.tif.*constant",
+    ),
+    (
+        "nucleus NaN",
+        ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/nucleus_nan.npy", "--out", "{w}/o"],
+        r"nucleus_nan.npy.*(NaN|finite)",
+    ),
+    (
+        "nucleus Inf",
+        ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/nucleus_inf.npy", "--out", "{w}/o"],
+        r"nucleus_inf.npy.*(Inf|finite)",
+    ),
+    (
+        "nucleus wrong dimensions",
+        ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/nucleus_3d.npy", "--out", "{w}/o"],
+        r"nucleus_3d.npy.*(2-D|dimension|shape)",
+    ),
+    (
+        "nucleus wrong dtype",
+        [
+            "predict",
+            "--checkpoint",
+            CK,
+            "--sequence",
+            GOOD_SEQ,
+            "--nucleus",
+            "{w}/nucleus_complex.npy",
+            "--out",
+            "{w}/o",
+        ],
+        r"nucleus_complex.npy.*(dtype|type|complex)",
+    ),
+    (
+        "corrupt TIFF",
+        ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/corrupt.tif", "--out", "{w}/o"],
+        r"corrupt.tif",
+    ),
+    (
+        "corrupt NPY",
+        ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--nucleus", "{w}/corrupt.npy", "--out", "{w}/o"],
+        r"corrupt.npy",
+    ),
     # field-of-view tables and images for prepare
-    ("manifest missing column", ["prepare", "--fovs", "{w}/fovs_no_path.csv", "--out", "{w}/o"],
-     r"fovs_no_path.csv.*path"),
-    ("manifest duplicate row", ["prepare", "--fovs", "{w}/fovs_duplicate.csv", "--out", "{w}/o"],
-     r"fovs_duplicate.csv.*(duplicate|unique).*A|fovs_duplicate.csv.*row"),
-    ("manifest dangling path", ["prepare", "--fovs", "{w}/fovs_dangling.csv", "--out", "{w}/o"],
-     r"missing.tif"),
+    (
+        "manifest missing column",
+        ["prepare", "--fovs", "{w}/fovs_no_path.csv", "--out", "{w}/o"],
+        r"fovs_no_path.csv.*path",
+    ),
+    (
+        "manifest duplicate row",
+        ["prepare", "--fovs", "{w}/fovs_duplicate.csv", "--out", "{w}/o"],
+        r"fovs_duplicate.csv.*(duplicate|unique).*A|fovs_duplicate.csv.*row",
+    ),
+    ("manifest dangling path", ["prepare", "--fovs", "{w}/fovs_dangling.csv", "--out", "{w}/o"], r"missing.tif"),
     ("empty manifest", ["prepare", "--fovs", "{w}/empty.csv", "--out", "{w}/o"], r"empty.csv.*empty"),
-    ("single-channel field", ["prepare", "--fovs", "{w}/fovs_one_channel.csv", "--out", "{w}/o"],
-     r"one_channel.tif.*channel"),
+    (
+        "single-channel field",
+        ["prepare", "--fovs", "{w}/fovs_one_channel.csv", "--out", "{w}/o"],
+        r"one_channel.tif.*channel",
+    ),
     ("NaN in a field", ["prepare", "--fovs", "{w}/fovs_nan.csv", "--out", "{w}/o"], r"nan_fov.tif.*(NaN|finite)"),
     ("corrupt field TIFF", ["prepare", "--fovs", "{w}/fovs_corrupt.csv", "--out", "{w}/o"], r"corrupt.tif"),
     # configs
-    ("unknown config key", ["prepare", "--fovs", "{w}/fovs.csv", "--out", "{w}/o", "--set", "params.sigmma=2"],
-     r"sigmma.*sigma"),
-    ("config key typo in YAML", ["prepare", "--fovs", "{w}/fovs.csv", "--out", "{w}/o", "--config",
-     "{w}/typo.yaml"], r"typo.yaml.*sigmma.*sigma"),
-    ("config value of the wrong type", ["train", "cytoself", "--store", "{w}/cyto.zarr", "--out", "{w}/o",
-     "--set", "optim.lr=fast"], r"optim.lr.*fast"),
-    ("invalid YAML", ["prepare", "--fovs", "{w}/fovs.csv", "--out", "{w}/o", "--config", "{w}/not_yaml.yaml"],
-     r"not_yaml.yaml"),
+    (
+        "unknown config key",
+        ["prepare", "--fovs", "{w}/fovs.csv", "--out", "{w}/o", "--set", "params.sigmma=2"],
+        r"sigmma.*sigma",
+    ),
+    (
+        "config key typo in YAML",
+        ["prepare", "--fovs", "{w}/fovs.csv", "--out", "{w}/o", "--config", "{w}/typo.yaml"],
+        r"typo.yaml.*sigmma.*sigma",
+    ),
+    (
+        "config value of the wrong type",
+        ["train", "cytoself", "--store", "{w}/cyto.zarr", "--out", "{w}/o", "--set", "optim.lr=fast"],
+        r"optim.lr.*fast",
+    ),
+    (
+        "invalid YAML",
+        ["prepare", "--fovs", "{w}/fovs.csv", "--out", "{w}/o", "--config", "{w}/not_yaml.yaml"],
+        r"not_yaml.yaml",
+    ),
     # checkpoints
-    ("missing checkpoint", ["predict", "--checkpoint", "{w}/ckpt/nowhere", "--sequence", GOOD_SEQ, "--out",
-     "{w}/o"], r"nowhere"),
-    ("checkpoint of the wrong model", ["predict", "--checkpoint", "{w}/ckpt/cytoself-tiny", "--sequence",
-     GOOD_SEQ, "--out", "{w}/o"], r"cytoself-tiny.*(cytoself|model)"),
-    ("CELL-E checkpoint given to embed", ["embed", "--checkpoint", "{w}/ckpt/celle-tiny", "--store",
-     "{w}/cyto.zarr", "--out", "{w}/o.h5ad"], r"celle-tiny.*(celle|model)"),
-    ("checkpoint of the wrong shape", ["predict", "--checkpoint", "{w}/ckpt/wrong_shape", "--sequence", GOOD_SEQ,
-     "--out", "{w}/o"], r"wrong_shape.*shape"),
-    ("truncated checkpoint", ["predict", "--checkpoint", "{w}/ckpt/truncated", "--sequence", GOOD_SEQ, "--out",
-     "{w}/o"], r"truncated.*(corrupt|truncated)"),
-    ("unreadable checkpoint config", ["predict", "--checkpoint", "{w}/ckpt/bad_config", "--sequence", GOOD_SEQ,
-     "--out", "{w}/o"], r"bad_config.*config.json.*JSON"),
-    ("unknown shipped model", ["predict", "--checkpoint", "pretrained:celle-huge", "--sequence", GOOD_SEQ,
-     "--out", "{w}/o"], r"celle-huge"),
+    (
+        "missing checkpoint",
+        ["predict", "--checkpoint", "{w}/ckpt/nowhere", "--sequence", GOOD_SEQ, "--out", "{w}/o"],
+        r"nowhere",
+    ),
+    (
+        "checkpoint of the wrong model",
+        ["predict", "--checkpoint", "{w}/ckpt/cytoself-tiny", "--sequence", GOOD_SEQ, "--out", "{w}/o"],
+        r"cytoself-tiny.*(cytoself|model)",
+    ),
+    (
+        "CELL-E checkpoint given to embed",
+        ["embed", "--checkpoint", "{w}/ckpt/celle-tiny", "--store", "{w}/cyto.zarr", "--out", "{w}/o.h5ad"],
+        r"celle-tiny.*(celle|model)",
+    ),
+    (
+        "checkpoint of the wrong shape",
+        ["predict", "--checkpoint", "{w}/ckpt/wrong_shape", "--sequence", GOOD_SEQ, "--out", "{w}/o"],
+        r"wrong_shape.*shape",
+    ),
+    (
+        "truncated checkpoint",
+        ["predict", "--checkpoint", "{w}/ckpt/truncated", "--sequence", GOOD_SEQ, "--out", "{w}/o"],
+        r"truncated.*(corrupt|truncated)",
+    ),
+    (
+        "unreadable checkpoint config",
+        ["predict", "--checkpoint", "{w}/ckpt/bad_config", "--sequence", GOOD_SEQ, "--out", "{w}/o"],
+        r"bad_config.*config.json.*JSON",
+    ),
+    (
+        "unknown shipped model",
+        ["predict", "--checkpoint", "pretrained:celle-huge", "--sequence", GOOD_SEQ, "--out", "{w}/o"],
+        r"celle-huge",
+    ),
     # stores and embeddings
     ("missing store", ["embed", "--store", "{w}/nowhere.zarr", "--out", "{w}/o.h5ad"], r"nowhere.zarr"),
     ("corrupt Zarr store", ["embed", "--store", "{w}/corrupt.zarr", "--out", "{w}/o.h5ad"], r"corrupt.zarr"),
     ("corrupt embeddings", ["atlas", "--embeddings", "{w}/corrupt.h5ad", "--out", "{w}/o"], r"corrupt.h5ad"),
-    ("unknown protein in spectrum", ["spectrum", "--embeddings", "{w}/emb.h5ad", "--out", "{w}/o", "--query",
-     "NOPE1"], r"NOPE1"),
-    ("unknown protein to interpret", ["interpret", "--store", "{w}/cyto.zarr", "--out", "{w}/o", "--protein",
-     "NOPE2"], r"NOPE2"),
+    (
+        "unknown protein in spectrum",
+        ["spectrum", "--embeddings", "{w}/emb.h5ad", "--out", "{w}/o", "--query", "NOPE1"],
+        r"NOPE1",
+    ),
+    (
+        "unknown protein to interpret",
+        ["interpret", "--store", "{w}/cyto.zarr", "--out", "{w}/o", "--protein", "NOPE2"],
+        r"NOPE2",
+    ),
     # outputs that exist
-    ("existing output folder", ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--out", "{w}/existing"],
-     r"existing.*(exists|overwrite)"),
-    ("existing output file", ["embed", "--store", "{w}/cyto.zarr", "--out", "{w}/existing.h5ad"],
-     r"existing.h5ad.*(exists|overwrite)"),
-    ("existing prepare output", ["prepare", "--fovs", "{w}/fovs.csv", "--out", "{w}/existing"],
-     r"existing.*(exists|overwrite)"),
-    ("existing world", ["world", "make", "--out", "{w}/existing", "--proteins", "2", "--fovs", "1"],
-     r"existing.*(exists|overwrite)"),
+    (
+        "existing output folder",
+        ["predict", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--out", "{w}/existing"],
+        r"existing.*(exists|overwrite)",
+    ),
+    (
+        "existing output file",
+        ["embed", "--store", "{w}/cyto.zarr", "--out", "{w}/existing.h5ad"],
+        r"existing.h5ad.*(exists|overwrite)",
+    ),
+    (
+        "existing prepare output",
+        ["prepare", "--fovs", "{w}/fovs.csv", "--out", "{w}/existing"],
+        r"existing.*(exists|overwrite)",
+    ),
+    (
+        "existing world",
+        ["world", "make", "--out", "{w}/existing", "--proteins", "2", "--fovs", "1"],
+        r"existing.*(exists|overwrite)",
+    ),
     # screens
-    ("unknown engineered construct", ["screen", "--checkpoint", CK, "--id", "GFP_XYZ", "--insert", "N=PKKKRKV",
-     "--out", "{w}/o"], r"GFP_XYZ"),
-    ("insertion point outside the sequence", ["screen", "--checkpoint", CK, "--sequence", GOOD_SEQ, "--insert",
-     "N=PKKKRKV", "--at", "999", "--out", "{w}/o"], r"999"),
-    ("nothing to resume", ["train", "cytoself", "--store", "{w}/cyto.zarr", "--out", "{w}/fresh_run", "--resume"],
-     r"fresh_run.*nothing to resume"),
+    (
+        "unknown engineered construct",
+        ["screen", "--checkpoint", CK, "--id", "GFP_XYZ", "--insert", "N=PKKKRKV", "--out", "{w}/o"],
+        r"GFP_XYZ",
+    ),
+    (
+        "insertion point outside the sequence",
+        [
+            "screen",
+            "--checkpoint",
+            CK,
+            "--sequence",
+            GOOD_SEQ,
+            "--insert",
+            "N=PKKKRKV",
+            "--at",
+            "999",
+            "--out",
+            "{w}/o",
+        ],
+        r"999",
+    ),
+    (
+        "nothing to resume",
+        ["train", "cytoself", "--store", "{w}/cyto.zarr", "--out", "{w}/fresh_run", "--resume"],
+        r"fresh_run.*nothing to resume",
+    ),
 ]
 
 

@@ -28,10 +28,21 @@ from protloc.train.loop import MetricsLogger
 S = 32  # the crop side of the cytoself_store fixture (conftest.py)
 STEPS = 60
 ARGS = [
-    "--set", f"model.input_size={S}", "--set", "data.batch_size=8", "--set", "data.chunk_window=2",
-    "--set", f"schedule.max_steps={STEPS}", "--set", "schedule.eval_every=6", "--set", "schedule.log_every=1",
-    "--set", "save_every=4",
-]  # fmt: skip
+    "--set",
+    f"model.input_size={S}",
+    "--set",
+    "data.batch_size=8",
+    "--set",
+    "data.chunk_window=2",
+    "--set",
+    f"schedule.max_steps={STEPS}",
+    "--set",
+    "schedule.eval_every=6",
+    "--set",
+    "schedule.log_every=1",
+    "--set",
+    "save_every=4",
+]
 
 
 def _train(store: Path, out: Path, *, resume: bool) -> subprocess.Popen:

@@ -35,19 +35,49 @@ from protloc.train.loop import MetricsLogger
 
 S = 32  # the crop side of the cytoself_store fixture (conftest.py)
 CYTO_ARGS = [
-    "--set", f"model.input_size={S}", "--set", "data.chunk_window=2", "--set", "schedule.max_steps=10",
-    "--set", "schedule.eval_every=5", "--set", "schedule.log_every=1", "--set", "save_every=5",
-]  # fmt: skip
+    "--set",
+    f"model.input_size={S}",
+    "--set",
+    "data.chunk_window=2",
+    "--set",
+    "schedule.max_steps=10",
+    "--set",
+    "schedule.eval_every=5",
+    "--set",
+    "schedule.log_every=1",
+    "--set",
+    "save_every=5",
+]
 CELLE_ARGS = [
-    "--set", "model.grid_size=4", "--set", "model.max_residues=16", "--set", "data.image_size=32",
-    "--set", "data.crop_size=0", "--set", "data.chunk_window=2", "--set", "optim.warmup_steps=1",
-    "--set", "schedule.max_steps=8", "--set", "schedule.eval_every=4", "--set", "schedule.log_every=1",
+    "--set",
+    "model.grid_size=4",
+    "--set",
+    "model.max_residues=16",
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "data.crop_size=0",
+    "--set",
+    "data.chunk_window=2",
+    "--set",
+    "optim.warmup_steps=1",
+    "--set",
+    "schedule.max_steps=8",
+    "--set",
+    "schedule.eval_every=4",
+    "--set",
+    "schedule.log_every=1",
     # dropout draws from each process's own random stream; without it the two runs are deterministic
-    "--set", "model.attn_dropout=0", "--set", "model.ff_dropout=0",
-]  # fmt: skip
+    "--set",
+    "model.attn_dropout=0",
+    "--set",
+    "model.ff_dropout=0",
+]
 
-pytestmark = pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
-                                reason="accelerate's launcher is not installed beside this Python")  # fmt: skip
+pytestmark = pytest.mark.skipif(
+    shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+    reason="accelerate's launcher is not installed beside this Python",
+)
 
 
 def _free_port() -> int:
@@ -73,9 +103,25 @@ def _protloc(args: list[str]) -> list[str]:
 
 def _launch(args: list[str], processes: int = 2) -> list[str]:
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    return [launcher, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-            "-m", "protloc", "-q", *args]  # fmt: skip
+    return [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "protloc",
+        "-q",
+        *args,
+    ]
 
 
 def _curves(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -107,8 +153,12 @@ def test_cytoself_two_processes_train_like_one_with_the_global_batch(tmp_path: P
     base = ["train", "cytoself", "--store", str(store), *CYTO_ARGS]
     _run(_protloc([*base, "--out", str(tmp_path / "one"), "--set", "data.batch_size=8"]), tmp_path)
     _run(_launch([*base, "--out", str(tmp_path / "two"), "--set", "data.batch_size=4"]), tmp_path)
-    _run(_launch([*base, "--out", str(tmp_path / "unsynced"), "--set", "data.batch_size=4",
-                  "--set", "sync_batchnorm=false"]), tmp_path)  # fmt: skip
+    _run(
+        _launch(
+            [*base, "--out", str(tmp_path / "unsynced"), "--set", "data.batch_size=4", "--set", "sync_batchnorm=false"]
+        ),
+        tmp_path,
+    )
     one, two, unsynced = (_curves(tmp_path / r) for r in ("one", "two", "unsynced"))
     assert len(one["train"]) == 10 and len(one["val"]) == 2
     # 2 x 10 steps x 4 crops: the launcher really started two processes
@@ -125,8 +175,17 @@ def test_cytoself_two_processes_train_like_one_with_the_global_batch(tmp_path: P
 
 
 def test_celle_two_processes_train_like_one_with_the_global_batch(tmp_path: Path, celle_inputs) -> None:
-    base = ["train", "celle", "--store", str(celle_inputs["store"]), "--nucleus-vqgan", str(celle_inputs["nucleus"]),
-            "--threshold-vqgan", str(celle_inputs["threshold"]), *CELLE_ARGS]  # fmt: skip
+    base = [
+        "train",
+        "celle",
+        "--store",
+        str(celle_inputs["store"]),
+        "--nucleus-vqgan",
+        str(celle_inputs["nucleus"]),
+        "--threshold-vqgan",
+        str(celle_inputs["threshold"]),
+        *CELLE_ARGS,
+    ]
     _run(_protloc([*base, "--out", str(tmp_path / "one"), "--set", "data.batch_size=4"]), tmp_path)
     _run(_launch([*base, "--out", str(tmp_path / "two"), "--set", "data.batch_size=2"]), tmp_path)
     one, two = _curves(tmp_path / "one"), _curves(tmp_path / "two")

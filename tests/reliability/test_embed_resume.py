@@ -26,14 +26,23 @@ def _store(path: Path, n: int) -> Path:
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:100, :100]
     dist = np.clip((np.hypot(yy - 50, xx - 50) - 20) / 30, -1, 1).astype(np.float32)
-    obs = pd.DataFrame({"protein_id": [f"P{i % 7}" for i in range(n)], "fov_id": [f"F{i // 20}" for i in range(n)],
-                        "split": np.where(np.arange(n) % 5 == 0, "test", "train")})  # fmt: skip
+    obs = pd.DataFrame(
+        {
+            "protein_id": [f"P{i % 7}" for i in range(n)],
+            "fov_id": [f"F{i // 20}" for i in range(n)],
+            "split": np.where(np.arange(n) % 5 == 0, "test", "train"),
+        }
+    )
     with CropStore.create(path, channels={"protein": "float16", "nucleus_distance": "float16"}, size=100) as w:
         for a in range(0, n, 256):
             b = min(n, a + 256)
-            w.append({"protein": rng.random((b - a, 100, 100)).astype(np.float16),
-                      "nucleus_distance": np.broadcast_to(dist, (b - a, 100, 100)).astype(np.float16)},
-                     obs.iloc[a:b])  # fmt: skip
+            w.append(
+                {
+                    "protein": rng.random((b - a, 100, 100)).astype(np.float16),
+                    "nucleus_distance": np.broadcast_to(dist, (b - a, 100, 100)).astype(np.float16),
+                },
+                obs.iloc[a:b],
+            )
     return path
 
 
@@ -70,7 +79,9 @@ def test_an_interrupted_embedding_continues_with_the_missing_shards(small, tmp_p
         embed(CKPT, store, out, batch_size=4, shard_size=8, progress=False)
     partial = tmp_path / "emb.h5ad.partial"
     assert not out.exists() and sorted(p.name for p in partial.glob("shard-*")) == [
-        "shard-000000000000.npz", "shard-000000000008.npz"]  # fmt: skip
+        "shard-000000000000.npz",
+        "shard-000000000008.npz",
+    ]
     monkeypatch.setattr(embed_mod, "_batch", real)
     calls["n"] = 0
     with caplog.at_level("INFO", logger="protloc.eval.embed"):
@@ -96,14 +107,30 @@ def test_a_changed_job_starts_over(small, tmp_path, monkeypatch, caplog) -> None
 def test_sigkill_then_the_same_command_resumes(tmp_path: Path) -> None:
     store = _store(tmp_path / "cyto.zarr", 1500)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "protloc", "-q", "embed", "--checkpoint", str(CKPT), "--store", str(store),
-           "--batch-size", "50"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "protloc",
+        "-q",
+        "embed",
+        "--checkpoint",
+        str(CKPT),
+        "--store",
+        str(store),
+        "--batch-size",
+        "50",
+    ]
     ref = subprocess.run([*cmd, "--out", str(tmp_path / "ref.h5ad")], env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
     out, partial = tmp_path / "emb.h5ad", tmp_path / "emb.h5ad.partial"
     for shards in (1, 3):  # kill twice, after more and more shards
-        proc = subprocess.Popen([*cmd, "--out", str(out), "--shard-size", "100"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [*cmd, "--out", str(out), "--shard-size", "100"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 300
         while len(list(partial.glob("shard-*.npz"))) < shards and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)

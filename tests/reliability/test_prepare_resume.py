@@ -106,14 +106,31 @@ def test_changed_inputs_discard_the_kept_results(world, tmp_path, caplog) -> Non
 def test_sigkill_with_two_workers_then_the_same_command_resumes(tmp_path: Path) -> None:
     table = _world(tmp_path, 16)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "protloc", "-q", "prepare", "--fovs", str(table), "--sequences",
-           str(tmp_path / "seqs.fasta"), "--workers", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "protloc",
+        "-q",
+        "prepare",
+        "--fovs",
+        str(table),
+        "--sequences",
+        str(tmp_path / "seqs.fasta"),
+        "--workers",
+        "2",
+    ]
     ref = subprocess.run([*cmd, "--out", str(tmp_path / "ref")], env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
     out, partial = tmp_path / "prep", tmp_path / "prep.partial"
     for kept in (2, 7):
-        proc = subprocess.Popen([*cmd, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [*cmd, "--out", str(out)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         while len(list(partial.glob("fov-*.npz"))) < kept and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)

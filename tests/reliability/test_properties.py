@@ -51,10 +51,15 @@ def test_valid_sequences_normalise_to_upper_case_letters(seq: str, pads: list[st
 
 
 @SETTINGS
-@given(seq=residues, bad=st.characters(blacklist_categories=["Cs"]).filter(
-    lambda c: c.upper() not in ALPHABET and not c.isspace() and c.upper() == c.upper().strip()
-    and len(c.upper()) == 1),  # fmt: skip
-    at=st.integers(min_value=0))
+@given(
+    seq=residues,
+    bad=st.characters(blacklist_categories=["Cs"]).filter(
+        lambda c: (
+            c.upper() not in ALPHABET and not c.isspace() and c.upper() == c.upper().strip() and len(c.upper()) == 1
+        )
+    ),
+    at=st.integers(min_value=0),
+)
 def test_an_invalid_residue_is_named_with_its_position(seq: str, bad: str, at: int) -> None:
     i = at % (len(seq) + 1)
     raw = seq[:i] + bad + seq[i:]

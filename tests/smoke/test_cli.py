@@ -73,8 +73,9 @@ def test_every_help_example_parses_and_its_settings_exist():
 
 def test_world_then_prepare(tmp_path, capsys):
     world = tmp_path / "world"
-    rc = main(["-q", "world", "make", "--out", str(world), "--proteins", "4", "--fovs", "2", "--size", "256",
-               "--seed", "3"])
+    rc = main(
+        ["-q", "world", "make", "--out", str(world), "--proteins", "4", "--fovs", "2", "--size", "256", "--seed", "3"]
+    )
     assert rc == 0
     meta = json.loads((world / "world.json").read_text())
     assert meta["seed"] == 3
@@ -83,8 +84,20 @@ def test_world_then_prepare(tmp_path, capsys):
     # the engineered constructs are in the sequences but have no fields of view
     proteins = read_table(world / "proteins.csv")
     assert proteins["protein_id"].str.startswith("GFP").any()
-    rc = main(["-q", "prepare", "--fovs", str(world / "fovs.csv"), "--sequences", str(world / "sequences.fasta"),
-               "--out", str(tmp_path / "prep"), "--set", "params.celle_size=128"])
+    rc = main(
+        [
+            "-q",
+            "prepare",
+            "--fovs",
+            str(world / "fovs.csv"),
+            "--sequences",
+            str(world / "sequences.fasta"),
+            "--out",
+            str(tmp_path / "prep"),
+            "--set",
+            "params.celle_size=128",
+        ]
+    )
     assert rc == 0
     store = CropStore.open(tmp_path / "prep" / "cytoself.zarr")
     assert len(store) > 0

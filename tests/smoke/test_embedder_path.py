@@ -38,9 +38,22 @@ def test_moved_esm2_weights(tmp_path: Path, celle_inputs, write_tiny_esm2, capsy
 
     with pytest.raises(InputError, match="esm2_tiny.pt"):  # the recorded path is gone: named
         run_predict(checkpoint=tmp_path / "run", out=tmp_path / "p0", sequences="MKTAYIAKQRQ", progress=False)
-    summary = run_predict(checkpoint=tmp_path / "run", out=tmp_path / "p1", sequences="MKTAYIAKQRQ",
-                          embedder_path=moved, progress=False)  # fmt: skip
+    summary = run_predict(
+        checkpoint=tmp_path / "run", out=tmp_path / "p1", sequences="MKTAYIAKQRQ", embedder_path=moved, progress=False
+    )
     assert 0.0 <= summary["sequences"][0]["nucleus_proportion"] <= 1.0
-    rc = main(["-q", "predict", "--checkpoint", str(tmp_path / "run"), "--sequence", "MKTAYIAKQRQ",
-               "--out", str(tmp_path / "p2"), "--embedder-path", str(moved)])  # fmt: skip
+    rc = main(
+        [
+            "-q",
+            "predict",
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--sequence",
+            "MKTAYIAKQRQ",
+            "--out",
+            str(tmp_path / "p2"),
+            "--embedder-path",
+            str(moved),
+        ]
+    )
     assert rc == 0 and (tmp_path / "p2" / "summary.json").is_file()

@@ -61,8 +61,19 @@ def world(tmp_path_factory, celle_builders) -> dict:
 
 
 def _argv(world, out: Path, *extra: str) -> list[str]:
-    return ["-q", "evaluate", "--checkpoint", str(world["run"]), "--store", str(world["store"]), "--out", str(out),
-            "--batch-size", "4", *extra]
+    return [
+        "-q",
+        "evaluate",
+        "--checkpoint",
+        str(world["run"]),
+        "--store",
+        str(world["store"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        *extra,
+    ]
 
 
 def _one_line_error(capsys, rc: int, *words: str) -> None:
@@ -96,8 +107,10 @@ def test_evaluate_two_models_shared_crops(world, tmp_path, capsys):
     ssim = metrics["proteins"]["A"]["ssim"]
     assert len(ssim) == 2 and -1 <= ssim[0] <= 1 and ssim[1] >= 0
     assert "pdf_pixel_accuracy" not in metrics["proteins"]["VQGAN ceiling"]
-    assert set(metrics["proteins"]["sequence baseline"]) >= {"nucleus_proportion_accuracy",
-                                                            "nuclear_localization_correct"}
+    assert set(metrics["proteins"]["sequence baseline"]) >= {
+        "nucleus_proportion_accuracy",
+        "nuclear_localization_correct",
+    }
     # the same run with the same sampling seed: the same numbers
     assert metrics["proteins"]["A"] == metrics["proteins"]["B"]
     assert metrics["images"]["A"] == metrics["images"]["B"]
@@ -132,8 +145,18 @@ def test_evaluate_without_reference_rows(world, tmp_path, capsys):
 
 def test_evaluate_errors_are_one_line(world, tmp_path, capsys):
     capsys.readouterr()
-    rc = main(["-q", "evaluate", "--checkpoint", str(world["run"]), "--store", str(tmp_path / "missing.zarr"),
-               "--out", str(tmp_path / "e1")])
+    rc = main(
+        [
+            "-q",
+            "evaluate",
+            "--checkpoint",
+            str(world["run"]),
+            "--store",
+            str(tmp_path / "missing.zarr"),
+            "--out",
+            str(tmp_path / "e1"),
+        ]
+    )
     _one_line_error(capsys, rc, "crop store not found")
     rc = main(_argv(world, tmp_path / "e2", "--checkpoint", str(world["run"]), "--name", "A"))
     _one_line_error(capsys, rc, "--name")

@@ -20,9 +20,18 @@ def masked_run(tmp_path_factory, celle_inputs) -> Path:
     root = tmp_path_factory.mktemp("fill_run")
     args = ["-q", "train", "celle", "--store", str(celle_inputs["store"]), "--out", str(root / "celle")]
     args += ["--nucleus-vqgan", str(celle_inputs["nucleus"]), "--threshold-vqgan", str(celle_inputs["threshold"])]
-    for kv in ("schedule.max_steps=3", "schedule.eval_every=3", "data.batch_size=4", f"data.image_size={S}",
-               "data.crop_size=0", "model.grid_size=4", "model.max_residues=24", "model.mode=masked",
-               "model.masked_segments=[threshold,text]", "model.text_mask_prob=0.5"):  # fmt: skip
+    for kv in (
+        "schedule.max_steps=3",
+        "schedule.eval_every=3",
+        "data.batch_size=4",
+        f"data.image_size={S}",
+        "data.crop_size=0",
+        "model.grid_size=4",
+        "model.max_residues=24",
+        "model.mode=masked",
+        "model.masked_segments=[threshold,text]",
+        "model.text_mask_prob=0.5",
+    ):
         args += ["--set", kv]
     assert main(args) == 0
     metrics = [json.loads(line) for line in (root / "celle" / "metrics.jsonl").read_text().splitlines()]

@@ -63,8 +63,20 @@ def test_single_sequence_with_the_default_nucleus(run_dir, tmp_path, capsys):
 
 
 def test_fasta_with_a_nucleus_image_and_determinism(run_dir, inputs, tmp_path):
-    args = ["--fasta", str(inputs["fasta"]), "--nucleus", str(inputs["nucleus"]), "--samples", "2",
-            "--batch-size", "2", "--seed", "5", "--temperature", "0.9"]  # fmt: skip
+    args = [
+        "--fasta",
+        str(inputs["fasta"]),
+        "--nucleus",
+        str(inputs["nucleus"]),
+        "--samples",
+        "2",
+        "--batch-size",
+        "2",
+        "--seed",
+        "5",
+        "--temperature",
+        "0.9",
+    ]
     assert _predict(run_dir, tmp_path / "a", *args) == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     stems = [r["file_stem"] for r in summary["sequences"]]
@@ -85,6 +97,7 @@ def test_fasta_with_a_nucleus_image_and_determinism(run_dir, inputs, tmp_path):
         assert np.array_equal(a, np.load(tmp_path / "b" / f"{stem}_probability.npy"))
     other = [*args[:-4], "--seed", "6", "--temperature", "0.9"]
     assert _predict(run_dir, tmp_path / "c", *other) == 0
+
     def prob(folder: str, stem: str) -> np.ndarray:
         return np.load(tmp_path / folder / f"{stem}_probability.npy")
 

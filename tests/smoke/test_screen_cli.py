@@ -54,8 +54,24 @@ def _check_screen(out: Path) -> tuple[pd.DataFrame, dict]:
 
 
 def test_insertion_screen_is_deterministic_and_batch_independent(run_dir, tmp_path, capsys):
-    args = ["--sequence", WT, "--name", "toy", "--insert", "NLS=PKKKRKV", "--insert", "myc=PAAKRVKLD",
-            "--at", "end", "--at", "5", "--samples", "2", "--seed", "3"]  # fmt: skip
+    args = [
+        "--sequence",
+        WT,
+        "--name",
+        "toy",
+        "--insert",
+        "NLS=PKKKRKV",
+        "--insert",
+        "myc=PAAKRVKLD",
+        "--at",
+        "end",
+        "--at",
+        "5",
+        "--samples",
+        "2",
+        "--seed",
+        "3",
+    ]
     assert _screen(run_dir, tmp_path / "a", *args) == 0
     assert "screen written" in capsys.readouterr().out
     df, summary = _check_screen(tmp_path / "a")

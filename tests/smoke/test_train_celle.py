@@ -140,8 +140,10 @@ def test_cli_trains_both_tokenizers_and_celle(world, tmp_path, capsys):
         assert code == 0
         assert (tmp_path / kind / "last" / "model.safetensors").is_file()
     # --resume alone continues with the run's own config.yaml (image size, kind, store, ...)
-    assert main(["-q", "train", "vqgan", "--out", str(tmp_path / "nucleus"), "--resume",
-                 "--set", "schedule.max_steps=3"]) == 0  # fmt: skip
+    assert (
+        main(["-q", "train", "vqgan", "--out", str(tmp_path / "nucleus"), "--resume", "--set", "schedule.max_steps=3"])
+        == 0
+    )
     meta = json.loads((tmp_path / "nucleus" / "last" / "config.json").read_text())
     assert meta["extra"]["step"] == 3 and meta["image_size"] == 32 and meta["extra"]["kind"] == "nucleus"
     args = ["-q", "train", "celle", "--store", str(store), "--out", str(tmp_path / "celle")]

@@ -44,7 +44,6 @@ def _make_store(path: Path, *, splits: tuple[str, ...] = ("train", "train", "tra
     return path
 
 
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return _make_store(tmp_path_factory.mktemp("store") / "cytoself.zarr")

@@ -16,6 +16,7 @@ import protloc.api as pla
 from protloc.commands.predict import run_predict
 from protloc.data.io import CropStore
 from protloc.errors import ConfigError, InputError
+from protloc.eval.predict import SamplingConfig
 from protloc.pretrained import resolve_checkpoint
 
 matplotlib.use("Agg")
@@ -28,12 +29,14 @@ def _cytoself_store(path: Path, n: int = 12) -> Path:
     yy, xx = np.mgrid[:100, :100]
     dist = np.clip((np.hypot(yy - 50, xx - 50) - 20) / 30, -1, 1).astype(np.float32)
     protein = rng.random((n, 100, 100)).astype(np.float32) * (1 - np.abs(dist))[None]
-    obs = pd.DataFrame({
-        "protein_id": [f"P{i % 3}" for i in range(n)],
-        "fov_id": [f"F{i % 4}" for i in range(n)],
-        "split": ["test"] * n,
-        "label": ["nucleoplasm", "cytosol", "er"] * (n // 3),
-    })  # fmt: skip
+    obs = pd.DataFrame(
+        {
+            "protein_id": [f"P{i % 3}" for i in range(n)],
+            "fov_id": [f"F{i % 4}" for i in range(n)],
+            "split": ["test"] * n,
+            "label": ["nucleoplasm", "cytosol", "er"] * (n // 3),
+        }
+    )
     with CropStore.create(path, channels={"protein": "float32", "nucleus_distance": "float32"}, size=100) as w:
         w.append({"protein": protein, "nucleus_distance": np.broadcast_to(dist, (n, 100, 100)).copy()}, obs)
     return path
@@ -44,7 +47,10 @@ def test_every_public_function_takes_keyword_only_options() -> None:
         fn = getattr(pla, name)
         # re-exported lower-layer functions keep their own signatures
         skip = name.startswith("plot_") or name in (
-            "list_pretrained", "construct_experiment", "import_cytoself_crops", "import_celle_manifest"
+            "list_pretrained",
+            "construct_experiment",
+            "import_cytoself_crops",
+            "import_celle_manifest",
         )
         if skip or not inspect.isfunction(fn):
             continue
@@ -66,8 +72,13 @@ def test_predict_returns_anndata_and_matches_the_command(tmp_path: Path) -> None
     adata.write_h5ad(tmp_path / "pred.h5ad")  # the result is a valid .h5ad
     assert ad.read_h5ad(tmp_path / "pred.h5ad").obsm["probability"].shape == (2, 64, 64)
     # same numbers as `protloc predict` with the shipped model (same seed and batch)
-    summary = run_predict(checkpoint=resolve_checkpoint("pretrained:celle-tiny"),
-                          out=tmp_path / "cmd", sequences=seqs, samples=2, seed=3, progress=False)  # fmt: skip
+    summary = run_predict(
+        checkpoint=resolve_checkpoint("pretrained:celle-tiny"),
+        out=tmp_path / "cmd",
+        sequences=seqs,
+        sampling=SamplingConfig(samples=2, seed=3),
+        progress=False,
+    )
     cmd = [s["nucleus_proportion"] for s in summary["sequences"]]
     np.testing.assert_allclose(adata.obs["nucleus_proportion"].to_numpy(), cmd, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "cmd" / "GFP_NLS_probability.npy"), prob[0], atol=1e-6)

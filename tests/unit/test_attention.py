@@ -244,8 +244,9 @@ def test_block_incremental_with_token_shift_equals_full():
         km = cache.write_mask(torch.ones(2, hi - lo, dtype=torch.bool))
         s = max(lo, 3)
         spans = [ImageSpan(s - lo, hi - lo, s - 3)] if hi > 3 else []
-        o, _ = block(x[:, lo:hi], angles=angles[lo:hi], key_mask=km, spans=spans, cache=cache.layers[0],
-                     shift_state=state)  # fmt: skip
+        o, _ = block(
+            x[:, lo:hi], angles=angles[lo:hi], key_mask=km, spans=spans, cache=cache.layers[0], shift_state=state
+        )
         cache.advance(hi - lo)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)

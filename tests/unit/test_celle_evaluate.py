@@ -178,9 +178,14 @@ def test_sequence_features():
 def test_sequence_baseline_trains_and_predicts(world):
     res = sequence_baseline(world["store"], sequences=SEQS, image_size=S, crop_size=S, progress=False)
     assert list(res.per_image.columns) == [
-        "protein_id", "index", "view", "nucleus_proportion_accuracy", "nuclear_localization_correct",
-        "nucleus_proportion_pred", "nucleus_proportion_true",
-    ]  # fmt: skip
+        "protein_id",
+        "index",
+        "view",
+        "nucleus_proportion_accuracy",
+        "nuclear_localization_correct",
+        "nucleus_proportion_pred",
+        "nucleus_proportion_true",
+    ]
     assert len(res.per_image) == N_VAL
     for m in res.metrics:
         assert _in_range(res.per_image[m], m), m
@@ -192,9 +197,14 @@ def test_sequence_baseline_trains_and_predicts(world):
     assert res.per_image[["index", "view"]].equals(celle.per_image[["index", "view"]])
     np.testing.assert_allclose(res.per_image["nucleus_proportion_true"], celle.per_image["nucleus_proportion_true"])
     capped = sequence_baseline(
-        world["store"], sequences=SEQS, image_size=S, crop_size=S, train_crops_per_protein=1, max_crops=3,
+        world["store"],
+        sequences=SEQS,
+        image_size=S,
+        crop_size=S,
+        train_crops_per_protein=1,
+        max_crops=3,
         progress=False,
-    )  # fmt: skip
+    )
     assert capped.info["train_crops"] == 3 and len(capped.per_image) == 3
     with pytest.raises(InputError, match="sequence"):
         sequence_baseline(world["store"], sequences={"P0": "MKV"}, progress=False)

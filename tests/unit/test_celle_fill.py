@@ -97,9 +97,15 @@ def test_loss_and_gradients_with_text_masking():
 
 def _fill(model, batch, rmask, **kw):
     return fill_residues(
-        model, text_ids=batch["text_ids"], text_mask=batch["text_mask"], residue_mask=rmask,
-        nucleus=batch["nucleus"], threshold=batch["threshold"], embed=ONEHOT, **kw,
-    )  # fmt: skip
+        model,
+        text_ids=batch["text_ids"],
+        text_mask=batch["text_mask"],
+        residue_mask=rmask,
+        nucleus=batch["nucleus"],
+        threshold=batch["threshold"],
+        embed=ONEHOT,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("steps", [1, 3, 8])
@@ -157,8 +163,13 @@ def test_fill_learns_from_images():
         seqs = ["K" * 8 if y else "E" * 8 for y in label.tolist()]
         ids, mask = ONEHOT.tokenize(seqs, max_len=8, add_end=False)
         thr = torch.where(label[:, None] == 1, torch.full((n, G), 7), torch.full((n, G), 3))
-        return {"text_ids": ids, "text_mask": mask, "text_emb": ONEHOT(ids, mask),
-                "nucleus": torch.zeros(n, G, dtype=torch.long), "threshold": thr}  # fmt: skip
+        return {
+            "text_ids": ids,
+            "text_mask": mask,
+            "text_emb": ONEHOT(ids, mask),
+            "nucleus": torch.zeros(n, G, dtype=torch.long),
+            "threshold": thr,
+        }
 
     for _ in range(100):
         loss = model.loss(batch(8), generator=g)["loss"]

@@ -33,8 +33,9 @@ def _batch(cfg: CelleConfig, seqs=SEQS, seed: int = 1, add_end=True) -> dict[str
 
 def _forward(model: Celle, batch: dict[str, torch.Tensor], **kw) -> torch.Tensor:
     thr = batch["threshold"] if model.config.mode == "masked" else batch["threshold"][:, :-1]
-    return model(text_emb=batch["text_emb"], text_mask=batch["text_mask"], nucleus=batch["nucleus"],
-                 threshold=thr, **kw).logits  # fmt: skip
+    return model(
+        text_emb=batch["text_emb"], text_mask=batch["text_mask"], nucleus=batch["nucleus"], threshold=thr, **kw
+    ).logits
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -56,10 +57,18 @@ def test_presets():
 
 @pytest.mark.parametrize(
     "changes",
-    [{"mode": "diffusion"}, {"dim_head": 12}, {"text_dim": 25, "text_projection": False}, {"embedder": "bert"},
-     {"masked_segments": ("nucleus",)}, {"attn_dropout": 1.0}, {"depth": 0}, {"text_vocab_size": 33},
-     {"loss_weights": CelleLossWeights(text=-1.0)}],
-)  # fmt: skip
+    [
+        {"mode": "diffusion"},
+        {"dim_head": 12},
+        {"text_dim": 25, "text_projection": False},
+        {"embedder": "bert"},
+        {"masked_segments": ("nucleus",)},
+        {"attn_dropout": 1.0},
+        {"depth": 0},
+        {"text_vocab_size": 33},
+        {"loss_weights": CelleLossWeights(text=-1.0)},
+    ],
+)
 def test_config_errors(changes):
     with pytest.raises(ConfigError):
         CelleConfig.tiny().replace(**changes)
@@ -80,8 +89,12 @@ def test_shapes_and_segment_restricted_logits():
     cfg = CelleConfig.tiny()
     model = _model(cfg)
     batch = _batch(cfg)
-    out = model(text_emb=batch["text_emb"], text_mask=batch["text_mask"], nucleus=batch["nucleus"].view(3, 8, 8),
-                threshold=batch["threshold"][:, :-1])  # fmt: skip
+    out = model(
+        text_emb=batch["text_emb"],
+        text_mask=batch["text_mask"],
+        nucleus=batch["nucleus"].view(3, 8, 8),
+        threshold=batch["threshold"][:, :-1],
+    )
     tl, G = cfg.text_len, cfg.grid_tokens
     assert out.logits.shape == (3, cfg.input_len, cfg.vocab_size)
     assert out.segments.tolist() == [0] * (tl - 1) + [1] * G + [2] * (G - 1) + [2]
@@ -99,8 +112,15 @@ def test_gradients_reach_every_parameter():
     cfg = CelleConfig.tiny().replace(attn_dropout=0.0, ff_dropout=0.0)
     model = _model(cfg).train()
     losses = model.loss(_batch(cfg))
-    assert set(losses) == {"loss", "loss_text", "loss_nucleus", "loss_threshold", "acc_text", "acc_nucleus",
-                           "acc_threshold"}  # fmt: skip
+    assert set(losses) == {
+        "loss",
+        "loss_text",
+        "loss_nucleus",
+        "loss_threshold",
+        "acc_text",
+        "acc_nucleus",
+        "acc_threshold",
+    }
     assert torch.isfinite(losses["loss"])
     losses["loss"].backward()
     for name, p in model.named_parameters():
@@ -216,8 +236,12 @@ def test_text_length_limits():
     with pytest.raises(InputError, match="crop"):
         _forward(model, bad)
     with pytest.raises(InputError, match="at most"):
-        model(text_emb=batch["text_emb"], text_mask=batch["text_mask"], nucleus=batch["nucleus"],
-              threshold=batch["threshold"])  # fmt: skip
+        model(
+            text_emb=batch["text_emb"],
+            text_mask=batch["text_mask"],
+            nucleus=batch["nucleus"],
+            threshold=batch["threshold"],
+        )
     with pytest.raises(InputError):
         model(text_emb=batch["text_emb"][..., :10], text_mask=batch["text_mask"], nucleus=batch["nucleus"])
 
@@ -226,8 +250,13 @@ def test_attention_weights_and_same_logits():
     cfg = CelleConfig.tiny()
     model = _model(cfg)
     batch = _batch(cfg, seqs=SEQS[:2])
-    out = model(text_emb=batch["text_emb"], text_mask=batch["text_mask"], nucleus=batch["nucleus"],
-                threshold=batch["threshold"][:, :-1], return_attention=True)  # fmt: skip
+    out = model(
+        text_emb=batch["text_emb"],
+        text_mask=batch["text_mask"],
+        nucleus=batch["nucleus"],
+        threshold=batch["threshold"][:, :-1],
+        return_attention=True,
+    )
     assert len(out.attentions) == cfg.depth
     assert out.attentions[0].shape == (2, cfg.heads, cfg.input_len, cfg.input_len)
     torch.testing.assert_close(out.attentions[1].sum(-1), torch.ones(2, cfg.heads, cfg.input_len))
@@ -246,8 +275,11 @@ def test_incremental_pass_equals_full_pass(token_shift):
     tl, G = cfg.text_len, cfg.grid_tokens
     cache = model.new_cache(2)
     # Prompt: text + the first nucleus tokens; then uneven chunks, then one threshold token per step.
-    steps = [model.forward_step(cache, text_emb=batch["text_emb"], text_mask=batch["text_mask"],
-                                nucleus=batch["nucleus"][:, :5])]  # fmt: skip
+    steps = [
+        model.forward_step(
+            cache, text_emb=batch["text_emb"], text_mask=batch["text_mask"], nucleus=batch["nucleus"][:, :5]
+        )
+    ]
     steps.append(model.forward_step(cache, nucleus=batch["nucleus"][:, 5:6]))
     steps.append(model.forward_step(cache, nucleus=batch["nucleus"][:, 6:40]))
     steps.append(model.forward_step(cache, nucleus=batch["nucleus"][:, 40:], threshold=batch["threshold"][:, :3]))
@@ -270,8 +302,9 @@ def test_trimmed_text_equals_full_pass(seqs):
     full = _forward(model, batch)
     tl, G = cfg.text_len, cfg.grid_tokens
     cache = model.new_cache(len(seqs))
-    first = model.forward_step(cache, text_emb=batch["text_emb"], text_mask=batch["text_mask"],
-                               nucleus=batch["nucleus"][:, :7], trim_text=True)  # fmt: skip
+    first = model.forward_step(
+        cache, text_emb=batch["text_emb"], text_mask=batch["text_mask"], nucleus=batch["nucleus"][:, :7], trim_text=True
+    )
     keep = int(batch["text_mask"].sum(1).max())
     assert cache.skipped == tl - keep and cache.length == tl + 7 and cache.kv.length == keep + 7
     assert first.shape[1] == keep + 7
@@ -294,17 +327,29 @@ def test_trimmed_full_pass_equals_untrimmed(mode):
     batch = _batch(cfg, seqs=SEQS[:2])
     kw = {"threshold_mask": torch.rand(2, cfg.grid_tokens) < 0.5} if mode == "masked" else {}
     full = _forward(model, batch, **kw)
-    out = model(text_emb=batch["text_emb"], text_mask=batch["text_mask"], nucleus=batch["nucleus"],
-                threshold=batch["threshold"] if mode == "masked" else batch["threshold"][:, :-1], trim_text=True,
-                **kw)  # fmt: skip
+    out = model(
+        text_emb=batch["text_emb"],
+        text_mask=batch["text_mask"],
+        nucleus=batch["nucleus"],
+        threshold=batch["threshold"] if mode == "masked" else batch["threshold"][:, :-1],
+        trim_text=True,
+        **kw,
+    )
     keep = int(batch["text_mask"].sum(1).max())
     n_img = full.shape[1] - cfg.text_len
     assert out.logits.shape[1] == keep + n_img
     torch.testing.assert_close(out.logits[:, keep:], full[:, cfg.text_len :], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.logits[:, :keep], full[:, :keep], atol=1e-5, rtol=1e-5)
-    assert torch.equal(out.segments[keep:], model(text_emb=batch["text_emb"], text_mask=batch["text_mask"],
-        nucleus=batch["nucleus"], threshold=batch["threshold"] if mode == "masked" else batch["threshold"][:, :-1],
-        **kw).segments[cfg.text_len:])  # fmt: skip
+    assert torch.equal(
+        out.segments[keep:],
+        model(
+            text_emb=batch["text_emb"],
+            text_mask=batch["text_mask"],
+            nucleus=batch["nucleus"],
+            threshold=batch["threshold"] if mode == "masked" else batch["threshold"][:, :-1],
+            **kw,
+        ).segments[cfg.text_len :],
+    )
 
 
 def test_bf16_incremental_close_to_fp32():
@@ -316,8 +361,11 @@ def test_bf16_incremental_close_to_fp32():
     half = _model(cfg).to(torch.bfloat16)
     cache = half.new_cache(2)
     assert cache.kv.k.dtype == torch.bfloat16
-    steps = [half.forward_step(cache, text_emb=batch["text_emb"], text_mask=batch["text_mask"],
-                               nucleus=batch["nucleus"], trim_text=True)[:, -1:]]  # fmt: skip
+    steps = [
+        half.forward_step(
+            cache, text_emb=batch["text_emb"], text_mask=batch["text_mask"], nucleus=batch["nucleus"], trim_text=True
+        )[:, -1:]
+    ]
     for i in range(cfg.grid_tokens - 1):
         steps.append(half.forward_step(cache, threshold=batch["threshold"][:, i : i + 1]))
     inc = torch.cat(steps, 1).float()

@@ -48,8 +48,14 @@ def _inputs(cfg: CelleConfig, seed: int = 1) -> tuple[dict[str, torch.Tensor], t
 
 def _run(mode: str = "autoregressive") -> CelleRun:
     cfg = _cfg(mode)
-    return CelleRun(model=_model(mode), nucleus=_vqgan(1), threshold=_vqgan(2), encoder=SequenceEncoder(cfg),
-                    checkpoint=Path("."), extra={"image_size": 32})  # fmt: skip
+    return CelleRun(
+        model=_model(mode),
+        nucleus=_vqgan(1),
+        threshold=_vqgan(2),
+        encoder=SequenceEncoder(cfg),
+        checkpoint=Path("."),
+        extra={"image_size": 32},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -57,9 +63,18 @@ def _run(mode: str = "autoregressive") -> CelleRun:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"temperature": 0.0}, {"temperature": float("nan")}, {"top_k_fraction": 0.0}, {"top_k_fraction": 1.5},
-     {"seed": -1}, {"seed": 1.5}, {"steps": 0}, {"samples": 0}, {"samples": True}],
-)  # fmt: skip
+    [
+        {"temperature": 0.0},
+        {"temperature": float("nan")},
+        {"top_k_fraction": 0.0},
+        {"top_k_fraction": 1.5},
+        {"seed": -1},
+        {"seed": 1.5},
+        {"steps": 0},
+        {"samples": 0},
+        {"samples": True},
+    ],
+)
 def test_sampling_config_errors(changes):
     with pytest.raises(ConfigError):
         SamplingConfig(**changes)
@@ -95,8 +110,9 @@ def test_autoregressive_generate_matches_teacher_forced_pass():
     # Cached generation == uncached teacher-forced pass along the sampled path (token shift included).
     assert cfg.token_shift
     with torch.no_grad():
-        logits = model(text_emb=text["text_emb"], text_mask=text["text_mask"], nucleus=nucleus,
-                       threshold=out.tokens[:, :-1]).logits  # fmt: skip
+        logits = model(
+            text_emb=text["text_emb"], text_mask=text["text_mask"], nucleus=nucleus, threshold=out.tokens[:, :-1]
+        ).logits
     rows = logits[:, cfg.text_len + G - 1 :, cfg.threshold_offset :]  # row p predicts threshold token p
     assert rows.shape == (2, G, K)
     torch.testing.assert_close(rows.softmax(-1), out.probs, atol=1e-5, rtol=0)
@@ -114,8 +130,13 @@ def test_autoregressive_seeded():
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.probs, b.probs)
     assert not torch.equal(a.tokens, c.tokens)
     # An explicit generator, and a temperature that changes the recorded distribution.
-    d = generate(model, text=text, nucleus=nucleus.reshape(2, 4, 4), sampling=SamplingConfig(temperature=0.5),
-                 generator=torch.Generator().manual_seed(5))  # fmt: skip
+    d = generate(
+        model,
+        text=text,
+        nucleus=nucleus.reshape(2, 4, 4),
+        sampling=SamplingConfig(temperature=0.5),
+        generator=torch.Generator().manual_seed(5),
+    )
     assert d.tokens.shape == (2, 16)
     torch.testing.assert_close(d.probs.sum(-1), torch.ones(2, 16))
 
@@ -161,9 +182,13 @@ def test_masked_single_step_is_one_pass():
     out = generate(model, text=text, nucleus=nucleus, sampling=SamplingConfig(steps=1))
     G = cfg.grid_tokens
     with torch.no_grad():
-        logits = model(text_emb=text["text_emb"], text_mask=text["text_mask"], nucleus=nucleus,
-                       threshold=torch.zeros(2, G, dtype=torch.long),
-                       threshold_mask=torch.ones(2, G, dtype=torch.bool)).logits  # fmt: skip
+        logits = model(
+            text_emb=text["text_emb"],
+            text_mask=text["text_mask"],
+            nucleus=nucleus,
+            threshold=torch.zeros(2, G, dtype=torch.long),
+            threshold_mask=torch.ones(2, G, dtype=torch.bool),
+        ).logits
     expected = logits[:, cfg.text_len + G :, cfg.threshold_offset :].softmax(-1)
     torch.testing.assert_close(out.probs, expected, atol=1e-5, rtol=0)
 

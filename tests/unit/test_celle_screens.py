@@ -45,8 +45,14 @@ def _run(mode: str = "autoregressive") -> CelleRun:
         torch.manual_seed(seed)
         return VQGAN(VQGANConfig.tiny().replace(image_size=32)).eval()
 
-    return CelleRun(model=model, nucleus=vqgan(1), threshold=vqgan(2), encoder=SequenceEncoder(cfg),
-                    checkpoint=Path("."), extra={"image_size": 32})  # fmt: skip
+    return CelleRun(
+        model=model,
+        nucleus=vqgan(1),
+        threshold=vqgan(2),
+        encoder=SequenceEncoder(cfg),
+        checkpoint=Path("."),
+        extra={"image_size": 32},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +141,14 @@ def test_run_screen_table(run, image):
     vs = insertion_variants(LONG, {"NLS": "PKKKRKV"}, positions=["start", "end"])
     vs += mutational_scan(LONG, positions=[2, 40])[1:]
     calls = []
-    df = run_screen(run, vs, image, sampling=SamplingConfig(samples=2, seed=3), batch_size=2,
-                    progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+    df = run_screen(
+        run,
+        vs,
+        image,
+        sampling=SamplingConfig(samples=2, seed=3),
+        batch_size=2,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert isinstance(df, pd.DataFrame) and list(df.columns) == list(SCREEN_COLUMNS) and len(df) == len(vs)
     assert list(df["name"]) == [v.name for v in vs] and list(df["length"]) == [len(v.sequence) for v in vs]
     assert df["delta"].iloc[0] == 0.0
@@ -205,8 +217,9 @@ def test_residue_attention(run, image):
     # Split the patches around their median fraction so both groups are non-empty whatever the tiny model draws.
     cut = float(np.median(res["patch_fraction"]))
     if res["patch_fraction"].max() > cut:
-        split = residue_attention(run, WT, image, threshold_tokens=res["tokens"], present_min=cut + 1e-9,
-                                  background_max=cut + 1e-9)  # fmt: skip
+        split = residue_attention(
+            run, WT, image, threshold_tokens=res["tokens"], present_min=cut + 1e-9, background_max=cut + 1e-9
+        )
     else:
         split = residue_attention(run, WT, image, threshold_tokens=res["tokens"], present_min=cut, background_max=cut)
     assert torch.equal(split["tokens"], res["tokens"])
@@ -216,8 +229,9 @@ def test_residue_attention(run, image):
     np.testing.assert_allclose(split["difference"], split["present"] - split["background"])
     np.testing.assert_allclose(split["present"], split["per_patch"][split["present_patches"]].mean(0))
     # The raw layer mean and the median reduction, and a cropped long sequence (window of 32 residues).
-    mean = residue_attention(run, LONG, image, threshold_tokens=res["tokens"].reshape(4, 4), method="mean",
-                             reduce="median")  # fmt: skip
+    mean = residue_attention(
+        run, LONG, image, threshold_tokens=res["tokens"].reshape(4, 4), method="mean", reduce="median"
+    )
     assert mean["present"].shape == (32,) and mean["residues"] == LONG[:32]
     with pytest.raises(InputError):
         residue_attention(run, WT, image, threshold_tokens=[0] * 5)
@@ -237,12 +251,19 @@ def test_residue_attention_masked(image):
 
 def _table(positions, names=None) -> pd.DataFrame:
     n = len(positions)
-    return pd.DataFrame({
-        "name": names or [f"v{i}" for i in range(n)], "kind": ["wild type"] + ["deletion"] * (n - 1),
-        "position": pd.array([None, *positions[1:]], dtype="Int64"), "length": [10] * n, "detail": [""] * n,
-        "nucleus_proportion": np.linspace(0.4, 0.6, n), "sd": [0.01] * n,
-        "delta": np.linspace(0.4, 0.6, n) - 0.4, "input_changed": [False] + [True] * (n - 1),
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "name": names or [f"v{i}" for i in range(n)],
+            "kind": ["wild type"] + ["deletion"] * (n - 1),
+            "position": pd.array([None, *positions[1:]], dtype="Int64"),
+            "length": [10] * n,
+            "detail": [""] * n,
+            "nucleus_proportion": np.linspace(0.4, 0.6, n),
+            "sd": [0.01] * n,
+            "delta": np.linspace(0.4, 0.6, n) - 0.4,
+            "input_changed": [False] + [True] * (n - 1),
+        }
+    )
 
 
 @pytest.mark.parametrize("positions", [[None, 0, 4, 8], [None, 1, 1, 2], [None, None, None]])

@@ -186,9 +186,18 @@ def test_esm2_transformers_folder(tmp_path):
 
     from protloc.models.embedders import _ESM_VOCAB
 
-    cfg = EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=64, pad_token_id=1, mask_token_id=32, position_embedding_type="rotary",
-                    token_dropout=True, max_position_embeddings=128)  # fmt: skip
+    cfg = EsmConfig(
+        vocab_size=33,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=1,
+        mask_token_id=32,
+        position_embedding_type="rotary",
+        token_dropout=True,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     ref = EsmModel(cfg, add_pooling_layer=False).eval()
     ref.save_pretrained(tmp_path / "esm")

@@ -51,8 +51,9 @@ def _labels(pids: list[str], fovs: list | None) -> pd.DataFrame:
     return table
 
 
-def _write_stacks(folder, *, per_fov: int = 3, fovs_per_protein: int = 4, with_fov: bool = True,
-                  size: int = S, seed: int = 0) -> dict[str, np.ndarray]:
+def _write_stacks(
+    folder, *, per_fov: int = 3, fovs_per_protein: int = 4, with_fov: bool = True, size: int = S, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Two Image_data/Label_data pairs; FOV_id numbered per protein (0, 1, ...) as in a per-protein release."""
     rng = np.random.default_rng(seed)
     pids, fovs = [], []
@@ -62,8 +63,15 @@ def _write_stacks(folder, *, per_fov: int = 3, fovs_per_protein: int = 4, with_f
             fovs += [f] * per_fov
     n = len(pids)
     crops = _crops(rng, n, size)
-    images = np.stack([crops["protein"], crops["nucleus"], crops["nucleus_distance"],
-                       (crops["nucleus_distance"] > 0).astype(np.float32)], axis=-1)
+    images = np.stack(
+        [
+            crops["protein"],
+            crops["nucleus"],
+            crops["nucleus_distance"],
+            (crops["nucleus_distance"] > 0).astype(np.float32),
+        ],
+        axis=-1,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     cut = n // 2 + 1
     for k, (a, b) in enumerate(((0, cut), (cut, n))):
@@ -72,8 +80,9 @@ def _write_stacks(folder, *, per_fov: int = 3, fovs_per_protein: int = 4, with_f
     return crops
 
 
-def _write_protein(folder, name: str, *, fovs: list | None, size: int = S, seed: int = 0,
-                   one_label_row: bool = False) -> dict[str, np.ndarray]:
+def _write_protein(
+    folder, name: str, *, fovs: list | None, size: int = S, seed: int = 0, one_label_row: bool = False
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     n = len(fovs) if fovs is not None else 5
     crops = _crops(rng, n, size)
@@ -122,16 +131,16 @@ def test_cytoself_stacks_round_trip(tmp_path):
     assert data["nucleus_distance"].min() == -1 and data["nucleus_distance"].max() == 1
     raw = crops["protein"][5]
     np.testing.assert_allclose(data["protein"][5], (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-3)
-    np.testing.assert_allclose(data["nucleus_distance"][7], normalize_distance(crops["nucleus_distance"][7]),
-                               atol=1e-3)
+    np.testing.assert_allclose(data["nucleus_distance"][7], normalize_distance(crops["nucleus_distance"][7]), atol=1e-3)
 
     proteins = read_table(out / "proteins.csv")
     assert proteins.columns.tolist() == ["protein_id", "label", "n_cytoself_crops"]
     assert proteins["n_cytoself_crops"].tolist() == [12, 12, 12]
     assert json.loads((out / "summary.json").read_text()) == summary
 
-    ds = CropDataset(out / "cytoself.zarr", split="train", channels=("protein", "nucleus_distance"),
-                     label_map=make_label_map(obs))
+    ds = CropDataset(
+        out / "cytoself.zarr", split="train", channels=("protein", "nucleus_distance"), label_map=make_label_map(obs)
+    )
     item = ds[0]
     assert tuple(item["image"].shape) == (2, S, S) and int(item["label"]) >= 0
 
@@ -141,8 +150,7 @@ def test_cytoself_per_protein_round_trip(tmp_path):
     _write_protein(src, "NPM1", fovs=["a1", "a1", "a2", "a3", "a3"], seed=1)
     _write_protein(src, "LMNB1", fovs=["b1", "b2", "b2", "b3"], seed=2)
     _write_protein(src, "TOMM20", fovs=["c1"] * 5, seed=3, one_label_row=True)  # one row for all 5 crops
-    summary = import_cytoself_crops(src, tmp_path / "out", crop_size=S, store_dtype="float32", seed=3,
-                                    progress=False)
+    summary = import_cytoself_crops(src, tmp_path / "out", crop_size=S, store_dtype="float32", seed=3, progress=False)
     store = CropStore.open(tmp_path / "out" / "cytoself.zarr")
     obs = store.obs
     assert len(store) == 5 + 4 + 5 and summary["fovs"] == 7 and summary["fov_names"] == "FOV_id"
@@ -158,11 +166,13 @@ def test_cytoself_per_protein_round_trip(tmp_path):
 
 def test_cytoself_as_released_and_seeds(tmp_path):
     crops = _write_stacks(tmp_path / "released", fovs_per_protein=10, per_fov=1)
-    a = import_cytoself_crops(tmp_path / "released", tmp_path / "a", crop_size=S, rescale=False,
-                              store_dtype="float32", progress=False)
+    a = import_cytoself_crops(
+        tmp_path / "released", tmp_path / "a", crop_size=S, rescale=False, store_dtype="float32", progress=False
+    )
     assert not a["rescaled"]
-    np.testing.assert_array_equal(CropStore.open(tmp_path / "a" / "cytoself.zarr").read(4)["nucleus"],
-                                  crops["nucleus"][4])
+    np.testing.assert_array_equal(
+        CropStore.open(tmp_path / "a" / "cytoself.zarr").read(4)["nucleus"], crops["nucleus"][4]
+    )
     import_cytoself_crops(tmp_path / "released", tmp_path / "b", crop_size=S, seed=1, progress=False)
     split_a = CropStore.open(tmp_path / "a" / "cytoself.zarr").obs["split"]
     split_b = CropStore.open(tmp_path / "b" / "cytoself.zarr").obs["split"]
@@ -186,8 +196,9 @@ def test_cytoself_missing_fov_refused_or_split_by_crop(tmp_path, caplog):
         import_cytoself_crops(tmp_path / "released", tmp_path / "out", crop_size=S, progress=False)
     assert not (tmp_path / "out").exists()
     with caplog.at_level(logging.WARNING, logger="protloc"):
-        summary = import_cytoself_crops(tmp_path / "released", tmp_path / "out", crop_size=S,
-                                        allow_crop_split=True, progress=False)
+        summary = import_cytoself_crops(
+            tmp_path / "released", tmp_path / "out", crop_size=S, allow_crop_split=True, progress=False
+        )
     assert "split crop by crop" in caplog.text
     assert summary["crops_without_fov"] == 36 and summary["fovs"] == 0
     obs = CropStore.open(tmp_path / "out" / "cytoself.zarr").obs
@@ -217,8 +228,7 @@ def test_cytoself_existing_output(tmp_path):
     empty.mkdir()
     import_cytoself_crops(tmp_path / "released", empty, crop_size=S, progress=False)  # an empty folder is fine
     with pytest.raises(InputError, match="holds the input"):
-        import_cytoself_crops(tmp_path / "released", tmp_path / "released", crop_size=S, overwrite=True,
-                              progress=False)
+        import_cytoself_crops(tmp_path / "released", tmp_path / "released", crop_size=S, overwrite=True, progress=False)
 
 
 def _bad_label_rows(src):
@@ -319,8 +329,14 @@ def _write_manifest(folder, *, split: bool = True, sizes=None, fmt: str = "tif",
         for name, img in (("nuc", nuc), ("pro", pro)):
             path = folder / "img" / f"{i}_{name}.{fmt}"
             write_tiff(path, img, axes="YX") if fmt == "tif" else save_npy(path, img.astype(np.float32))
-        row = {"nucleus_image": f"img/{i}_nuc.{fmt}", "protein_image": f"img/{i}_pro.{fmt}", "protein_id": pid,
-               "sequence": SEQS[pid], "metadata_json": "", "label": "nucleolus" if pid == "NPM1" else ""}
+        row = {
+            "nucleus_image": f"img/{i}_nuc.{fmt}",
+            "protein_image": f"img/{i}_pro.{fmt}",
+            "protein_id": pid,
+            "sequence": SEQS[pid],
+            "metadata_json": "",
+            "label": "nucleolus" if pid == "NPM1" else "",
+        }
         if split:
             row["split"] = "val" if pid == "LMNB1" else "train"
         rows.append(row)
@@ -337,8 +353,13 @@ def test_celle_manifest_round_trip(tmp_path):
     out = tmp_path / "out"
     summary = import_celle_manifest(tmp_path / "manifest.csv", out, image_size=48, progress=False)
     assert summary["celle_crops"] == 8 and summary["split_from"] == "manifest" and summary["centre_cropped"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["celle.csv", "celle.zarr", "proteins.csv", "sequences.fasta",
-                                                     "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "celle.csv",
+        "celle.zarr",
+        "proteins.csv",
+        "sequences.fasta",
+        "summary.json",
+    ]
     store = CropStore.open(out / "celle.zarr")
     assert store.channels == ["nucleus", "protein", "threshold"] and store.size == 48
     obs = store.obs
@@ -367,8 +388,7 @@ def test_celle_manifest_round_trip(tmp_path):
 
 def test_celle_manifest_protein_split(tmp_path):
     _write_manifest(tmp_path, split=False, fmt="npy")
-    summary = import_celle_manifest(tmp_path / "manifest.csv", tmp_path / "out", image_size=40, seed=2,
-                                    progress=False)
+    summary = import_celle_manifest(tmp_path / "manifest.csv", tmp_path / "out", image_size=40, seed=2, progress=False)
     obs = CropStore.open(tmp_path / "out" / "celle.zarr").obs
     assert summary["split_from"] == "by protein" and summary["centre_cropped"] == 8
     expected = split_by_protein(["NPM1", "LMNB1", "TOMM20"], seed=2)
@@ -376,8 +396,14 @@ def test_celle_manifest_protein_split(tmp_path):
     assert (obs.groupby("protein_id")["split"].nunique() == 1).all()
     # a split column is ignored on request
     _write_manifest(tmp_path / "with_split")
-    summary = import_celle_manifest(tmp_path / "with_split" / "manifest.csv", tmp_path / "out2", image_size=40,
-                                    keep_split=False, seed=2, progress=False)
+    summary = import_celle_manifest(
+        tmp_path / "with_split" / "manifest.csv",
+        tmp_path / "out2",
+        image_size=40,
+        keep_split=False,
+        seed=2,
+        progress=False,
+    )
     assert summary["split_from"] == "by protein"
 
 
@@ -391,14 +417,19 @@ def test_celle_manifest_bad_input(tmp_path):
         assert _untouched(out)
 
     _write_manifest(tmp_path)
-    with pytest.raises(InputError, match=r"manifest\.csv: row 0: images .*0_nuc\.tif and .*0_pro\.tif are 48 x 48 "
-                                         r"pixels, smaller than the 64 x 64 crops"):
+    with pytest.raises(
+        InputError,
+        match=r"manifest\.csv: row 0: images .*0_nuc\.tif and .*0_pro\.tif are 48 x 48 "
+        r"pixels, smaller than the 64 x 64 crops",
+    ):
         import_celle_manifest(manifest, out, image_size=64, overwrite=True, progress=False)
     assert _untouched(out)
 
     write_tiff(tmp_path / "img" / "3_nuc.tif", np.ones((50, 48), np.uint16), axes="YX")
-    fails(r"manifest\.csv: row 3: nucleus image .*3_nuc\.tif is 50 x 48 pixels but protein image .*3_pro\.tif "
-          r"is 48 x 48")
+    fails(
+        r"manifest\.csv: row 3: nucleus image .*3_nuc\.tif is 50 x 48 pixels but protein image .*3_pro\.tif "
+        r"is 48 x 48"
+    )
 
     _write_manifest(tmp_path, fmt="npy")
     save_npy(tmp_path / "img" / "2_pro.npy", np.full((48, 48), np.nan, np.float32))
@@ -441,9 +472,25 @@ def test_cli_import_then_train_and_embed(tmp_path, capsys):
     assert "== imported cytoself crops ==" in printed and re.search(r"cytoself_crops\s+24", printed)
     store = data / "cytoself.zarr"
     run = tmp_path / "run"
-    rc = main(["-q", "train", "cytoself", "--store", str(store), "--out", str(run),
-               "--set", "schedule.max_steps=2", "--set", "schedule.eval_every=1", "--set", "data.batch_size=4",
-               "--set", "data.chunk_window=2"])
+    rc = main(
+        [
+            "-q",
+            "train",
+            "cytoself",
+            "--store",
+            str(store),
+            "--out",
+            str(run),
+            "--set",
+            "schedule.max_steps=2",
+            "--set",
+            "schedule.eval_every=1",
+            "--set",
+            "data.batch_size=4",
+            "--set",
+            "data.chunk_window=2",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert (run / "best" / "model.safetensors").is_file()
     assert json.loads((run / "label_map.json").read_text()) == {"LMNB1": 0, "NPM1": 1, "TOMM20": 2}
@@ -462,13 +509,31 @@ def test_cli_import_then_train_and_embed(tmp_path, capsys):
 def test_cli_import_celle_manifest(tmp_path, capsys):
     _write_manifest(tmp_path)
     out = tmp_path / "celle_data"
-    assert main(["-q", "import", "celle-manifest", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(out),
-                 "--image-size", "48", "--ignore-split", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "import",
+                "celle-manifest",
+                "--manifest",
+                str(tmp_path / "manifest.csv"),
+                "--out",
+                str(out),
+                "--image-size",
+                "48",
+                "--ignore-split",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "== imported CELL-E manifest ==" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["split_from"] == "by protein" and summary["image_size"] == 48
     assert len(CropStore.open(out / "celle.zarr")) == 8
-    rc = main(["-q", "import", "celle-manifest", "--manifest", str(tmp_path / "nope.csv"), "--out",
-               str(tmp_path / "o2")])
+    rc = main(
+        ["-q", "import", "celle-manifest", "--manifest", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o2")]
+    )
     assert rc == 2 and "nope.csv" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()

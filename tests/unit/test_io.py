@@ -588,9 +588,16 @@ def test_atomic_write_json_is_strict(tmp_path):
 
     from protloc._fs import atomic_write_json
 
-    path = atomic_write_json(tmp_path / "x.json", {
-        "nan": float("nan"), "inf": np.float32("inf"), "arr": np.arange(3), "i": np.int64(4), 1: (1.5, None),
-        "p": tmp_path / "a",
-    })  # fmt: skip
+    path = atomic_write_json(
+        tmp_path / "x.json",
+        {
+            "nan": float("nan"),
+            "inf": np.float32("inf"),
+            "arr": np.arange(3),
+            "i": np.int64(4),
+            1: (1.5, None),
+            "p": tmp_path / "a",
+        },
+    )
     got = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert got == {"nan": None, "inf": None, "arr": [0, 1, 2], "i": 4, "1": [1.5, None], "p": str(tmp_path / "a")}

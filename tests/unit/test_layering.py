@@ -36,7 +36,6 @@ LAYERS = {
     "plotting": 6,
     "report": 6,
     "commands": 7,
-    "workflows": 7,
     "demo": 8,
     "api": 9,
     "cli": 9,

@@ -43,13 +43,11 @@ def fov_dir(tmp_path):
             fid = f"{p}_F{k}"
             img = _fov(rng, 300, nuclear=p == "P2")
             write_tiff(tmp_path / "fovs" / f"{fid}_proj.tif", img, axes="CYX")
-            rows.append({"fov_id": fid, "protein_id": p, "path": f"fovs/{fid}_proj.tif", "label": "x",
-                         "downsample": 1})
+            rows.append({"fov_id": fid, "protein_id": p, "path": f"fovs/{fid}_proj.tif", "label": "x", "downsample": 1})
     # one raw-scale z-stack (ZCYX), binned 2x by prepare
     stack = np.stack([_fov(rng, 600, nuclear=False)] * 3)
     write_tiff(tmp_path / "fovs" / "P1_Z_stack.tif", stack, axes="ZCYX")
-    rows.append({"fov_id": "P1_Z", "protein_id": "P1", "path": "fovs/P1_Z_stack.tif", "label": "x",
-                 "downsample": 2})
+    rows.append({"fov_id": "P1_Z", "protein_id": "P1", "path": "fovs/P1_Z_stack.tif", "label": "x", "downsample": 2})
     write_table(pd.DataFrame(rows), tmp_path / "fovs.csv")
     write_fasta(tmp_path / "seqs.fasta", SEQS)
     return tmp_path
@@ -89,10 +87,10 @@ def test_prepare_end_to_end(fov_dir):
 
 
 def test_prepare_workers_identical(fov_dir):
-    a = prepare(fov_dir / "fovs.csv", fov_dir / "a", config=_cfg(), sequences=fov_dir / "seqs.fasta",
-                progress=False)
-    b = prepare(fov_dir / "fovs.csv", fov_dir / "b", config=_cfg(), sequences=fov_dir / "seqs.fasta",
-                workers=2, progress=False)
+    a = prepare(fov_dir / "fovs.csv", fov_dir / "a", config=_cfg(), sequences=fov_dir / "seqs.fasta", progress=False)
+    b = prepare(
+        fov_dir / "fovs.csv", fov_dir / "b", config=_cfg(), sequences=fov_dir / "seqs.fasta", workers=2, progress=False
+    )
     assert a == b
     sa, sb = CropStore.open(fov_dir / "a" / "cytoself.zarr"), CropStore.open(fov_dir / "b" / "cytoself.zarr")
     np.testing.assert_array_equal(sa["protein"][:], sb["protein"][:])
@@ -122,13 +120,15 @@ def test_prepare_errors_name_culprit_and_keep_outputs(fov_dir):
     # a sequence missing from the FASTA
     write_fasta(fov_dir / "short.fasta", {"P1": SEQS["P1"]})
     with pytest.raises(InputError, match="no sequence for protein 'P2'"):
-        prepare(fov_dir / "fovs.csv", out, config=_cfg(), sequences=fov_dir / "short.fasta", overwrite=True,
-                progress=False)
+        prepare(
+            fov_dir / "fovs.csv", out, config=_cfg(), sequences=fov_dir / "short.fasta", overwrite=True, progress=False
+        )
     # a corrupt TIFF: the run fails, naming the file, and the old output is intact
     (fov_dir / "fovs" / "P3_F1_proj.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(InputError, match="P3_F1_proj.tif"):
-        prepare(fov_dir / "fovs.csv", out, config=_cfg(), sequences=fov_dir / "seqs.fasta", overwrite=True,
-                progress=False)
+        prepare(
+            fov_dir / "fovs.csv", out, config=_cfg(), sequences=fov_dir / "seqs.fasta", overwrite=True, progress=False
+        )
     assert (out / "cytoself.csv").read_bytes() == before
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out")]
 
@@ -157,12 +157,34 @@ def test_parse_fractions():
 
 
 def test_cli_prepare(fov_dir, capsys):
-    rc = main(["-q", "prepare", "--fovs", str(fov_dir / "fovs.csv"), "--out", str(fov_dir / "cli"),
-               "--sequences", str(fov_dir / "seqs.fasta"), "--set", "params.celle_size=128"])
+    rc = main(
+        [
+            "-q",
+            "prepare",
+            "--fovs",
+            str(fov_dir / "fovs.csv"),
+            "--out",
+            str(fov_dir / "cli"),
+            "--sequences",
+            str(fov_dir / "seqs.fasta"),
+            "--set",
+            "params.celle_size=128",
+        ]
+    )
     assert rc == 0
     assert "cytoself_crops" in capsys.readouterr().out
-    rc = main(["-q", "prepare", "--fovs", str(fov_dir / "fovs.csv"), "--out", str(fov_dir / "cli2"),
-               "--set", "params.sigmaa=1"])
+    rc = main(
+        [
+            "-q",
+            "prepare",
+            "--fovs",
+            str(fov_dir / "fovs.csv"),
+            "--out",
+            str(fov_dir / "cli2"),
+            "--set",
+            "params.sigmaa=1",
+        ]
+    )
     assert rc == 2
     assert "params.sigmaa" in capsys.readouterr().err
 
@@ -179,8 +201,14 @@ def test_spread_order_is_a_spread_permutation():
 
 def test_caps_and_stratified_fov_split(fov_dir):
     out = fov_dir / "out"
-    cfg = _cfg(**{"cytoself_max_crops_per_fov": 2, "celle": "false", "cytoself_split.stratify": "true",
-                  "store_dtype": "float32"})
+    cfg = _cfg(
+        **{
+            "cytoself_max_crops_per_fov": 2,
+            "celle": "false",
+            "cytoself_split.stratify": "true",
+            "store_dtype": "float32",
+        }
+    )
     prepare(fov_dir / "fovs.csv", out, config=cfg, sequences=fov_dir / "seqs.fasta", progress=False)
     store = CropStore.open(out / "cytoself.zarr")
     assert (store.obs.groupby("fov_id").size() <= 2).all()
@@ -202,8 +230,12 @@ def test_channel_order_and_axes_options(fov_dir):
         swapped.append({**row._asdict(), "path": path})
     write_table(pd.DataFrame(swapped), fov_dir / "swapped.csv")
     ref = prepare(fov_dir / "ref.csv", fov_dir / "r", config=_cfg(celle=False), progress=False)
-    got = prepare(fov_dir / "swapped.csv", fov_dir / "s", config=_cfg(celle=False, channel_order="protein,nucleus",
-                  axes="CYX"), progress=False)  # fmt: skip
+    got = prepare(
+        fov_dir / "swapped.csv",
+        fov_dir / "s",
+        config=_cfg(celle=False, channel_order="protein,nucleus", axes="CYX"),
+        progress=False,
+    )
     assert got["cytoself_crops"] == ref["cytoself_crops"] > 0
     a, b = CropStore.open(fov_dir / "r" / "cytoself.zarr"), CropStore.open(fov_dir / "s" / "cytoself.zarr")
     np.testing.assert_array_equal(a["protein"][:], b["protein"][:])
@@ -229,11 +261,18 @@ def test_empty_sequence_cells_are_missing_not_the_residues_nan(fov_dir):
 
 def test_sequences_may_be_a_table(fov_dir):
     write_table(pd.DataFrame({"protein_id": list(SEQS), "sequence": list(SEQS.values())}), fov_dir / "s.tsv")
-    prepare(fov_dir / "fovs.csv", fov_dir / "o", config=_cfg(cytoself=False), sequences=fov_dir / "s.tsv",
-            progress=False)  # fmt: skip
+    prepare(
+        fov_dir / "fovs.csv", fov_dir / "o", config=_cfg(cytoself=False), sequences=fov_dir / "s.tsv", progress=False
+    )
     assert read_fasta(fov_dir / "o" / "sequences.fasta") == SEQS
-    write_table(pd.DataFrame({"protein_id": ["P1", "P2", "P3"], "sequence": [SEQS["P1"], "", SEQS["P3"]]}),
-                fov_dir / "bad.csv")  # fmt: skip
+    write_table(
+        pd.DataFrame({"protein_id": ["P1", "P2", "P3"], "sequence": [SEQS["P1"], "", SEQS["P3"]]}), fov_dir / "bad.csv"
+    )
     with pytest.raises(InputError, match=r"bad.csv: row 1: required column 'sequence' is empty"):
-        prepare(fov_dir / "fovs.csv", fov_dir / "o3", config=_cfg(cytoself=False), sequences=fov_dir / "bad.csv",
-                progress=False)  # fmt: skip
+        prepare(
+            fov_dir / "fovs.csv",
+            fov_dir / "o3",
+            config=_cfg(cytoself=False),
+            sequences=fov_dir / "bad.csv",
+            progress=False,
+        )

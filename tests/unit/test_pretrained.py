@@ -54,9 +54,13 @@ def test_shipped_models_load_strictly_into_float32() -> None:
 
 @pytest.mark.parametrize(
     ("name", "cls"),
-    [("cytoself-tiny", TrainCytoselfConfig), ("vqgan-nucleus-tiny", TrainVQGANConfig),
-     ("vqgan-threshold-tiny", TrainVQGANConfig), ("celle-tiny", TrainCelleConfig)],
-)  # fmt: skip
+    [
+        ("cytoself-tiny", TrainCytoselfConfig),
+        ("vqgan-nucleus-tiny", TrainVQGANConfig),
+        ("vqgan-threshold-tiny", TrainVQGANConfig),
+        ("celle-tiny", TrainCelleConfig),
+    ],
+)
 def test_recipes_record_a_loadable_training_config(name: str, cls: type, tmp_path: Path) -> None:
     recipe = read_recipe(name)
     for key in ("command", "training_config", "trained_on", "validation", "fidelity_vs_float32", "steps"):

@@ -188,9 +188,7 @@ def test_split_by_fov_keeps_fov_together_proteins_everywhere():
     assert out.groupby("fov_id")["split"].nunique().max() == 1
     per_protein = out.drop_duplicates("fov_id").groupby("protein_id")["split"].value_counts().unstack()
     assert (per_protein[["train", "val", "test"]].to_numpy() == [10, 1, 1]).all()
-    assert strat == split_by_fov(
-        df["fov_id"].tolist()[::-1], protein_ids=df["protein_id"].tolist()[::-1], seed=0
-    )
+    assert strat == split_by_fov(df["fov_id"].tolist()[::-1], protein_ids=df["protein_id"].tolist()[::-1], seed=0)
 
 
 def test_split_by_fov_errors():
@@ -311,10 +309,7 @@ def test_align_band_matches_expectations():
 
 def test_parse_clstr(tmp_path):
     path = tmp_path / "out.clstr"
-    path.write_text(
-        ">Cluster 0\n0\t300aa, >s2... *\n1\t280aa, >s0... at 91.07%\n"
-        ">Cluster 1\n0\t120aa, >s1... *\n"
-    )
+    path.write_text(">Cluster 0\n0\t300aa, >s2... *\n1\t280aa, >s0... at 91.07%\n>Cluster 1\n0\t120aa, >s1... *\n")
     assert splits_mod._parse_clstr(path, 4) == [2, 1, 2, -1]
 
 

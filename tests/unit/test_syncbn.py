@@ -29,8 +29,14 @@ def _reference() -> dict[str, torch.Tensor]:
     x.requires_grad_(True)
     y = bn(x)
     (y * w).sum().backward()
-    return {"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
-            "mean": bn.running_mean, "var": bn.running_var}  # fmt: skip
+    return {
+        "y": y.detach(),
+        "dx": x.grad,
+        "dw": bn.weight.grad,
+        "db": bn.bias.grad,
+        "mean": bn.running_mean,
+        "var": bn.running_var,
+    }
 
 
 def _worker(rank: int, init: str, out: str) -> None:
@@ -50,8 +56,17 @@ def _worker(rank: int, init: str, out: str) -> None:
         (y * w[sl]).sum().backward()
         grads = torch.cat([bn.weight.grad, bn.bias.grad])
         dist.all_reduce(grads)  # what DDP sums (then averages) across processes
-        torch.save({"y": y.detach(), "dx": xs.grad, "dw": grads[:3], "db": grads[3:],
-                    "mean": bn.running_mean, "var": bn.running_var}, f"{out}/{rank}.pt")  # fmt: skip
+        torch.save(
+            {
+                "y": y.detach(),
+                "dx": xs.grad,
+                "dw": grads[:3],
+                "db": grads[3:],
+                "mean": bn.running_mean,
+                "var": bn.running_var,
+            },
+            f"{out}/{rank}.pt",
+        )
         dist.barrier()  # neither process tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()

@@ -215,8 +215,15 @@ def test_make_world_layout(tmp_path, fake_assets):
     out = make_world(tmp_path / "world", proteins=3, fovs=2, size=128, seed=1, progress=False)
     fovs = pd.read_csv(out / "fovs.csv")
     assert list(fovs.columns) == [
-        "fov_id", "protein_id", "path", "gene_name", "uniprot_id", "label", "downsample", "pixel_size_um"
-    ]  # fmt: skip
+        "fov_id",
+        "protein_id",
+        "path",
+        "gene_name",
+        "uniprot_id",
+        "label",
+        "downsample",
+        "pixel_size_um",
+    ]
     assert len(fovs) == 6 and fovs["fov_id"].is_unique
     assert (fovs["downsample"] == 1).all() and (fovs["pixel_size_um"] == 0.4).all()
     assert fovs["fov_id"].iloc[0] == f"{fovs['protein_id'].iloc[0]}_F00"
@@ -352,8 +359,9 @@ def test_compartment_gallery():
 def test_world_from_a_protein_table():
     nls = "MSDEAAGTPKKKRKVEDGSAALLAGWSTQE"
     plain = "MSDEAAGTAGSLEDGSAALLAGWSTQEAAN"
-    table = world_proteins(protein_table=pd.DataFrame({"protein_id": ["a", "b"], "sequence": [nls, plain]}),
-                           include_engineered=False)  # fmt: skip
+    table = world_proteins(
+        protein_table=pd.DataFrame({"protein_id": ["a", "b"], "sequence": [nls, plain]}), include_engineered=False
+    )
     assert list(table["protein_id"]) == ["a", "b"] and not table["engineered"].any()
     # Weights from the sequence rules when the table has none: the NLS protein is nuclear.
     assert table["nucleus_proportion_expected"].iloc[0] > 0.9 > table["nucleus_proportion_expected"].iloc[1]

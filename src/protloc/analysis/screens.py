@@ -542,16 +542,18 @@ def construct_experiment(
     summary = []
     for name in order:
         d = per_image[per_image["construct"] == name]
-        summary.append({
-            "construct": name,
-            "length": len(constructs[name]),
-            "nucleus_proportion": float(d["nucleus_proportion"].mean()),
-            "nucleus_proportion_sd": float(d["nucleus_proportion"].std(ddof=1)) if n > 1 else float("nan"),
-            "delta": float(d["delta"].mean()),
-            "delta_sd": float(d["delta"].std(ddof=1)) if n > 1 else float("nan"),
-            "above_reference": int((d["delta"] > 0).sum()) if name != ref else 0,
-            "images": n,
-        })  # fmt: skip
+        summary.append(
+            {
+                "construct": name,
+                "length": len(constructs[name]),
+                "nucleus_proportion": float(d["nucleus_proportion"].mean()),
+                "nucleus_proportion_sd": float(d["nucleus_proportion"].std(ddof=1)) if n > 1 else float("nan"),
+                "delta": float(d["delta"].mean()),
+                "delta_sd": float(d["delta"].std(ddof=1)) if n > 1 else float("nan"),
+                "above_reference": int((d["delta"] > 0).sum()) if name != ref else 0,
+                "images": n,
+            }
+        )
     return per_image, pd.DataFrame(summary)
 
 

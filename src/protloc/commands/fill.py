@@ -28,7 +28,7 @@ from protloc.commands.inputs import (
 )
 from protloc.data.io import write_png
 from protloc.eval.fill import parse_masked
-from protloc.eval.predict import SamplingConfig, sampling_config
+from protloc.eval.predict import SamplingConfig
 
 if TYPE_CHECKING:
     from protloc.eval.load import CelleRun
@@ -138,7 +138,6 @@ def run_fill(
     precision: str = "fp32",
     embedder_path: str | os.PathLike | None = None,
     overwrite: bool = False,
-    **sampling_fields: Any,
 ) -> dict[str, Any]:
     """Image to sequence: fill the ``_`` residues of sequences from a nucleus and a threshold image
     (``protloc fill``; :func:`fill_masked`).
@@ -177,8 +176,6 @@ def run_fill(
         ignored by models with one-hot / descriptor / learned residues.
     overwrite
         Replace an existing non-empty ``out``.
-    **sampling_fields
-        :class:`~protloc.eval.predict.SamplingConfig` fields, replacing those of ``sampling``.
 
     Returns
     -------
@@ -199,7 +196,7 @@ def run_fill(
     t0 = time.perf_counter()
     # parse_masked names the sequence and residue on bad input, before anything is loaded.
     records = gather_sequences(sequences, fasta, check=_check_masked)
-    sampling = sampling_config(sampling, **sampling_fields)
+    sampling = sampling if sampling is not None else SamplingConfig()
     out = check_out(out, overwrite=overwrite)
     device = resolve_device(device)
     run = load_celle(checkpoint, device=device, precision=precision, embedder_path=embedder_path)

@@ -28,7 +28,7 @@ from protloc.commands.inputs import (
     resolve_device,
 )
 from protloc.data.io import save_npy, write_png
-from protloc.eval.predict import SamplingConfig, sampling_config
+from protloc.eval.predict import SamplingConfig
 
 if TYPE_CHECKING:
     from protloc.eval.load import CelleRun
@@ -168,7 +168,6 @@ def run_predict(
     embedder_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    **sampling_fields: Any,
 ) -> dict[str, Any]:
     """Predict where proteins go with a trained CELL-E (paper Sec. 4.6, S.3.7): ``protloc predict``.
 
@@ -206,7 +205,6 @@ def run_predict(
     sampling
         :class:`protloc.eval.predict.SamplingConfig`: draws per sequence, sampling temperature, share
         of threshold codes kept (paper: 25 %), decoding passes of the masked (CELL-E 2) mode, seed.
-        Its fields may also be given as keywords (``samples=4, seed=1``).
     batch_size
         Sequences per generation batch (each batch holds ``batch_size * samples`` rows). The same
         seed, batch size and sequence order give the same outputs.
@@ -221,9 +219,6 @@ def run_predict(
         Replace an existing non-empty ``out``.
     progress
         Show a progress bar over the sequences.
-    **sampling_fields
-        :class:`~protloc.eval.predict.SamplingConfig` fields (``samples``, ``temperature``,
-        ``top_k_fraction``, ``steps``, ``seed``), replacing those of ``sampling``.
 
     Returns
     -------
@@ -247,7 +242,7 @@ def run_predict(
     from protloc.plotting.celle import plot_prediction
 
     records = gather_sequences(sequences, fasta)
-    sampling = sampling_config(sampling, **sampling_fields)
+    sampling = sampling if sampling is not None else SamplingConfig()
     check_batch_size(batch_size)
     out = check_out(out, overwrite=overwrite)
     t_load = time.perf_counter()

@@ -25,7 +25,7 @@ from protloc.commands._output import check_out, save_fig, write_csv, write_json
 from protloc.commands.inputs import ImageInput, check_batch_size, load_celle, model_nucleus, resolve_device
 from protloc.data.sequences import read_fasta, validate_sequence
 from protloc.errors import ConfigError, InputError
-from protloc.eval.predict import SamplingConfig, sampling_config
+from protloc.eval.predict import SamplingConfig
 
 if TYPE_CHECKING:
     from protloc.analysis.screens import Variant
@@ -334,7 +334,6 @@ def run_screen(
     embedder_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    **sampling_fields: Any,
 ) -> dict[str, Any]:
     """In-silico screen of one protein with a trained CELL-E (paper Fig. 4-6, S.3.8): ``protloc screen``.
 
@@ -360,10 +359,7 @@ def run_screen(
     Parameters
     ----------
     sampling
-        :class:`~protloc.eval.predict.SamplingConfig` shared by all variants; its fields may also be given
-        as keywords (``samples=4, seed=1``).
-    **sampling_fields
-        :class:`~protloc.eval.predict.SamplingConfig` fields, replacing those of ``sampling``.
+        :class:`~protloc.eval.predict.SamplingConfig` shared by all variants (default: its defaults).
 
     The other parameters are those of :func:`screen_sequence`, :func:`screen_variants`, :func:`attention`
     and :func:`~protloc.commands.predict.run_predict`.
@@ -395,7 +391,7 @@ def run_screen(
     if mode == "attention" and method not in ("rollout", "mean"):
         raise ConfigError(f"attention method must be 'rollout' or 'mean', got {method!r}")
     seq_name, seq, seq_source = screen_sequence(sequence, name=name, fasta=fasta, record_id=record_id)
-    sampling = sampling_config(sampling, **sampling_fields)
+    sampling = sampling if sampling is not None else SamplingConfig()
     check_batch_size(batch_size)
     if mode != "attention":
         variants, mode_settings = screen_variants(

@@ -254,8 +254,14 @@ def _stack_sources(src: Path, size: int, *, allow_crop_split: bool) -> tuple[Cyt
         pids, labels, fovs = _label_columns(rows, label_file, allow_crop_split=allow_crop_split)
         sources.append(
             _CytoSource(
-                name=image.name, files={c: image for c in _CYTO_CHANNELS}, label_file=label_file, n=len(rows),
-                offset=offset, protein_id=pids, label=labels, fov=fovs,
+                name=image.name,
+                files={c: image for c in _CYTO_CHANNELS},
+                label_file=label_file,
+                n=len(rows),
+                offset=offset,
+                protein_id=pids,
+                label=labels,
+                fov=fovs,
             )
         )
         offset += len(rows)
@@ -284,8 +290,14 @@ def _protein_sources(src: Path, size: int, *, allow_crop_split: bool) -> list[_C
         pids, labels, fovs = _label_columns(data["obs"], label_file, allow_crop_split=allow_crop_split)
         sources.append(
             _CytoSource(
-                name=f"{name}_pro.npy", files=files, label_file=label_file, n=int(data["protein"].shape[0]),
-                offset=0, protein_id=pids, label=labels, fov=fovs,
+                name=f"{name}_pro.npy",
+                files=files,
+                label_file=label_file,
+                n=int(data["protein"].shape[0]),
+                offset=0,
+                protein_id=pids,
+                label=labels,
+                fov=fovs,
             )
         )
         del data
@@ -459,7 +471,9 @@ def import_cytoself_crops(
     if n_without:
         logger.warning(
             "%d of %d crops have no FOV_id: they are split crop by crop, so neighbouring crops of one field of "
-            "view can land in different splits", n_without, n_total,
+            "view can land in different splits",
+            n_without,
+            n_total,
         )
     protein_of: dict[str, str] = {}
     for s, ks in zip(sources, keys, strict=True):
@@ -538,8 +552,11 @@ def import_cytoself_crops(
         }
         for name in ("train", "val"):
             if name not in split_counts:
-                logger.warning("the split has no %r crops (%d fields of view): training needs both train and val",
-                               name, len(fov_list))
+                logger.warning(
+                    "the split has no %r crops (%d fields of view): training needs both train and val",
+                    name,
+                    len(fov_list),
+                )
         _write_json(tmp / "summary.json", summary)
     logger.info("imported %d cytoself crops of %d proteins into %s", n_total, len(proteins), out)
     return summary
@@ -560,7 +577,8 @@ def _manifest_sequences(df: pd.DataFrame, manifest: Path) -> tuple[list[str], di
         if _WHITESPACE.search(pid):
             raise InputError(
                 f"protein_id {pid!r} contains whitespace; it becomes a FASTA record id, which cannot",
-                path=manifest, row=row,
+                path=manifest,
+                row=row,
             )
         try:
             clean = validate_sequence(str(seq), name=pid)
@@ -569,7 +587,8 @@ def _manifest_sequences(df: pd.DataFrame, manifest: Path) -> tuple[list[str], di
         if pid in seqs and seqs[pid] != clean:
             raise InputError(
                 f"protein {pid!r} has a different sequence than in row {first[pid]}; one protein, one sequence",
-                path=manifest, row=row,
+                path=manifest,
+                row=row,
             )
         seqs.setdefault(pid, clean)
         first.setdefault(pid, row)
@@ -715,7 +734,8 @@ def import_celle_manifest(
                             f"nucleus image {rec['nucleus_image']} is {nuc.shape[0]} x {nuc.shape[1]} pixels but "
                             f"protein image {rec['protein_image']} is {pro.shape[0]} x {pro.shape[1]}; a pair must "
                             "match pixel for pixel",
-                            path=manifest, row=row,
+                            path=manifest,
+                            row=row,
                         )
                     h, w = nuc.shape
                     if h < size or w < size:
@@ -723,7 +743,8 @@ def import_celle_manifest(
                             f"images {rec['nucleus_image']} and {rec['protein_image']} are {h} x {w} pixels, smaller "
                             f"than the {size} x {size} crops (image_size); images are cropped, never enlarged: "
                             "pass a smaller image_size (--image-size) or leave this row out",
-                            path=manifest, row=row,
+                            path=manifest,
+                            row=row,
                         )
                     if (h, w) != (size, size):
                         n_cropped += 1

@@ -152,8 +152,11 @@ class PrepareConfig:
             raise ConfigError(
                 f"channel_order must be 'nucleus,protein' or 'protein,nucleus', got {self.channel_order!r}"
             )
-        if self.axes and (len(set(self.axes)) != len(self.axes) or not set(self.axes) <= set("TZCYXS")
-                          or not {"Y", "X"} <= set(self.axes)):  # fmt: skip
+        if self.axes and (
+            len(set(self.axes)) != len(self.axes)
+            or not set(self.axes) <= set("TZCYXS")
+            or not {"Y", "X"} <= set(self.axes)
+        ):
             raise ConfigError(
                 f"axes must be letters of TZCYXS including Y and X, each once (e.g. ZCYX), got {self.axes!r}"
             )
@@ -311,8 +314,12 @@ def _assign(
         backend=split.backend,
     )
     assignment = getattr(result, "assignment", result)
-    logger.info("%s homology split at %.0f%% identity (backend %s)", kind, 100 * split.identity,
-                getattr(result, "backend", split.backend))
+    logger.info(
+        "%s homology split at %.0f%% identity (backend %s)",
+        kind,
+        100 * split.identity,
+        getattr(result, "backend", split.backend),
+    )
     return dict(assignment), "protein_id"
 
 
@@ -416,8 +423,11 @@ def _shard(partial: Path, index: int) -> Path:
 
 
 def _save_shard(path: Path, crops: FovCrops, n_nuclei: int) -> None:
-    arrays = {"n_nuclei": np.asarray(n_nuclei), "cytoself_centres": crops.cytoself_centres,
-              "celle_centres": crops.celle_centres}  # fmt: skip
+    arrays = {
+        "n_nuclei": np.asarray(n_nuclei),
+        "cytoself_centres": crops.cytoself_centres,
+        "celle_centres": crops.celle_centres,
+    }
     arrays.update({f"cytoself.{k}": v for k, v in crops.cytoself.items()})
     arrays.update({f"celle.{k}": v for k, v in crops.celle.items()})
     with atomic_path(path) as tmp:
@@ -454,9 +464,7 @@ def _iter_resumable(items: list, workers: int, partial: Path) -> Iterator[tuple[
         yield index, crops, n_nuclei
 
 
-def _obs(
-    centres: np.ndarray, *, start: int, row: pd.Series, split: str, label: str | None
-) -> pd.DataFrame:
+def _obs(centres: np.ndarray, *, start: int, row: pd.Series, split: str, label: str | None) -> pd.DataFrame:
     n = len(centres)
     return pd.DataFrame(
         {
@@ -540,8 +548,16 @@ def prepare(
         if not do_celle:
             params = dataclasses.replace(params, celle_size=0)
         items.append(
-            (i, str(row.path), params, cfg.cytoself_max_crops_per_fov, cfg.celle_max_crops_per_fov, cfg.store_dtype,
-             cfg.channel_order, cfg.axes)
+            (
+                i,
+                str(row.path),
+                params,
+                cfg.cytoself_max_crops_per_fov,
+                cfg.celle_max_crops_per_fov,
+                cfg.store_dtype,
+                cfg.channel_order,
+                cfg.axes,
+            )
         )
 
     dt = cfg.store_dtype
@@ -563,7 +579,9 @@ def prepare(
                 if do_cytoself:
                     stores["cytoself"] = stack.enter_context(
                         CropStore.create(
-                            tmp / "cytoself.zarr", channels=cyto_channels, size=cfg.params.cytoself_size,
+                            tmp / "cytoself.zarr",
+                            channels=cyto_channels,
+                            size=cfg.params.cytoself_size,
                             chunk=cfg.chunk,
                         )
                     )

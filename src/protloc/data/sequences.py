@@ -116,10 +116,7 @@ def _clean(seq: str) -> tuple[str, list[int]]:
 def _invalid_message(clean: str, bad: list[int], name: str | None) -> str:
     pos = bad[0]
     more = f"; {len(bad) - 1} more invalid residue(s) follow" if len(bad) > 1 else ""
-    return (
-        f"{_label(name)}: invalid residue {clean[pos]!r} at position {pos + 1} "
-        f"(allowed: {_ALLOWED_TEXT}){more}"
-    )
+    return f"{_label(name)}: invalid residue {clean[pos]!r} at position {pos + 1} (allowed: {_ALLOWED_TEXT}){more}"
 
 
 class Tokenizer:
@@ -424,9 +421,7 @@ def _iter_records(path: Path, *, validate: bool) -> Iterator[tuple[int, FastaRec
                 raise InputError(f"record {rid!r} has no sequence", path=path, row=f"line {header_line}")
             if bad:
                 # Line/position are exact: lines hold no whitespace and only a final "*" was dropped.
-                raise InputError(
-                    _invalid_message(clean, bad, rid), path=path, row=f"line {_locate(chunks, bad[0])}"
-                )
+                raise InputError(_invalid_message(clean, bad, rid), path=path, row=f"line {_locate(chunks, bad[0])}")
             seq = clean
         yield header_line, FastaRecord(id=rid, description=desc, sequence=seq)
 
@@ -552,9 +547,7 @@ def write_fasta(
 
 
 # UniProt accession format (https://www.uniprot.org/help/accession_numbers), optional isoform suffix.
-_UNIPROT_ACC = re.compile(
-    r"^(?:[OPQ][0-9][A-Z0-9]{3}[0-9]|[A-NR-Z][0-9](?:[A-Z][A-Z0-9]{2}[0-9]){1,2})(?:-\d+)?$"
-)
+_UNIPROT_ACC = re.compile(r"^(?:[OPQ][0-9][A-Z0-9]{3}[0-9]|[A-NR-Z][0-9](?:[A-Z][A-Z0-9]{2}[0-9]){1,2})(?:-\d+)?$")
 
 
 def uniprot_accession(record_id: str) -> str | None:

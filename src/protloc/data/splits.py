@@ -341,17 +341,31 @@ def _cluster_cdhit(seqs: list[str], *, identity: float, coverage: float, threads
         d = Path(tmp)
         _write_indexed_fasta(d / "in.fasta", seqs)
         cmd = [
-            "cd-hit", "-i", "in.fasta", "-o", "out",
-            "-c", f"{identity:g}",
+            "cd-hit",
+            "-i",
+            "in.fasta",
+            "-o",
+            "out",
+            "-c",
+            f"{identity:g}",
             # -G 1 (default): identity = identical residues / full length of the shorter sequence.
-            "-G", "1",
+            "-G",
+            "1",
             # CELL-E S.3.2: the alignment must cover >= 80 % of the shorter sequence.
-            "-aS", f"{coverage:g}",
-            "-n", str(n_word),
+            "-aS",
+            f"{coverage:g}",
+            "-n",
+            str(n_word),
             # Default -l 10 silently drops sequences of <= 10 residues; keep all that have a word.
-            "-l", str(n_word - 1),
-            "-M", "0", "-T", str(threads), "-d", "0",
-        ]  # fmt: skip
+            "-l",
+            str(n_word - 1),
+            "-M",
+            "0",
+            "-T",
+            str(threads),
+            "-d",
+            "0",
+        ]
         _run_tool(cmd, tool="cd-hit", cwd=d)
         rep = _parse_clstr(d / "out.clstr", len(seqs))
     return rep
@@ -396,20 +410,31 @@ def _cluster_mmseqs(seqs: list[str], *, identity: float, coverage: float, thread
         d = Path(tmp)
         _write_indexed_fasta(d / "in.fasta", seqs)
         cmd = [
-            "mmseqs", "easy-cluster", "in.fasta", "out", "work",
-            "--min-seq-id", f"{identity:g}",
+            "mmseqs",
+            "easy-cluster",
+            "in.fasta",
+            "out",
+            "work",
+            "--min-seq-id",
+            f"{identity:g}",
             # Identity over the shorter sequence, as CD-HIT's default (-G 1).
-            "--seq-id-mode", "1",
+            "--seq-id-mode",
+            "1",
             # Greedy incremental clustering by length (CD-HIT's algorithm): the representative is
             # the longer sequence (the query) and each member a target, so coverage of the target
             # (--cov-mode 1) is coverage of the shorter sequence, i.e. CD-HIT's -aS (MMseqs2 wiki,
             # "How to set the right alignment coverage to cluster"; soedinglab/MMseqs2#104).
-            "--cluster-mode", "2",
-            "--cov-mode", "1",
-            "-c", f"{coverage:g}",
-            "--threads", str(max(threads, 1)),
-            "-v", "1",
-        ]  # fmt: skip
+            "--cluster-mode",
+            "2",
+            "--cov-mode",
+            "1",
+            "-c",
+            f"{coverage:g}",
+            "--threads",
+            str(max(threads, 1)),
+            "-v",
+            "1",
+        ]
         _run_tool(cmd, tool="mmseqs", cwd=d)
         rep = [-1] * len(seqs)
         with open(d / "out_cluster.tsv", encoding="ascii") as fh:
@@ -627,9 +652,15 @@ def _cluster_python(seqs: list[str], *, identity: float, coverage: float) -> lis
                 hopeful = np.flatnonzero(per_rep >= required)
                 if hopeful.size:
                     candidates, diags = _best_bands(
-                        hit_seq, hit_diag, hopeful, m=m, max_len=max_len, width=width,
-                        required=required, max_cells=max_cells,
-                    )  # fmt: skip
+                        hit_seq,
+                        hit_diag,
+                        hopeful,
+                        m=m,
+                        max_len=max_len,
+                        width=width,
+                        required=required,
+                        max_cells=max_cells,
+                    )
         joined = -1
         if candidates.size:
             ordering = np.argsort(rank[candidates], kind="stable")
@@ -678,9 +709,9 @@ def _best_bands(
         local[reps[reps < local.size]] = np.arange(reps.size)
         sel = local[hit_seq]
         keep = sel >= 0
-        hist = np.bincount(
-            sel[keep] * n_diag + hit_diag[keep] + m, minlength=reps.size * n_diag
-        ).reshape(reps.size, n_diag)
+        hist = np.bincount(sel[keep] * n_diag + hit_diag[keep] + m, minlength=reps.size * n_diag).reshape(
+            reps.size, n_diag
+        )
         csum = np.concatenate([np.zeros((reps.size, 1), dtype=np.int64), np.cumsum(hist, axis=1)], axis=1)
         band_hits = csum[:, width:] - csum[:, :-width]  # window [x, x + width)
         x = band_hits.argmax(axis=1)
@@ -948,9 +979,7 @@ def assign_splits(
             splits.append(lookup[v])
         except (KeyError, TypeError):
             n_missing = sum(1 for x in values if not _hashable_in(x, lookup))
-            raise InputError(
-                f"{key} {v!r} has no split assignment ({n_missing} row(s) without one)", row=row
-            ) from None
+            raise InputError(f"{key} {v!r} has no split assignment ({n_missing} row(s) without one)", row=row) from None
     out = df.copy()
     if column in out.columns:
         logger.info("replacing existing column %r", column)

@@ -111,9 +111,7 @@ def embed(
     crops = CropStore.open(store)
     missing = [c for c in cfg.channels if c not in crops.channels]
     if missing:
-        raise InputError(
-            f"the model needs channel(s) {missing}; the store has {crops.channels}", path=crops.path
-        )
+        raise InputError(f"the model needs channel(s) {missing}; the store has {crops.channels}", path=crops.path)
     if crops.size != cfg.input_size:
         raise InputError(f"crops are {crops.size} px but the model was trained on {cfg.input_size} px", path=crops.path)
     obs = crops.obs
@@ -198,8 +196,9 @@ def embed(
                         for k in shapes:
                             block = shard[k]
                             if block.shape[0] != b - a:
-                                raise InputError(f"shard {_shard_name(a)} holds {block.shape[0]} rows, not {b - a}",
-                                                 path=partial)  # fmt: skip
+                                raise InputError(
+                                    f"shard {_shard_name(a)} holds {block.shape[0]} rows, not {b - a}", path=partial
+                                )
                             dsets[k][a:b] = block
     logger.info("embedded %d crops into %s", n, out)
     return Path(out)

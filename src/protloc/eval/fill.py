@@ -164,9 +164,14 @@ def fill_residues(
                 break
             text_emb = None if trainable else embed(ids, mask)  # type: ignore[misc]
             out = model(
-                text_ids=ids, text_mask=mask, text_emb=text_emb, residue_mask=todo, nucleus=nucleus,
-                threshold=threshold, trim_text=True,
-            )  # fmt: skip
+                text_ids=ids,
+                text_mask=mask,
+                text_emb=text_emb,
+                residue_mask=todo,
+                nucleus=nucleus,
+                threshold=threshold,
+                trim_text=True,
+            )
             keep = out.logits.shape[1] - 2 * c.grid_tokens  # text rows kept by trim_text
             # The image modes' sampler: tempered softmax, top-k of the alphabet, Gumbel-max.
             pick, p = _sample(out.logits[:, :keep].index_select(-1, allowed), sampling, generator)  # [B, keep](, A)
@@ -300,10 +305,17 @@ def fill_sequences(
 
     rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731 -- sample-major rows per input
     result = fill_residues(
-        model, text_ids=rep(ids), text_mask=rep(tmask), residue_mask=rep(rmask), nucleus=rep(nuc),
-        threshold=rep(thr), embed=None if embedder is None else embed, sampling=sampling, generator=generator,
+        model,
+        text_ids=rep(ids),
+        text_mask=rep(tmask),
+        residue_mask=rep(rmask),
+        nucleus=rep(nuc),
+        threshold=rep(thr),
+        embed=None if embedder is None else embed,
+        sampling=sampling,
+        generator=generator,
         alphabet=alphabet,
-    )  # fmt: skip
+    )
     letters = "".join(sorted(set(alphabet)))
     inv = {v: k for k, v in _TOKENIZER.vocab.items()}
     filled: list[list[str]] = []

@@ -225,7 +225,9 @@ def load_celle_run(
         _tokenizer_path(tok["nucleus"], ckpt), "nucleus", sha256=tok.get("nucleus_sha256"), map_location=map_location
     )
     threshold, _, _ = load_tokenizer(
-        _tokenizer_path(tok["threshold"], ckpt), "threshold", sha256=tok.get("threshold_sha256"),
+        _tokenizer_path(tok["threshold"], ckpt),
+        "threshold",
+        sha256=tok.get("threshold_sha256"),
         map_location=map_location,
     )
     emb = embedder or EmbedderConfig(path=str(extra.get("embedder_path") or ""))

@@ -178,8 +178,18 @@ class CelleConfig:
             object.__setattr__(self, "loss_weights", CelleLossWeights(**self.loss_weights))
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        positive = ("depth", "dim", "heads", "dim_head", "ff_mult", "max_residues", "grid_size",
-                    "num_nucleus_codes", "num_threshold_codes", "text_dim")  # fmt: skip
+        positive = (
+            "depth",
+            "dim",
+            "heads",
+            "dim_head",
+            "ff_mult",
+            "max_residues",
+            "grid_size",
+            "num_nucleus_codes",
+            "num_threshold_codes",
+            "text_dim",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

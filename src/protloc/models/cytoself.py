@@ -164,8 +164,19 @@ class CytoselfConfig:
             raise ConfigError(f"channels has duplicates: {self.channels!r}")
         if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 16:
             raise ConfigError(f"input_size must be an integer >= 16, got {self.input_size!r}")
-        positive = ("num_classes", "stem_channels", "local_dim", "global_dim", "global_split", "codebook_size1",
-                    "codebook_size2", "decoder1_width", "decoder2_width", "decoder_min_width", "fc_hidden")
+        positive = (
+            "num_classes",
+            "stem_channels",
+            "local_dim",
+            "global_dim",
+            "global_split",
+            "codebook_size1",
+            "codebook_size2",
+            "decoder1_width",
+            "decoder2_width",
+            "decoder_min_width",
+            "fc_hidden",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -371,8 +382,9 @@ class CytoselfEncoding(NamedTuple):
 
 def _classifier(in_features: int, hidden: int, num_classes: int) -> nn.Sequential:
     # Paper Methods: "a 2-layer perceptron ... fully connected layers with 1000 hidden units and ReLU".
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+    )
 
 
 class Cytoself(nn.Module):
@@ -402,25 +414,45 @@ class Cytoself(nn.Module):
         # EfficientNet ramps the stochastic-depth rate linearly over all blocks; encoder1 + encoder2 = B0.
         rates = [c.drop_path * i / (n1 + n2) for i in range(n1 + n2)]
 
-        self.encoder1 = MBConvEncoder(c.in_channels, c.local_dim, stem_channels=c.stem_channels, stem_stride=2,
-                                      stages=c.enc1_stages, drop_path=rates[:n1])
-        self.vq1 = VectorQuantizer(codebook_size=c.codebook_size1, dim=c.local_dim, split=1,
-                                   commitment_cost=c.commitment_cost)
-        self.encoder2 = MBConvEncoder(c.local_dim, c.global_dim, stem_channels=c.stem_channels, stem_stride=1,
-                                      stages=c.enc2_stages, drop_path=rates[n1:])
-        self.vq2 = VectorQuantizer(codebook_size=c.codebook_size2, dim=c.vq2_dim, split=c.vq2_split,
-                                   commitment_cost=c.commitment_cost)
+        self.encoder1 = MBConvEncoder(
+            c.in_channels,
+            c.local_dim,
+            stem_channels=c.stem_channels,
+            stem_stride=2,
+            stages=c.enc1_stages,
+            drop_path=rates[:n1],
+        )
+        self.vq1 = VectorQuantizer(
+            codebook_size=c.codebook_size1, dim=c.local_dim, split=1, commitment_cost=c.commitment_cost
+        )
+        self.encoder2 = MBConvEncoder(
+            c.local_dim,
+            c.global_dim,
+            stem_channels=c.stem_channels,
+            stem_stride=1,
+            stages=c.enc2_stages,
+            drop_path=rates[n1:],
+        )
+        self.vq2 = VectorQuantizer(
+            codebook_size=c.codebook_size2, dim=c.vq2_dim, split=c.vq2_split, commitment_cost=c.commitment_cost
+        )
 
         self.decoder1: ResidualDecoder | None = None
         self.decoder2: ResidualDecoder | None = None
         if c.use_decoder:
-            common = dict(residual_layers=c.residual_layers, min_width=c.decoder_min_width, linear_output=True,
-                          second_kernel_size=c.residual_second_kernel)
+            common = dict(
+                residual_layers=c.residual_layers,
+                min_width=c.decoder_min_width,
+                linear_output=True,
+                second_kernel_size=c.residual_second_kernel,
+            )
             # decoder2's linear output conv is the paper's "mselyr1" (adapts to z1's 64 channels).
-            self.decoder2 = ResidualDecoder(c.global_dim, c.decoder2_width, c.local_dim, sizes=c.decoder2_sizes,
-                                            **common)
-            self.decoder1 = ResidualDecoder(c.local_dim + c.global_dim, c.decoder1_width, c.in_channels,
-                                            sizes=c.decoder1_sizes, **common)
+            self.decoder2 = ResidualDecoder(
+                c.global_dim, c.decoder2_width, c.local_dim, sizes=c.decoder2_sizes, **common
+            )
+            self.decoder1 = ResidualDecoder(
+                c.local_dim + c.global_dim, c.decoder1_width, c.in_channels, sizes=c.decoder1_sizes, **common
+            )
 
         self.fc1: nn.Sequential | None = None
         self.fc2: nn.Sequential | None = None

@@ -442,10 +442,40 @@ class LearnedEmbedder(Embedder):
 #: The ESM-1b / ESM-2 vocabulary (33 tokens), as in fair-esm's ``Alphabet.from_architecture("ESM-1b")``
 #: and the Hugging Face ESM tokenizers; used when a transformers folder has no ``vocab.txt``.
 _ESM_VOCAB = (
-    "<cls>", "<pad>", "<eos>", "<unk>",
-    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
-    "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>",
-)  # fmt: skip
+    "<cls>",
+    "<pad>",
+    "<eos>",
+    "<unk>",
+    "L",
+    "A",
+    "G",
+    "V",
+    "S",
+    "E",
+    "R",
+    "T",
+    "I",
+    "D",
+    "P",
+    "K",
+    "Q",
+    "N",
+    "F",
+    "Y",
+    "M",
+    "H",
+    "W",
+    "C",
+    "X",
+    "B",
+    "U",
+    "Z",
+    "O",
+    ".",
+    "-",
+    "<null_1>",
+    "<mask>",
+)
 
 
 def _esm_lookup(vocab: Mapping[str, int]) -> Tensor:

@@ -63,8 +63,15 @@ class ConvBNAct(nn.Sequential):
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}")
         layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                      groups=groups, bias=False),
+            nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=kernel_size // 2,
+                groups=groups,
+                bias=False,
+            ),
             nn.BatchNorm2d(out_channels),
         ]
         if act:
@@ -163,9 +170,7 @@ class MBConv(nn.Module):
         if expand_ratio < 1:
             raise ValueError(f"expand_ratio must be >= 1, got {expand_ratio}")
         hidden = in_channels * expand_ratio
-        self.expand = (
-            ConvBNAct(in_channels, hidden, kernel_size=1) if expand_ratio != 1 else nn.Identity()
-        )
+        self.expand = ConvBNAct(in_channels, hidden, kernel_size=1) if expand_ratio != 1 else nn.Identity()
         self.depthwise = ConvBNAct(hidden, hidden, kernel_size=kernel_size, stride=stride, groups=hidden)
         self.se = SqueezeExcite(hidden, squeeze_channels=max(1, int(in_channels * se_ratio)))
         self.project = ConvBNAct(hidden, out_channels, kernel_size=1, act=False)
@@ -219,8 +224,16 @@ class MBConvEncoder(nn.Module):
         width = stem_channels
         for expand, kernel, stride, out, repeats in stages:
             for r in range(repeats):
-                blocks.append(MBConv(width, out, expand_ratio=expand, kernel_size=kernel,
-                                     stride=stride if r == 0 else 1, drop_path=rates[len(blocks)]))
+                blocks.append(
+                    MBConv(
+                        width,
+                        out,
+                        expand_ratio=expand,
+                        kernel_size=kernel,
+                        stride=stride if r == 0 else 1,
+                        drop_path=rates[len(blocks)],
+                    )
+                )
                 width = out
         self.blocks = nn.Sequential(*blocks)
         self.head = ConvBNAct(width, out_channels, kernel_size=1)
@@ -338,16 +351,16 @@ class ResidualDecoder(nn.Module):
         w = width
         for size in self.sizes:
             w_next = max(min_width, w // 2)
-            steps.append(nn.Sequential(
-                _Upsample(size),
-                ResidualStack(w, num_layers=residual_layers, second_kernel_size=second_kernel_size),
-                ConvBNAct(w, w_next, kernel_size=1),
-            ))
+            steps.append(
+                nn.Sequential(
+                    _Upsample(size),
+                    ResidualStack(w, num_layers=residual_layers, second_kernel_size=second_kernel_size),
+                    ConvBNAct(w, w_next, kernel_size=1),
+                )
+            )
             w = w_next
         self.steps = nn.Sequential(*steps)
-        self.output = (
-            nn.Conv2d(w, out_channels, 1) if linear_output else ConvBNAct(w, out_channels, kernel_size=1)
-        )
+        self.output = nn.Conv2d(w, out_channels, 1) if linear_output else ConvBNAct(w, out_channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.output(self.steps(self.input(x)))

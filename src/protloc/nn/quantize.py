@@ -101,9 +101,7 @@ class VectorQuantizer(nn.Module):
     def __init__(self, *, codebook_size: int, dim: int, split: int = 1, commitment_cost: float = 0.25):
         super().__init__()
         if codebook_size < 1 or dim < 1 or split < 1:
-            raise ValueError(
-                f"codebook_size, dim and split must be positive, got {codebook_size}, {dim}, {split}"
-            )
+            raise ValueError(f"codebook_size, dim and split must be positive, got {codebook_size}, {dim}, {split}")
         if commitment_cost < 0:
             raise ValueError(f"commitment_cost must be >= 0, got {commitment_cost}")
         self.codebook_size = codebook_size

@@ -197,8 +197,18 @@ def world_proteins(
     dup = df["protein_id"][df["protein_id"].duplicated()]
     if len(dup):
         raise ConfigError(f"duplicate protein_id {dup.iloc[0]!r} in the world table (an engineered name clash?)")
-    return df[["protein_id", "gene_name", "uniprot_id", "label", *WEIGHT_COLUMNS,
-               "nucleus_proportion_expected", "engineered", "sequence"]]  # fmt: skip
+    return df[
+        [
+            "protein_id",
+            "gene_name",
+            "uniprot_id",
+            "label",
+            *WEIGHT_COLUMNS,
+            "nucleus_proportion_expected",
+            "engineered",
+            "sequence",
+        ]
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,8 +379,19 @@ def make_world(
         finally:
             bar.close()
         mode = "protein_table" if protein_table is not None else mode  # what world.json records
-        _write_tables(tmp, table, imaged, jobs, results, params=params, seed=seed, mode=mode,
-                      proteins=proteins, fovs=fovs, include_engineered=include_engineered)  # fmt: skip
+        _write_tables(
+            tmp,
+            table,
+            imaged,
+            jobs,
+            results,
+            params=params,
+            seed=seed,
+            mode=mode,
+            proteins=proteins,
+            fovs=fovs,
+            include_engineered=include_engineered,
+        )
     logger.info("wrote the %s world (%d proteins, %d fields of view) to %s", mode, len(imaged), len(jobs), out_path)
     return out_path
 
