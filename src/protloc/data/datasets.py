@@ -567,7 +567,44 @@ class CropBatchSampler(Sampler[list[int]]):
 _SALT_CROP_Y, _SALT_CROP_X, _SALT_FLIP, _SALT_WINDOW = 11, 12, 13, 14
 
 
-class CelleDataset(Dataset):
+class _CropView(Dataset):
+    """What a dataset that reads its crops through a :class:`CropDataset` (``self.base``) shares.
+
+    Subclasses set ``base`` and ``epoch`` and implement ``__getitems__`` (batched reads, one Zarr read per
+    chunk); items, lengths, store rows and chunking are the base dataset's.
+    """
+
+    base: CropDataset
+    epoch: int
+
+    @property
+    def crop_index(self) -> np.ndarray:
+        """Store rows of the items (for :class:`CropBatchSampler`)."""
+        return self.base.crop_index
+
+    @property
+    def chunk_size(self) -> int:
+        """Crops per Zarr chunk of the store."""
+        return self.base.chunk_size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random draws (crop offsets, flips, sequence windows) of pass ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= int(i) < n:
+            raise IndexError(f"item {i} out of range for a dataset of {n} crops")
+        return self.__getitems__([int(i) % n])[0]
+
+    def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class CelleDataset(_CropView):
     """Paired nucleus and protein-threshold images with the protein's sequence (CELL-E, paper S.3.6).
 
     Reads a CELL-E crop store of ``protloc prepare`` (``celle.zarr``: ``nucleus`` and ``protein`` in
@@ -678,29 +715,6 @@ class CelleDataset(Dataset):
         self.epoch = 0
         self.split = split
 
-    @property
-    def crop_index(self) -> np.ndarray:
-        """Store rows of the items (for :class:`CropBatchSampler`)."""
-        return self.base.crop_index
-
-    @property
-    def chunk_size(self) -> int:
-        """Crops per Zarr chunk of the store."""
-        return self.base.chunk_size
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the random draws of pass ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        n = len(self)
-        if not -n <= int(i) < n:
-            raise IndexError(f"item {i} out of range for a dataset of {n} crops")
-        return self.__getitems__([int(i) % n])[0]
-
     def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]]:
         """Batched fetch used by :class:`~torch.utils.data.DataLoader` (one Zarr read per chunk)."""
         batch = self.read_batch(items)
@@ -780,7 +794,7 @@ class CelleDataset(Dataset):
         )
 
 
-class VQGANCrops(Dataset):
+class VQGANCrops(_CropView):
     """Single-channel images for a tokenizer, from a CELL-E crop store (lazy Zarr reads).
 
     Items are ``{"image": float32 [1, S, S], "index": int64}`` plus ``"nucleus"`` ``[1, S, S]`` when
@@ -844,30 +858,6 @@ class VQGANCrops(Dataset):
         self.augment = bool(augment)
         self.seed = int(seed)
         self.epoch = 0
-
-    @property
-    def crop_index(self) -> np.ndarray:
-        """Store rows of the items (for :class:`CropBatchSampler`)."""
-        return self.base.crop_index
-
-    @property
-    def chunk_size(self) -> int:
-        """Crops per Zarr chunk of the store."""
-        return self.base.chunk_size
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation draw of pass ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        n = len(self)
-        if not -n <= int(i) < n:
-            raise IndexError(f"item {i} out of range for a dataset of {n} crops")
-        batch = self.read_batch([int(i) % n])
-        return {k: v[0] for k, v in batch.items()}
 
     def __getitems__(self, items: Sequence[int]) -> list[dict[str, Tensor]]:
         """Batched fetch used by :class:`~torch.utils.data.DataLoader` (one Zarr read per chunk)."""
