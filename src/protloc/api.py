@@ -303,7 +303,7 @@ def screen(
 
     The variants are :func:`protloc.commands.screen.screen_variants`, predicted by
     :func:`protloc.commands.screen.screen` (as ``protloc screen``). Returns the
-    :func:`~protloc.analysis.screens.run_screen` table (wild type first; ``nucleus_proportion``,
+    :func:`~protloc.analysis.screens.predict_variants` table (wild type first; ``nucleus_proportion``,
     ``delta``, ...); draw it with :func:`plot_screen`. For residue attention use
     :func:`protloc.commands.screen.attention` or :func:`protloc.analysis.screens.residue_attention`
     with :func:`load_celle`.

@@ -10,7 +10,7 @@ The test trains everything itself, from nothing, in ``tmp_path`` (no shipped wei
    renderer draws their fields of view. The NLS is the only thing that tells the two classes apart.
 2. ``protloc prepare`` (:func:`protloc.data.prepare.prepare`): cell-centred 64 px CELL-E crops.
 3. Two tiny VQGAN tokenizers (nucleus, threshold) and a tiny CELL-E on 16 px images (4 x 4 token grids).
-4. An insertion screen (:func:`protloc.analysis.screens.run_screen`) on *held-out* diffuse proteins (not
+4. An insertion screen (:func:`protloc.analysis.screens.predict_variants`) on *held-out* diffuse proteins (not
    in the world): the SV40 NLS ``PKKKRKV`` and three random signal-free control peptides of the same
    length (the paper's "GFP + a random peptide"), each inserted mid-sequence and appended, averaged over
    proteins, three nucleus images and samples.
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from protloc.analysis.screens import insertion_variants, run_screen
+from protloc.analysis.screens import insertion_variants, predict_variants
 from protloc.config import apply_overrides
 from protloc.data.datasets import CelleDataset
 from protloc.data.prepare import PrepareConfig, prepare
@@ -248,7 +248,7 @@ def test_nls_insertion_raises_predicted_nucleus_proportion(tmp_path):
         for v in variants[1:]:  # the world's own rules: the NLS makes the protein nuclear, a control does not
             expected = _nuclear_weight(v.sequence) - _nuclear_weight(seq)
             assert (expected > 0.4) if v.name.startswith("NLS") else (abs(expected) < 0.01), (v.name, expected)
-        tables += [run_screen(run, variants, nuc, sampling=sampling) for nuc in nuclei]
+        tables += [predict_variants(run, variants, nuc, sampling=sampling) for nuc in nuclei]
     screen = pd.concat(tables)
     delta = screen.groupby(screen["name"].str.extract(r"^([A-Za-z]+)", expand=False))["delta"].mean()
     by_variant = screen.groupby("name")["delta"].mean()

@@ -18,8 +18,8 @@ from protloc.analysis.screens import (
     deletion_scan,
     insertion_variants,
     mutational_scan,
+    predict_variants,
     residue_attention,
-    run_screen,
     truncation_series,
 )
 from protloc.errors import ConfigError, InputError
@@ -134,14 +134,14 @@ def test_variant_kind_checked():
         Variant("x", "MK", "frameshift")
 
 
-# ---------------------------------------------------------------------------------------------- run_screen
+# ---------------------------------------------------------------------------------------------- predict_variants
 
 
 def test_run_screen_table(run, image):
     vs = insertion_variants(LONG, {"NLS": "PKKKRKV"}, positions=["start", "end"])
     vs += mutational_scan(LONG, positions=[2, 40])[1:]
     calls = []
-    df = run_screen(
+    df = predict_variants(
         run,
         vs,
         image,
@@ -161,7 +161,7 @@ def test_run_screen_table(run, image):
     assert list(df["input_changed"]) == [False, True, False, True, False]
     assert np.abs(df["delta"][~df["input_changed"]]).max() < 1e-6
     # One sample: no spread.
-    one = run_screen(run, vs[:2], image)
+    one = predict_variants(run, vs[:2], image)
     assert one["sd"].isna().all()
 
 
@@ -169,15 +169,15 @@ def test_run_screen_batch_independent_common_random_numbers(run, image):
     """Each variant gets the same noise whatever its batch and batch position, and alone equals predict."""
     vs = insertion_variants(WT, {"NLS": "PKKKRKV"}, positions=["start", 8, "end"]) + deletion_scan(WT, window=8)[1:]
     sampling = SamplingConfig(samples=2, seed=7)
-    a = run_screen(run, vs, image, sampling=sampling, batch_size=5).set_index("name")
-    b = run_screen(run, vs[::-1], image, sampling=sampling, batch_size=2).set_index("name")
+    a = predict_variants(run, vs, image, sampling=sampling, batch_size=5).set_index("name")
+    b = predict_variants(run, vs[::-1], image, sampling=sampling, batch_size=2).set_index("name")
     np.testing.assert_allclose(a["nucleus_proportion"], b.loc[a.index, "nucleus_proportion"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(a["sd"], b.loc[a.index, "sd"], rtol=0, atol=1e-6)
     # A variant alone == predict with the same sampling (same noise for a batch of one).
     ref = predict(run, [vs[2].sequence], image, sampling=sampling)["nucleus_proportion"]
     assert abs(float(ref[0]) - a.loc[vs[2].name, "nucleus_proportion"]) < 1e-6
     # Another seed changes the draws.
-    c = run_screen(run, vs[:2], image, sampling=SamplingConfig(samples=2, seed=8))
+    c = predict_variants(run, vs[:2], image, sampling=SamplingConfig(samples=2, seed=8))
     assert not np.allclose(c["nucleus_proportion"], a["nucleus_proportion"].iloc[:2], rtol=0, atol=1e-7)
 
 
@@ -185,21 +185,21 @@ def test_run_screen_masked_and_per_variant_images():
     run = _run("masked")
     vs = mutational_scan(WT, positions=[0, 1])
     images = torch.rand(len(vs), 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    df = run_screen(run, vs, images, sampling=SamplingConfig(samples=1, steps=2), batch_size=2)
-    alone = run_screen(run, vs[1:2], images[1:2], sampling=SamplingConfig(samples=1, steps=2))
+    df = predict_variants(run, vs, images, sampling=SamplingConfig(samples=1, steps=2), batch_size=2)
+    alone = predict_variants(run, vs[1:2], images[1:2], sampling=SamplingConfig(samples=1, steps=2))
     assert abs(df["nucleus_proportion"].iloc[1] - alone["nucleus_proportion"].iloc[0]) < 1e-6
 
 
 def test_run_screen_errors(run, image):
     vs = mutational_scan(WT, positions=[0])
     with pytest.raises(InputError):
-        run_screen(run, [], image)
+        predict_variants(run, [], image)
     with pytest.raises(InputError):
-        run_screen(run, vs, torch.rand(3, 1, 32, 32))  # neither 1 nor len(vs) images
+        predict_variants(run, vs, torch.rand(3, 1, 32, 32))  # neither 1 nor len(vs) images
     with pytest.raises(InputError):
-        run_screen(run, vs, image * 2 + 0.5)
+        predict_variants(run, vs, image * 2 + 0.5)
     with pytest.raises(InputError):
-        run_screen(run, [WT], image)  # a string, not a Variant
+        predict_variants(run, [WT], image)  # a string, not a Variant
 
 
 # ---------------------------------------------------------------------------------------------- attention

@@ -10,7 +10,7 @@ Khwaja et al., CELL-E, Sec. 2.3 ("Analysis of NLS using CELL-E"), Fig. 4-6 and S
 - Fig. 6 / S.3.8: attention from the generated threshold-image patches back to the residues, compared
   between patches where protein is present and background patches (:func:`residue_attention`).
 
-:func:`run_screen` predicts every variant and tabulates its nucleus proportion (S.3.7) and the change from
+:func:`predict_variants` predicts every variant and tabulates its nucleus proportion (S.3.7) and the change from
 the wild type. The engineered constructs of the paper (GFP, GFP + NLS variants, the TOP1 series) ship with
 the synthetic world in ``protloc/data/world/assets/engineered.fasta``.
 
@@ -71,7 +71,7 @@ __all__ = [
     "insertion_variants",
     "mutational_scan",
     "residue_attention",
-    "run_screen",
+    "predict_variants",
     "truncation_series",
 ]
 
@@ -89,7 +89,7 @@ SCREEN_COLUMNS = (
     "delta",
     "input_changed",
 )
-"""Columns of the :func:`run_screen` table, in order."""
+"""Columns of the :func:`predict_variants` table, in order."""
 
 WILD_TYPE = "wild type"
 
@@ -353,7 +353,7 @@ def _check_run(run: CelleRun) -> None:
         )
 
 
-def run_screen(
+def predict_variants(
     run: CelleRun,
     variants: Sequence[Variant],
     nucleus_images: Tensor,
@@ -478,7 +478,7 @@ def construct_experiment(
     """Engineered constructs against several nucleus images: the GFP / GFP + NLS experiment (paper Fig. 4).
 
     Every construct is predicted against each nucleus image with the same sampling noise (common random
-    numbers, :func:`run_screen`), so the change from the reference construct on one image reflects the
+    numbers, :func:`predict_variants`), so the change from the reference construct on one image reflects the
     sequence alone; its spread over the images says how robust the change is.
 
     Parameters
@@ -534,7 +534,7 @@ def construct_experiment(
         raise InputError(f"nucleus images must be [N, 1, S, S], got {list(images.shape)}")
     rows = []
     for j in tqdm(range(images.shape[0]), desc="constructs", unit="nucleus", disable=not progress, dynamic_ncols=True):
-        table = run_screen(run, variants, images[j : j + 1], sampling=sampling, batch_size=batch_size)
+        table = predict_variants(run, variants, images[j : j + 1], sampling=sampling, batch_size=batch_size)
         for name, prop, delta in zip(table["name"], table["nucleus_proportion"], table["delta"], strict=True):
             rows.append({"image": j, "construct": name, "nucleus_proportion": float(prop), "delta": float(delta)})
     per_image = pd.DataFrame(rows, columns=["image", "construct", "nucleus_proportion", "delta"])

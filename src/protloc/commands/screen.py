@@ -217,12 +217,12 @@ def screen(
     Returns
     -------
     pandas.DataFrame
-        The :func:`~protloc.analysis.screens.run_screen` table (wild type first; ``nucleus_proportion``,
+        The :func:`~protloc.analysis.screens.predict_variants` table (wild type first; ``nucleus_proportion``,
         ``sd``, ``delta``, ``input_changed``, ...).
     """
     import torch
 
-    from protloc.analysis.screens import run_screen as predict_variants
+    from protloc.analysis.screens import predict_variants
 
     check_batch_size(batch_size)
     nuc = model_nucleus(run, nucleus)
@@ -346,7 +346,7 @@ def run_screen(
     :func:`~protloc.commands.predict.run_predict`, default the reference nucleus) with the same sampling
     noise (common random numbers), so a ``delta`` reflects the sequence change. Writes into ``out`` (a
     folder written beside it and moved into place when complete): ``screen.csv`` (the
-    :func:`~protloc.analysis.screens.run_screen` table, wild type first), ``screen.png``
+    :func:`~protloc.analysis.screens.predict_variants` table, wild type first), ``screen.png``
     (:func:`~protloc.plotting.screens.plot_screen`) and ``summary.json``; for ``"attention"``
     ``attention.csv`` (``residue``, ``position`` 1-based, ``present``, ``background``, ``difference``),
     ``attention.png`` and ``summary.json``.

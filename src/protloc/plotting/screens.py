@@ -1,7 +1,7 @@
 """Figures of in-silico screens and residue attention (CELL-E Fig. 4-6).
 
 - :func:`plot_screen`: the change in nucleus proportion of every variant of
-  :func:`protloc.analysis.screens.run_screen`, along the sequence when every variant has its own
+  :func:`protloc.analysis.screens.predict_variants`, along the sequence when every variant has its own
   position (deletion scans, truncation series, one substitution per position), as points per position
   when several variants share one (full mutational scans), else one bar per variant (insertion screens).
 - :func:`plot_constructs`: the engineered-construct experiment (GFP vs GFP + NLS, Fig. 4) over several
@@ -41,7 +41,7 @@ def plot_screen(df: pd.DataFrame, *, ax: Axes | None = None, title: str | None =
     Parameters
     ----------
     df
-        The table of :func:`~protloc.analysis.screens.run_screen` (columns ``name``, ``kind``, ``position``,
+        The table of :func:`~protloc.analysis.screens.predict_variants` (columns ``name``, ``kind``, ``position``,
         ``nucleus_proportion``, ``delta``, optionally ``sd``); row 0 is the reference (wild type).
     ax
         Axes to draw on; default a new figure.
