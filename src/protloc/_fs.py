@@ -6,14 +6,18 @@ bad input never leaves a half-written file where a good one was (or should be).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,10 @@ __all__ = [
     "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
+    "check_inputs",
     "check_out",
     "check_overwrite",
+    "release_outputs",
     "json_ready",
     "resumable_dir",
 ]
@@ -44,34 +50,165 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def check_overwrite(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse to replace an existing output file unless ``overwrite`` is set (``protloc embed``'s ``.h5ad``;
-    output folders go through :func:`check_out`).
+#: What a command reads, for the output guard: ``{"--checkpoint": path, "--fasta": path, ...}``; a value
+#: may also be several paths or ``None`` (not given).
+Inputs = Mapping[str, "str | os.PathLike | Iterable[str | os.PathLike] | None"]
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    # resolve(strict=False) follows the symlinks of the part that exists, so two spellings of one folder
+    # (a relative path, a link to it) compare equal.
+    return Path(os.path.expanduser(os.fspath(path))).resolve(strict=False)
+
+
+def _check_place(p: Path) -> None:
+    """Refuse an output whose nearest existing ancestor is not a folder (a parent that is a file)."""
+    for parent in _absolute(p).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"cannot write the output here: {parent} is a file, not a folder", path=p)
+            return
+
+
+def check_inputs(p: str | os.PathLike, inputs: Inputs | None) -> None:
+    """Refuse an output that is, contains or lies inside one of the command's inputs (even with --overwrite)."""
+    if not inputs:
+        return
+    out = _absolute(p)
+    for label, value in inputs.items():
+        if value is None:
+            continue
+        # Arrays (an in-memory nucleus image) and mappings (sequences given as text) are not files.
+        if isinstance(value, str | os.PathLike):
+            paths = [value]
+        elif isinstance(value, list | tuple):
+            paths = [v for v in value if isinstance(v, str | os.PathLike)]
+        else:
+            continue
+        for given in paths:
+            if not os.fspath(given):
+                continue
+            src = _absolute(given)
+            if src == out:
+                why = f"holds the input given as {label} (it is that input)"
+            elif out in src.parents:
+                why = f"holds the input given as {label} ({given}); replacing it would delete that input"
+            elif src in out.parents:
+                why = f"lies inside the input given as {label} ({given})"
+            else:
+                continue
+            raise InputError(f"the output {why}: choose another output (--overwrite does not change this)", path=p)
+
+
+# ---------------------------------------------------------------------------------------- output locks
+# A lock per output, so that a second run writing the same output refuses at once instead of silently
+# replacing the first run's result when it finishes. The lock files live in one folder per user (not beside
+# the output, which stays clean) and name the process that holds them; a lock whose process is gone (a
+# killed run) is cleared. This protects runs on one machine (the folder is local).
+_LOCK_DIR = Path(os.environ.get("PROTLOC_LOCK_DIR") or Path(tempfile.gettempdir()) / f"protloc-locks-{os.getuid()}")
+_HELD: dict[Path, Path] = {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _lock(p: Path) -> None:
+    out = _absolute(p)
+    if out in _HELD:
+        return
+    _LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    lock = _LOCK_DIR / (hashlib.sha256(str(out).encode()).hexdigest()[:24] + ".lock")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "output": str(out), "started": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(lock.read_text(encoding="utf-8"))
+                pid, host = int(held["pid"]), str(held["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host = -1, me["host"]  # unreadable: a write cut off by a kill
+            if host == me["host"] and (pid == me["pid"] or pid < 0 or not _alive(pid)):
+                logger.info("clearing a stale lock on %s (process %s is gone)", out, pid)
+                lock.unlink(missing_ok=True)
+                continue
+            started = time.strftime("%H:%M:%S", time.localtime(float(held.get("started", 0))))
+            raise InputError(
+                f"another protloc run (process {pid} on {host}, started {started}) is writing this output; "
+                f"wait for it or choose another output (if that run is gone, remove {lock})",
+                path=p,
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(me, fh)
+        _HELD[out] = lock
+        return
+    raise InputError(f"cannot take the lock {lock} of this output", path=p)
+
+
+def _release(path: str | os.PathLike) -> None:
+    lock = _HELD.pop(_absolute(path), None)
+    if lock is not None:
+        lock.unlink(missing_ok=True)
+
+
+def release_outputs() -> None:
+    """Release the output locks this process holds (the command line does it after every command)."""
+    for out in list(_HELD):
+        _release(out)
+
+
+atexit.register(release_outputs)
+
+
+def check_overwrite(path: str | os.PathLike, *, overwrite: bool, inputs: Inputs | None = None) -> Path:
+    """The guard of an output file (``protloc embed``'s ``.h5ad``; output folders go through :func:`check_out`).
+
+    Refuses (one line naming the file) a file that exists unless ``overwrite``, a file that is one of the
+    command's ``inputs`` (even with ``overwrite``), a place whose parent is a file, and a file another run is
+    writing (see :func:`check_out`). Returns the path as a :class:`~pathlib.Path`.
+    """
+    p = Path(path)
+    _check_place(p)
+    check_inputs(p, inputs)
+    if p.exists() and not overwrite:
+        raise InputError("output already exists (pass --overwrite to replace it)", path=p)
+    if p.is_dir():
+        raise InputError("the output is a folder, not a file", path=p)
+    _lock(p)
+    return p
+
+
+def check_out(path: str | os.PathLike, *, overwrite: bool, inputs: Inputs | None = None) -> Path:
+    """The guard of every command's output folder, called before the slow work.
+
+    Used by ``protloc world make``, ``prepare``, ``import``, ``atlas``, ``spectrum``, ``interpret``,
+    ``predict``, ``fill``, ``screen`` and ``evaluate``; the folder is then written beside ``path`` and moved
+    into place when complete (:func:`atomic_dir`). Refuses, in one line naming the folder:
+
+    - an existing folder that is not empty, unless ``overwrite`` (an empty folder is fine);
+    - an output that is, contains or lies inside one of the command's ``inputs`` (checkpoints, stores,
+      tables, images), even with ``overwrite``: replacing it would delete what the command reads;
+    - a place whose parent is a regular file;
+    - an output another protloc process is writing: a lock is held from here until the folder is in place
+      (or the command ends); a lock left by a killed run is cleared.
 
     Returns the path as a :class:`~pathlib.Path`.
     """
     p = Path(path)
-    if p.exists() and not overwrite:
-        raise InputError("output already exists (pass --overwrite to replace it)", path=p)
-    return p
-
-
-def check_out(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse an existing output folder that is not empty unless ``overwrite`` (an empty folder is fine).
-
-    The one guard of every command's output folder (``protloc world make``, ``prepare``, ``import``,
-    ``atlas``, ``spectrum``, ``interpret``, ``predict``, ``fill``, ``screen``, ``evaluate``): called before
-    the slow work, then the folder is written beside ``path`` and moved into place when complete
-    (:func:`atomic_dir`). Returns the path as a :class:`~pathlib.Path`.
-
-    Raises
-    ------
-    InputError
-        ``path`` exists, is not an empty folder, and ``overwrite`` is False.
-    """
-    p = Path(path)
+    _check_place(p)
+    check_inputs(p, inputs)
     if p.exists() and not overwrite and (not p.is_dir() or any(p.iterdir())):
         raise InputError("output already exists and is not empty (pass --overwrite to replace it)", path=p)
+    if p.exists() and not p.is_dir():
+        raise InputError("the output is a file, not a folder", path=p)
+    _lock(p)
     return p
 
 
@@ -95,6 +232,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    finally:
+        _release(dest)  # the output guard's lock, when this is the guarded output (check_overwrite)
 
 
 @contextlib.contextmanager
@@ -120,6 +259,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _release(dest)  # the output guard's lock, when this is the guarded output (check_out)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from protloc import __version__
+from protloc._fs import release_outputs
 from protloc.errors import ProtlocError
 
 
@@ -342,8 +343,9 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         if args.write_config is not None:
             import yaml
 
-            from protloc._fs import atomic_write_text
+            from protloc._fs import atomic_write_text, check_overwrite
 
+            check_overwrite(args.write_config, overwrite=args.overwrite)
             atomic_write_text(args.write_config, yaml.safe_dump(recipe["training_config"], sort_keys=False))
             print(f"training config of {args.name} written to {args.write_config}; reproduce it with:")
             print("  " + recipe["command"].replace("recipe.yaml", str(args.write_config)))
@@ -390,6 +392,7 @@ def _add_weights(subparsers) -> None:
         metavar="YAML",
         help="write NAME's training configuration to this YAML (for `protloc train ... --config`)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --write-config file")
     p.set_defaults(func=_cmd_weights)
 
 
@@ -1339,6 +1342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        release_outputs()  # locks of outputs a failed command never reached (protloc._fs.check_out)
 
 
 if __name__ == "__main__":  # pragma: no cover

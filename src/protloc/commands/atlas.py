@@ -190,7 +190,9 @@ def run_atlas(
     """
     from protloc.plotting.atlas import atlas_html, plot_atlas
 
-    out = check_out(out, overwrite=overwrite)
+    out = check_out(
+        out, overwrite=overwrite, inputs={"--embeddings": embeddings, "--store": store, "--complexes": complexes}
+    )
     adata = load_embeddings(embeddings, split=split, keys=["global"])
     cmap = read_complexes(complexes)
     # UMAP has no progress to report; say what is running (about a minute for 6,000 crops on 2 cores)

@@ -377,7 +377,9 @@ def run_evaluate(
     """
     t_start = time.perf_counter()
     _check_options(checkpoints, names, sampling, batch_size, max_crops)
-    out = check_out(out, overwrite=overwrite)
+    out = check_out(
+        out, overwrite=overwrite, inputs={"--checkpoint": list(checkpoints), "--store": store, "--sequences": sequences}
+    )
     metrics, per_image, per_protein = evaluate_models(
         checkpoints,
         store=store,

@@ -197,7 +197,17 @@ def run_fill(
     # parse_masked names the sequence and residue on bad input, before anything is loaded.
     records = gather_sequences(sequences, fasta, check=_check_masked)
     sampling = sampling if sampling is not None else SamplingConfig()
-    out = check_out(out, overwrite=overwrite)
+    out = check_out(
+        out,
+        overwrite=overwrite,
+        inputs={
+            "--checkpoint": checkpoint,
+            "--fasta": fasta,
+            "--threshold": threshold,
+            "--nucleus": nucleus,
+            "--embedder-path": embedder_path,
+        },
+    )
     device = resolve_device(device)
     run = load_celle(checkpoint, device=device, precision=precision, embedder_path=embedder_path)
     nuc = model_nucleus(run, nucleus)

@@ -146,7 +146,7 @@ def run_interpret(
     """
     from protloc.plotting.interpret import plot_feature_zeroing
 
-    out = check_out(out, overwrite=overwrite)
+    out = check_out(out, overwrite=overwrite, inputs={"--checkpoint": checkpoint, "--store": store})
     images, result = feature_zeroing(
         store,
         protein=protein,

@@ -244,7 +244,11 @@ def run_predict(
     records = gather_sequences(sequences, fasta)
     sampling = sampling if sampling is not None else SamplingConfig()
     check_batch_size(batch_size)
-    out = check_out(out, overwrite=overwrite)
+    out = check_out(
+        out,
+        overwrite=overwrite,
+        inputs={"--checkpoint": checkpoint, "--fasta": fasta, "--nucleus": nucleus, "--embedder-path": embedder_path},
+    )
     t_load = time.perf_counter()
     device = resolve_device(device)
     run = load_celle(checkpoint, device=device, precision=precision, embedder_path=embedder_path)

@@ -409,7 +409,9 @@ def run_screen(
         )
     else:
         variants, mode_settings = [], {"method": method, "present_min": present_min, "background_max": background_max}
-    out = check_out(out, overwrite=overwrite)
+    out = check_out(
+        out, overwrite=overwrite, inputs={"--checkpoint": checkpoint, "--fasta": fasta, "--nucleus": nucleus}
+    )
     device = resolve_device(device)
     run = load_celle(checkpoint, device=device, precision=precision, embedder_path=embedder_path)
     nuc = model_nucleus(run, nucleus)

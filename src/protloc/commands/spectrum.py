@@ -122,7 +122,7 @@ def run_spectrum(
     key = _INDEX_KEYS.get(level)
     if key is None:
         raise InputError(f"level must be local or global, got {level!r}")
-    out = check_out(out, overwrite=overwrite)
+    out = check_out(out, overwrite=overwrite, inputs={"--embeddings": embeddings})
     adata = load_embeddings(embeddings, split=split, keys=[key])
     spec, order = spectra(adata, level=level, n_clusters=n_clusters)
     for q in queries:

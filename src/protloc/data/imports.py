@@ -455,7 +455,7 @@ def import_cytoself_crops(
     if isinstance(crop_size, bool) or not isinstance(crop_size, int | np.integer) or crop_size < 1:
         raise ConfigError(f"crop_size must be a positive integer, got {crop_size!r}")
     layout = _cyto_layout(src)
-    out = check_out(out, overwrite=overwrite)
+    out = check_out(out, overwrite=overwrite, inputs={"the crops folder": src})
     _check_inputs_outside(out, [src])
 
     stacks: CytoselfStacks | None = None
@@ -691,7 +691,7 @@ def import_celle_manifest(
         raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
     size = int(image_size)
     fr = _fractions(fractions, kind="celle")
-    out = check_out(out, overwrite=overwrite)
+    out = check_out(out, overwrite=overwrite, inputs={"the manifest": manifest})
     df = read_celle_manifest(manifest)
     _check_inputs_outside(out, [manifest, *(Path(p) for c in ("nucleus_image", "protein_image") for p in df[c])])
     pids, seqs = _manifest_sequences(df, manifest)

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from protloc._fs import atomic_dir, atomic_path, check_out, resumable_dir
+from protloc._fs import atomic_dir, atomic_path, check_inputs, check_out, resumable_dir
 from protloc.config import config_to_dict, save_config
 from protloc.data.io import CropStore, read_table, write_table
 from protloc.data.opencell import read_fov
@@ -523,8 +523,10 @@ def prepare(
     """
     cfg = config or PrepareConfig()
     fov_table = Path(fov_table)
-    out = check_out(out, overwrite=overwrite)
+    out = check_out(out, overwrite=overwrite, inputs={"--fovs": fov_table, "--sequences": sequences})
     fovs = read_fov_table(fov_table)
+    # The images the table names are inputs too: an output holding them would delete them on --overwrite.
+    check_inputs(out, {f"{fov_table.name} 'path'": [str(x) for x in fovs["path"]]})
     seqs = _collect_sequences(fovs, fov_table, sequences)
     do_cytoself = cfg.cytoself and cfg.params.cytoself_size > 0
     do_celle = cfg.celle and cfg.params.celle_size > 0

@@ -104,7 +104,7 @@ def embed(
     pathlib.Path
         The written file.
     """
-    out = check_overwrite(out, overwrite=overwrite)
+    out = check_overwrite(out, overwrite=overwrite, inputs={"--checkpoint": checkpoint, "--store": store})
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_cytoself_for_inference(checkpoint, device=dev)
     cfg = model.config
