@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from protloc import __version__
 from protloc._fs import release_outputs
@@ -23,6 +25,94 @@ from protloc.errors import ProtlocError
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keep the example blocks as written and show defaults."""
+
+
+# ---------------------------------------------------------------------------------------- option types
+# Every count, size, seed, fraction and device is checked here, when the command line is parsed: a bad
+# value is one line naming the option (argparse: "argument --batch-size: ..."), before any work, and the
+# accepted range is written into the option's --help (_state_ranges).
+class _Number:
+    """An argparse ``type`` for a number in a range; ``range_text`` goes into the option's help."""
+
+    def __init__(self, kind: type, lo: float | None, hi: float | None = None, *, lo_open: bool = False) -> None:
+        self.kind, self.lo, self.hi, self.lo_open = kind, lo, hi, lo_open
+        word = "integer" if kind is int else "number"
+        show = (lambda v: str(int(v))) if kind is int else (lambda v: f"{v:g}")
+        parts = []
+        if lo is not None:
+            parts.append(f"{'>' if lo_open else '>='} {show(lo)}")
+        if hi is not None:
+            parts.append(f"<= {show(hi)}")
+        self.range_text = f"{word} {' and '.join(parts)}".strip()
+        self.article = "an" if kind is int else "a"
+        self.__name__ = word  # what argparse calls the type
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.article} {self.range_text}, got {text!r}") from None
+        if self.kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite {self.range_text}, got {text!r}")
+        low_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        if low_bad or (self.hi is not None and value > self.hi):
+            raise argparse.ArgumentTypeError(f"expected {self.article} {self.range_text}, got {text}")
+        return value
+
+
+#: At least one (counts of things to make, sizes, batch sizes, workers).
+_COUNT = _Number(int, 1)
+#: Zero or more (0 usually means "all" or "none", as the help says).
+_COUNT0 = _Number(int, 0)
+#: Seeds: what NumPy's and PyTorch's generators all accept.
+_SEED = _Number(int, 0, 2**32 - 1)
+_POSITIVE = _Number(float, 0, lo_open=True)
+_FRACTION = _Number(float, 0, 1, lo_open=True)
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (use cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this torch has no usable CUDA device (a CPU-only build, or no GPU); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: protloc runs on cpu, cuda or mps")
+    return text
+
+
+_device.range_text = "cpu, cuda, cuda:N or mps"  # type: ignore[attr-defined]
+
+
+def _state_ranges(parser: argparse.ArgumentParser) -> None:
+    """Write each typed option's accepted range into its help, in every subcommand."""
+    for action in parser._actions:
+        text = getattr(action.type, "range_text", None)
+        if text and action.help and action.help is not argparse.SUPPRESS and text not in action.help:
+            action.help = f"{action.help} [{text}]"
+        elif text and not action.help:
+            action.help = f"[{text}]"
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _state_ranges(sub)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _sub(subparsers, name: str, *, help: str, description: str, example: str) -> argparse.ArgumentParser:
@@ -78,14 +168,14 @@ def _add_world(subparsers) -> None:
         example="protloc world make --out runs/world --proteins 100 --fovs 4 --seed 0",
     )
     m.add_argument("--out", required=True, type=Path, help="output folder")
-    m.add_argument("--proteins", type=int, default=100, help="number of proteins (0 = all shipped ones)")
-    m.add_argument("--fovs", type=int, default=4, help="fields of view per protein")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--size", type=int, default=512, help="field-of-view side in pixels (~0.4 um/pixel)")
+    m.add_argument("--proteins", type=_COUNT0, default=100, help="number of proteins (0 = all shipped ones)")
+    m.add_argument("--fovs", type=_COUNT, default=4, help="fields of view per protein")
+    m.add_argument("--seed", type=_SEED, default=0)
+    m.add_argument("--size", type=_COUNT, default=512, help="field-of-view side in pixels (~0.4 um/pixel)")
     m.add_argument("--mode", choices=["real", "synthetic"], default="real")
-    m.add_argument("--z", type=int, default=1, help="z-slices per field (>1 writes *_stack.tif z-stacks)")
+    m.add_argument("--z", type=_COUNT, default=1, help="z-slices per field (>1 writes *_stack.tif z-stacks)")
     m.add_argument("--no-engineered", action="store_true", help="leave out the engineered GFP/NLS constructs")
-    m.add_argument("--workers", type=int, default=1, help="worker processes")
+    m.add_argument("--workers", type=_COUNT, default=1, help="worker processes")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.set_defaults(func=_cmd_world_make, _proteins_zero_is_all=True)
 
@@ -132,7 +222,7 @@ def _add_prepare(subparsers) -> None:
     p.add_argument("--sequences", type=Path, default=None, help="FASTA of protein sequences (ids = protein_id)")
     p.add_argument("--config", type=Path, default=None, help="YAML file with PrepareConfig keys")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. params.sigma=1.5")
-    p.add_argument("--workers", type=int, default=1, help="worker processes over fields of view")
+    p.add_argument("--workers", type=_COUNT, default=1, help="worker processes over fields of view")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument(
         "--no-resume",
@@ -214,14 +304,14 @@ def _add_import(subparsers) -> None:
     )
     c.add_argument("--src", required=True, type=Path, help="folder of the released .npy / .csv files")
     c.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
-    c.add_argument("--seed", type=int, default=0, help="split seed")
+    c.add_argument("--seed", type=_SEED, default=0, help="split seed")
     c.add_argument(
         "--fractions",
         default="paper",
         help="split fractions: paper (0.8/0.1/0.1), reference (0.82/0.098/0.082) or train=..,val=..,test=..",
     )
     c.add_argument("--stratify", action="store_true", help="split each protein's fields of view separately")
-    c.add_argument("--crop-size", type=int, default=100, help="expected crop side in pixels")
+    c.add_argument("--crop-size", type=_COUNT, default=100, help="expected crop side in pixels")
     c.add_argument(
         "--split-by-crop",
         action="store_true",
@@ -250,12 +340,12 @@ def _add_import(subparsers) -> None:
     )
     m.add_argument("--manifest", required=True, type=Path, help="the CELL-E manifest (CSV/TSV)")
     m.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
-    m.add_argument("--image-size", type=int, default=256, help="crop side in pixels (larger images: centre crop)")
+    m.add_argument("--image-size", type=_COUNT, default=256, help="crop side in pixels (larger images: centre crop)")
     m.add_argument(
         "--ignore-split", action="store_true", help="split proteins 80/20 even when the manifest has a split column"
     )
     m.add_argument("--fractions", default="paper", help="protein split fractions: paper (0.8/0.2) or train=..,val=..")
-    m.add_argument("--seed", type=int, default=0, help="protein split seed")
+    m.add_argument("--seed", type=_SEED, default=0, help="protein split seed")
     m.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="type of the stored images")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.set_defaults(func=_cmd_import_celle)
@@ -313,21 +403,21 @@ def _add_demo(subparsers) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     p.add_argument("--train", action="store_true", help="train the models instead of using the shipped weights")
-    p.add_argument("--train-scale", type=float, default=1.0, help="multiply every training schedule by this")
-    p.add_argument("--proteins", type=int, default=0, help="reference-world proteins (0 = all 384)")
-    p.add_argument("--fovs", type=int, default=4, help="fields of view per protein")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="processes for building and preparing the world")
+    p.add_argument("--train-scale", type=_POSITIVE, default=1.0, help="multiply every training schedule by this")
+    p.add_argument("--proteins", type=_COUNT0, default=0, help="reference-world proteins (0 = all 384)")
+    p.add_argument("--fovs", type=_COUNT, default=4, help="fields of view per protein")
+    p.add_argument("--seed", type=_SEED, default=0)
+    p.add_argument("--workers", type=_COUNT, default=2, help="processes for building and preparing the world")
     p.add_argument(
         "--allow-mismatch",
         action="store_true",
         help="use the shipped weights on a non-default world (the report warns)",
     )
-    p.add_argument("--eval-crops", type=int, default=400, help="held-out crops evaluated (0 = all)")
-    p.add_argument("--gallery", type=int, default=8, help="held-out proteins in the prediction gallery")
-    p.add_argument("--samples", type=int, default=8, help="draws per CELL-E prediction")
-    p.add_argument("--construct-nuclei", type=int, default=8, help="nucleus images of the GFP/NLS experiment")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--eval-crops", type=_COUNT0, default=400, help="held-out crops evaluated (0 = all)")
+    p.add_argument("--gallery", type=_COUNT0, default=8, help="held-out proteins in the prediction gallery")
+    p.add_argument("--samples", type=_COUNT, default=8, help="draws per CELL-E prediction")
+    p.add_argument("--construct-nuclei", type=_COUNT, default=8, help="nucleus images of the GFP/NLS experiment")
+    p.add_argument("--device", type=_device, default=None, help="torch device (default: cpu)")
     p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32", help="CELL-E precision")
     p.add_argument("--fresh", action="store_true", help="delete a previous demo in OUT first")
     p.set_defaults(func=_cmd_demo)
@@ -565,15 +655,15 @@ def _add_embed(subparsers) -> None:
     p.add_argument("--store", required=True, type=Path, help="crop store")
     p.add_argument("--out", required=True, type=Path, help="output .h5ad")
     p.add_argument("--split", default=None, help="only this split (train/val/test)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_COUNT, default=256)
     p.add_argument("--include-local", action="store_true", help="also store the full local representation")
     p.add_argument(
         "--shard-size",
-        type=int,
+        type=_COUNT,
         default=4096,
         help="crops per resumable shard: run the same command again after an interruption to continue",
     )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--device", type=_device, default=None, help="torch device (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_embed)
 
@@ -628,8 +718,8 @@ def _add_atlas(subparsers) -> None:
     p.add_argument("--label-key", default="label", help="obs column of localization labels")
     p.add_argument("--complexes", type=Path, default=None, help="CSV/TSV with protein_id, complex")
     p.add_argument("--store", type=Path, default=None, help="crop store, for hover thumbnails")
-    p.add_argument("--thumbnails", type=int, default=600, help="at most this many hover thumbnails")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thumbnails", type=_COUNT0, default=600, help="at most this many hover thumbnails")
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_atlas)
 
@@ -671,7 +761,7 @@ def _add_spectrum(subparsers) -> None:
     p.add_argument("--split", default="all", help="crops of one split, or 'all'")
     p.add_argument("--label-key", default="label")
     p.add_argument("--query", action="append", metavar="PROTEIN", help="protein to profile (repeatable)")
-    p.add_argument("--clusters", type=int, default=11, help="top-level feature clusters")
+    p.add_argument("--clusters", type=_COUNT, default=11, help="top-level feature clusters")
     p.add_argument("--level", choices=["local", "global"], default="local")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_spectrum)
@@ -711,8 +801,8 @@ def _add_interpret(subparsers) -> None:
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--protein", required=True)
-    p.add_argument("--top", type=int, default=3, help="codes to zero")
-    p.add_argument("--crops", type=int, default=4, help="crops to show")
+    p.add_argument("--top", type=_COUNT, default=3, help="codes to zero")
+    p.add_argument("--crops", type=_COUNT, default=4, help="crops to show")
     p.add_argument("--split", default=None)
     p.add_argument("--level", choices=["local", "global"], default="local")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
@@ -727,14 +817,14 @@ def _add_sampling_options(
     steps_help: str = "decoding passes of a masked (CELL-E 2) model",
 ) -> None:
     """--temperature, --top-k-fraction and --steps of the CELL-E commands (SamplingConfig)."""
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    p.add_argument("--top-k-fraction", type=float, default=0.25, help=top_k_help)
-    p.add_argument("--steps", type=int, default=8, help=steps_help)
+    p.add_argument("--temperature", type=_POSITIVE, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--top-k-fraction", type=_FRACTION, default=0.25, help=top_k_help)
+    p.add_argument("--steps", type=_COUNT, default=8, help=steps_help)
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
     """--device and --precision of the commands that load a CELL-E (eval.load.PRECISIONS)."""
-    p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
+    p.add_argument("--device", type=_device, default=None, help="torch device; None: cuda if available, else cpu")
     p.add_argument(
         "--precision",
         choices=("fp32", "bf16", "int8"),
@@ -819,10 +909,10 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--name", default=None, help="name of the --sequence; None: query")
     p.add_argument("--nucleus", type=Path, default=None, help="2-D grey nucleus image; None: reference nucleus")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--samples", type=int, default=1, help="draws per sequence (threshold = pixel-wise majority)")
+    p.add_argument("--samples", type=_COUNT, default=1, help="draws per sequence (threshold = pixel-wise majority)")
     _add_sampling_options(p)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed + batch size: same outputs)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per generation batch")
+    p.add_argument("--seed", type=_SEED, default=0, help="sampling seed (same seed + batch size: same outputs)")
+    p.add_argument("--batch-size", type=_COUNT, default=8, help="sequences per generation batch")
     _add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_predict)
@@ -903,11 +993,11 @@ def _add_fill(subparsers) -> None:
     p.add_argument("--threshold", required=True, type=Path, help="2-D protein-threshold image")
     p.add_argument("--nucleus", type=Path, default=None, help="2-D grey nucleus image; None: reference nucleus")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--samples", type=int, default=1, help="fills per sequence")
+    p.add_argument("--samples", type=_COUNT, default=1, help="fills per sequence")
     _add_sampling_options(
         p, top_k_help="share of the 20 residues kept before sampling", steps_help="passes over all masked positions"
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=_SEED, default=0, help="sampling seed")
     _add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_fill)
@@ -1116,11 +1206,11 @@ def _add_screen(subparsers) -> None:
         metavar="start|end|N",
         help="insertion point: start, end or after N residues (repeatable); None: end",
     )
-    kind.add_argument("--truncate", type=int, default=None, metavar="STEP", help="truncation series step (residues)")
+    kind.add_argument("--truncate", type=_COUNT, default=None, metavar="STEP", help="truncation series step (residues)")
     kind.add_argument("--from", dest="from_", choices=["n", "c"], default=None, help="terminus truncated; None: n")
-    kind.add_argument("--min-length", type=int, default=None, help="shortest truncation kept; None: 1")
-    kind.add_argument("--delete", type=int, default=None, metavar="WINDOW", help="deletion scan window (residues)")
-    kind.add_argument("--step", type=int, default=None, help="deletion window slide; None: WINDOW")
+    kind.add_argument("--min-length", type=_COUNT, default=None, help="shortest truncation kept; None: 1")
+    kind.add_argument("--delete", type=_COUNT, default=None, metavar="WINDOW", help="deletion scan window (residues)")
+    kind.add_argument("--step", type=_COUNT, default=None, help="deletion window slide; None: WINDOW")
     kind.add_argument("--mutate", default=None, metavar="A|all", help="target residue(s) of a mutational scan")
     kind.add_argument(
         "--positions",
@@ -1132,10 +1222,10 @@ def _add_screen(subparsers) -> None:
     kind.add_argument(
         "--method", choices=["rollout", "mean"], default=None, help="attention over layers; None: rollout"
     )
-    p.add_argument("--samples", type=int, default=1, help="draws per variant (mean and sd of the proportion)")
+    p.add_argument("--samples", type=_COUNT, default=1, help="draws per variant (mean and sd of the proportion)")
     _add_sampling_options(p)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (shared by all variants)")
-    p.add_argument("--batch-size", type=int, default=8, help="variants per generation batch (same results)")
+    p.add_argument("--seed", type=_SEED, default=0, help="sampling seed (shared by all variants)")
+    p.add_argument("--batch-size", type=_COUNT, default=8, help="variants per generation batch (same results)")
     _add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_screen)
@@ -1220,14 +1310,14 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--split", default="val", help="split to evaluate, or 'all'")
     p.add_argument("--train-split", default="train", help="split the sequence baseline is fitted on")
-    p.add_argument("--max-crops", type=int, default=None, help="at most this many crops (seeded subsample)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the crops, flips and subsample")
+    p.add_argument("--max-crops", type=_COUNT, default=None, help="at most this many crops (seeded subsample)")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the crops, flips and subsample")
     p.add_argument("--no-augment", action="store_true", help="centre crops without flips")
     p.add_argument("--no-ceiling", action="store_true", help="leave out the VQGAN-ceiling row")
     p.add_argument("--no-baseline", action="store_true", help="leave out the sequence-baseline row")
-    p.add_argument("--batch-size", type=int, default=8, help="crops per forward pass")
+    p.add_argument("--batch-size", type=_COUNT, default=8, help="crops per forward pass")
     _add_sampling_options(p)
-    p.add_argument("--sampling-seed", type=int, default=0, help="seed of the token sampling (shared by all models)")
+    p.add_argument("--sampling-seed", type=_SEED, default=0, help="seed of the token sampling (shared by all models)")
     _add_device_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.set_defaults(func=_cmd_evaluate)
@@ -1274,7 +1364,7 @@ def _print_table(title: str, summary: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``protloc`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="protloc",
         description="Predict and profile where proteins live inside human cells (cytoself, CELL-E).",
         formatter_class=_Formatter,
@@ -1300,6 +1390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fill(sub)
     _add_screen(sub)
     _add_evaluate(sub)
+    _state_ranges(parser)
     return parser
 
 
