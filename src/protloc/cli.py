@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 import textwrap
 import time
@@ -1411,6 +1412,28 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         root.addHandler(handler)
 
 
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What to do after an interruption, for this command (advice that works when followed)."""
+    out = getattr(args, "out", None)
+    if args.command == "train" and out is not None:
+        if (Path(out) / "last" / "trainer_state.pt").is_file():
+            return f"continue the run with the same command and --resume (it restarts from {Path(out) / 'last'})"
+        return "no checkpoint was saved yet: run the same command again (without --resume)"
+    if args.command in ("prepare", "embed"):
+        return "run the same command again: it continues where it stopped (finished work is kept in OUT.partial)"
+    if args.command == "demo":
+        return "run the same command again: finished stages are reused"
+    return "run the same command again"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``kill``, ``timeout`` and batch schedulers send), handled like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``protloc`` command line; return the exit status."""
     parser = build_parser()
@@ -1419,6 +1442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     if getattr(args, "_proteins_zero_is_all", False) and getattr(args, "proteins", None) == 0:
         args.proteins = None
+    # SIGTERM becomes an exception like Ctrl-C's, so every atomic write removes its temporaries on the way out.
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         return int(args.func(args) or 0)
     except ProtlocError as exc:
@@ -1426,14 +1454,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"protloc: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
         print(
-            "protloc: interrupted. Outputs are written atomically, so nothing half-written was kept; run the same "
-            "command again to continue (finished demo stages are reused; training takes --resume).",
+            f"protloc: {what}. Outputs are written atomically, so nothing half-written was kept; "
+            f"{_after_interrupt(args)}.",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         release_outputs()  # locks of outputs a failed command never reached (protloc._fs.check_out)
 
 

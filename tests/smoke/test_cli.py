@@ -110,7 +110,7 @@ def test_world_then_prepare(tmp_path, capsys):
     assert len(err) == 1 and "exists" in err[0]
 
 
-def test_interrupt_says_how_to_continue(monkeypatch, capsys):
+def test_interrupt_says_how_to_continue(monkeypatch, capsys, tmp_path):
     import protloc.cli as cli
 
     def interrupted(args):
@@ -119,7 +119,16 @@ def test_interrupt_says_how_to_continue(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_cmd_weights", interrupted)
     rc = main(["weights"])
     err = capsys.readouterr().err
-    assert rc == 130 and "interrupted" in err and "--resume" in err
+    assert rc == 130 and "interrupted" in err and "run the same command again" in err
+    # training: --resume only where there is a checkpoint to resume (it fails otherwise)
+    monkeypatch.setattr(cli, "_cmd_train_cytoself", interrupted)
+    argv = ["train", "cytoself", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "run")]
+    assert main(argv) == 130
+    assert "no checkpoint was saved yet" in capsys.readouterr().err
+    (tmp_path / "run" / "last").mkdir(parents=True)
+    (tmp_path / "run" / "last" / "trainer_state.pt").write_bytes(b"")
+    assert main(argv) == 130
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_weights_lists_the_shipped_models(capsys):
