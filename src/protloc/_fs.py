@@ -30,6 +30,7 @@ __all__ = [
     "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
+    "OUTPUT_MARKER",
     "check_inputs",
     "check_out",
     "check_overwrite",
@@ -185,6 +186,11 @@ def check_overwrite(path: str | os.PathLike, *, overwrite: bool, inputs: Inputs 
     return p
 
 
+#: The file that marks a folder as a protloc output (written into every guarded output folder): --overwrite
+#: replaces only folders that hold it, never a folder of the user's.
+OUTPUT_MARKER = ".protloc-output"
+
+
 def check_out(path: str | os.PathLike, *, overwrite: bool, inputs: Inputs | None = None) -> Path:
     """The guard of every command's output folder, called before the slow work.
 
@@ -192,7 +198,8 @@ def check_out(path: str | os.PathLike, *, overwrite: bool, inputs: Inputs | None
     ``predict``, ``fill``, ``screen`` and ``evaluate``; the folder is then written beside ``path`` and moved
     into place when complete (:func:`atomic_dir`). Refuses, in one line naming the folder:
 
-    - an existing folder that is not empty, unless ``overwrite`` (an empty folder is fine);
+    - an existing folder that is not empty, unless ``overwrite`` (an empty folder is fine); ``overwrite``
+      replaces only a folder protloc wrote (it holds :data:`OUTPUT_MARKER`), never one of the user's;
     - an output that is, contains or lies inside one of the command's ``inputs`` (checkpoints, stores,
       tables, images), even with ``overwrite``: replacing it would delete what the command reads;
     - a place whose parent is a regular file;
@@ -208,6 +215,12 @@ def check_out(path: str | os.PathLike, *, overwrite: bool, inputs: Inputs | None
         raise InputError("output already exists and is not empty (pass --overwrite to replace it)", path=p)
     if p.exists() and not p.is_dir():
         raise InputError("the output is a file, not a folder", path=p)
+    if overwrite and p.is_dir() and any(p.iterdir()) and not (p / OUTPUT_MARKER).is_file():
+        raise InputError(
+            f"--overwrite replaces only folders protloc wrote (they hold {OUTPUT_MARKER}), and this one does not; "
+            "remove it yourself or choose another output",
+            path=p,
+        )
     _lock(p)
     return p
 
@@ -248,6 +261,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
+        if _absolute(dest) in _HELD:  # a guarded command output (check_out): mark it as protloc's
+            (tmp / OUTPUT_MARKER).write_text(
+                json.dumps({"written_by": "protloc", "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n",
+                encoding="utf-8",
+            )
         os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
         if dest.exists():

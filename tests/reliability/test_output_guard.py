@@ -60,6 +60,8 @@ def ws(tmp_path_factory) -> Path:
     (w / "results" / "emb.h5ad").write_bytes(b"embeddings the user keeps here")
     (w / "a_file").write_text("not a folder")
     (w / "earlier.yaml").write_text("my notes\n")
+    (w / "mine").mkdir()
+    (w / "mine" / "thesis.tex").write_text("a folder of the user's")
     return w
 
 
@@ -149,6 +151,11 @@ CASES = [
         r"a_file is a file, not a folder",
     ),
     (
+        "--overwrite on a folder protloc did not write",
+        ["predict", "--checkpoint", CK, "--sequence", SEQ, "--out", "{w}/mine", "--overwrite"],
+        r"mine.*--overwrite replaces only folders protloc wrote",
+    ),
+    (
         "write-config over an existing file",
         ["weights", "celle-tiny", "--write-config", "{w}/earlier.yaml"],
         r"earlier.yaml.*already exists.*--overwrite",
@@ -220,7 +227,10 @@ def test_lock_is_released_after_a_failure_and_the_run_can_be_repeated(tmp_path, 
     assert not list(lock_dir.glob("*.lock")) and not out.exists()
     argv = ["predict", "--sequence", SEQ, "--out", str(out), "--samples", "1"]
     assert main(argv) == 0
+    assert (out / _fs.OUTPUT_MARKER).is_file()  # protloc's own output: --overwrite may replace it
+    (out / "stale.txt").write_text("from the first run")
     assert main([*argv, "--overwrite"]) == 0  # the same output again, in the same process
+    assert not (out / "stale.txt").exists() and (out / _fs.OUTPUT_MARKER).is_file()
 
 
 def test_check_inputs_reads_paths_not_data(tmp_path) -> None:

@@ -91,7 +91,13 @@ def test_evaluate_two_models_shared_crops(world, tmp_path, capsys):
     stdout = capsys.readouterr().out
     for row in ROWS:
         assert f"| {row} |" in stdout
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "table.md", "per_image.csv", "per_protein.csv"}
+    assert {p.name for p in out.iterdir()} == {
+        ".protloc-output",
+        "metrics.json",
+        "table.md",
+        "per_image.csv",
+        "per_protein.csv",
+    }
 
     table = (out / "table.md").read_text()
     assert table.count("| Model |") == 2  # over proteins, then over images
@@ -165,6 +171,7 @@ def test_evaluate_errors_are_one_line(world, tmp_path, capsys):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("x")
+    (existing / ".protloc-output").write_text("{}")  # a previous protloc output: --overwrite may replace it
     rc = main(_argv(world, existing, "--no-ceiling", "--no-baseline"))
     _one_line_error(capsys, rc, "exists")
     assert (existing / "keep.txt").read_text() == "x"

@@ -44,7 +44,14 @@ def test_single_sequence_with_the_default_nucleus(run_dir, tmp_path, capsys):
     assert _predict(run_dir, out, "--sequence", "MKTAYIAKQRQISFVKSHFSRQ", "--seed", "3") == 0
     assert "predictions written" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
-    assert names == {"nucleus.png", "summary.json", "query_threshold.png", "query_probability.npy", "query_overlay.png"}
+    assert names == {
+        ".protloc-output",
+        "nucleus.png",
+        "summary.json",
+        "query_threshold.png",
+        "query_probability.npy",
+        "query_overlay.png",
+    }
     summary = json.loads((out / "summary.json").read_text())
     assert summary["nucleus"]["source"].startswith("reference world nucleus")
     assert summary["step"] == 2 and summary["image_size"] == S and Path(summary["checkpoint"]).name == "best"

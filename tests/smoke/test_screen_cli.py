@@ -34,7 +34,7 @@ def _read(out: Path) -> tuple[pd.DataFrame, dict]:
 
 
 def _check_screen(out: Path) -> tuple[pd.DataFrame, dict]:
-    assert {p.name for p in out.iterdir()} == {"screen.csv", "screen.png", "summary.json"}
+    assert {p.name for p in out.iterdir()} == {".protloc-output", "screen.csv", "screen.png", "summary.json"}
     df, summary = _read(out)
     assert list(df.columns) == list(SCREEN_COLUMNS)
     assert df["name"].iloc[0] == "wild type" and df["kind"].iloc[0] == "wild type"
@@ -127,7 +127,7 @@ def test_mutational_scan_positions_are_one_based(run_dir, tmp_path):
 def test_residue_attention(run_dir, tmp_path):
     out = tmp_path / "att"
     assert _screen(run_dir, out, "--sequence", LONG[:20], "--attention", "--method", "mean", "--seed", "1") == 0
-    assert {p.name for p in out.iterdir()} == {"attention.csv", "attention.png", "summary.json"}
+    assert {p.name for p in out.iterdir()} == {".protloc-output", "attention.csv", "attention.png", "summary.json"}
     table = pd.read_csv(out / "attention.csv")
     assert list(table.columns) == ["residue", "position", "present", "background", "difference"]
     assert "".join(table["residue"]) == LONG[:MAX_RESIDUES] and list(table["position"]) == list(range(1, 17))
@@ -173,6 +173,7 @@ def test_existing_output_and_overwrite(run_dir, tmp_path, capsys):
     out = tmp_path / "full"
     out.mkdir()
     (out / "keep.txt").write_text("x")
+    (out / ".protloc-output").write_text("{}")  # a previous protloc output: --overwrite may replace it
     args = ["--sequence", WT, "--truncate", "4"]
     capsys.readouterr()
     assert _screen(run_dir, out, *args) == 2

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import protloc.api as pla
-from protloc._fs import check_out
+from protloc._fs import OUTPUT_MARKER, check_out, release_outputs
 from protloc.commands import atlas, embed, inputs, interpret, spectrum
 from protloc.commands.train import train_config
 from protloc.data.preprocess import nucleus_to_model, reference_nucleus, threshold_to_model
@@ -33,7 +33,11 @@ def test_check_out_refuses_only_a_non_empty_output(tmp_path: Path) -> None:
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(InputError, match="not empty.*--overwrite"):
         check_out(tmp_path / "full", overwrite=False)
-    check_out(tmp_path / "full", overwrite=True)
+    with pytest.raises(InputError, match="only folders protloc wrote"):  # a folder of the user's
+        check_out(tmp_path / "full", overwrite=True)
+    (tmp_path / "full" / OUTPUT_MARKER).write_text("{}")
+    check_out(tmp_path / "full", overwrite=True)  # protloc's own output
+    release_outputs()
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="already exists"):
         check_out(tmp_path / "file", overwrite=False)

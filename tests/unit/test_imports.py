@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from protloc._fs import OUTPUT_MARKER
 from protloc.cli import main
 from protloc.data.datasets import CelleDataset, CropDataset, make_label_map
 from protloc.data.imports import import_celle_manifest, import_cytoself_crops, scale_distance
@@ -110,7 +111,13 @@ def test_cytoself_stacks_round_trip(tmp_path):
     n = 3 * 4 * 3
     assert len(store) == n == summary["cytoself_crops"]
     assert store.channels == ["protein", "nucleus", "nucleus_distance"] and store.size == S
-    assert sorted(p.name for p in out.iterdir()) == ["cytoself.csv", "cytoself.zarr", "proteins.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".protloc-output",
+        "cytoself.csv",
+        "cytoself.zarr",
+        "proteins.csv",
+        "summary.json",
+    ]
     obs = store.obs
     assert {"crop_index", "protein_id", "fov_id", "split", "label", "source", "source_row"} <= set(obs.columns)
     assert obs["protein_id"].tolist()[:3] == ["NPM1"] * 3 and obs["label"].iloc[0] == "nucleolus"
@@ -206,14 +213,17 @@ def test_cytoself_missing_fov_refused_or_split_by_crop(tmp_path, caplog):
 
 
 def _existing_output(tmp_path):
+    """A previous protloc output (it holds the marker, so --overwrite may replace it)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous output")
+    (out / OUTPUT_MARKER).write_text("{}")
     return out
 
 
 def _untouched(out) -> bool:
-    return sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "previous output"
+    names = sorted(p.name for p in out.iterdir())
+    return names == [OUTPUT_MARKER, "keep.txt"] and (out / "keep.txt").read_text() == "previous output"
 
 
 def test_cytoself_existing_output(tmp_path):
@@ -354,6 +364,7 @@ def test_celle_manifest_round_trip(tmp_path):
     summary = import_celle_manifest(tmp_path / "manifest.csv", out, image_size=48, progress=False)
     assert summary["celle_crops"] == 8 and summary["split_from"] == "manifest" and summary["centre_cropped"] == 2
     assert sorted(p.name for p in out.iterdir()) == [
+        ".protloc-output",
         "celle.csv",
         "celle.zarr",
         "proteins.csv",

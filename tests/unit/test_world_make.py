@@ -321,6 +321,7 @@ def test_existing_output_needs_overwrite(tmp_path, fake_assets):
     out = tmp_path / "world"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / ".protloc-output").write_text("{}")  # a previous protloc output: --overwrite may replace it
     with pytest.raises(InputError, match="already exists"):
         make_world(out, proteins=1, fovs=1, size=64, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
