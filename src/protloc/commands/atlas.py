@@ -120,11 +120,45 @@ def read_complexes(complexes: str | os.PathLike | Mapping[str, str] | None) -> d
     return dict(zip(t["protein_id"].astype(str), t["complex"].astype(str), strict=True))
 
 
-def thumbnails(store: str | os.PathLike, obs: pd.DataFrame, max_n: int) -> list[np.ndarray | None]:
-    """RGB composites (nucleus + protein) of at most ``max_n`` crops spread evenly over ``obs``; ``None`` elsewhere."""
+def check_store_matches(crops: CropStore, obs: pd.DataFrame, *, embeddings: str | os.PathLike | None = None) -> None:
+    """Refuse a crop store that is not the one ``obs`` (an embedding's rows) was embedded from.
+
+    Each row's ``crop_index`` must exist in the store and show the same protein and field of view; a store of
+    another run would otherwise put other proteins' crops beside the points of the atlas.
+    """
+    idx = obs["crop_index"].to_numpy().astype(np.int64)
+    source = f" (the embeddings {embeddings})" if embeddings is not None else ""
+    if len(idx) and (idx.min() < 0 or idx.max() >= len(crops)):
+        raise InputError(
+            f"this store has {len(crops)} crops but the embeddings{source} refer to crop {int(idx.max())}: "
+            "give the store they were embedded from",
+            path=crops.path,
+        )
+    for col in ("protein_id", "fov_id"):
+        if col in obs.columns and col in crops.obs.columns:
+            mine = crops.obs[col].astype(str).to_numpy()[idx]
+            theirs = obs[col].astype(str).to_numpy()
+            bad = np.flatnonzero(mine != theirs)
+            if len(bad):
+                j = int(bad[0])
+                raise InputError(
+                    f"this store is not the one the embeddings{source} came from: crop {int(idx[j])} is "
+                    f"{col} {mine[j]!r} here but {theirs[j]!r} in the embeddings ({len(bad)} rows differ)",
+                    path=crops.path,
+                )
+
+
+def thumbnails(
+    store: str | os.PathLike, obs: pd.DataFrame, max_n: int, *, embeddings: str | os.PathLike | None = None
+) -> list[np.ndarray | None]:
+    """RGB composites (nucleus + protein) of at most ``max_n`` crops spread evenly over ``obs``; ``None`` elsewhere.
+
+    The store must be the one the embeddings came from (:func:`check_store_matches`).
+    """
     from protloc.plotting.crops import composite
 
     crops = CropStore.open(store)
+    check_store_matches(crops, obs, embeddings=embeddings)
     n = len(obs)
     chosen = np.unique(np.linspace(0, n - 1, num=min(n, max_n)).round().astype(int)) if n else np.zeros(0, int)
     idx = obs["crop_index"].to_numpy().astype(np.int64)[chosen]
@@ -194,12 +228,14 @@ def run_atlas(
         out, overwrite=overwrite, inputs={"--embeddings": embeddings, "--store": store, "--complexes": complexes}
     )
     adata = load_embeddings(embeddings, split=split, keys=["global"])
+    if store is not None:  # before the UMAP: a store of another run is refused at once
+        check_store_matches(CropStore.open(store), adata.obs, embeddings=embeddings)
     cmap = read_complexes(complexes)
     # UMAP has no progress to report; say what is running (about a minute for 6,000 crops on 2 cores)
     logger.info("UMAP and k-NN scores of %d crops ...", adata.n_obs)
     result = atlas(adata, label_key=label_key, complexes=cmap, split=None, random_state=seed)
     coords = adata.obsm["X_umap"]
-    thumbs = thumbnails(store, adata.obs, max_thumbnails) if store is not None else None
+    thumbs = thumbnails(store, adata.obs, max_thumbnails, embeddings=embeddings) if store is not None else None
     title = f"{split or 'all'} crops"
     columns = [c for c in ("crop_index", "protein_id", "fov_id", "split", label_key) if c in adata.obs]
     table = adata.obs[columns].copy()

@@ -49,6 +49,7 @@ __all__ = [
     "CropDataset",
     "TokenizerKind",
     "VQGANCrops",
+    "check_celle_store",
     "apply_d4",
     "d4_codes",
     "make_label_map",
@@ -567,6 +568,22 @@ class CropBatchSampler(Sampler[list[int]]):
 _SALT_CROP_Y, _SALT_CROP_X, _SALT_FLIP, _SALT_WINDOW = 11, 12, 13, 14
 
 
+def check_celle_store(store: CropStore) -> None:
+    """Refuse a cytoself crop store where a CELL-E one is needed (``evaluate``, ``train vqgan / celle``).
+
+    A cytoself store has ``protein`` and ``nucleus`` channels too, so without this a CELL-E command reads its
+    100 px crops (another crop size and scale than the model was trained on) and reports numbers that mean
+    nothing. The cytoself store's signature is its ``nucleus_distance`` channel without a ``threshold`` one.
+    """
+    channels = list(store.channels)
+    if "nucleus_distance" in channels and "threshold" not in channels:
+        raise InputError(
+            f"this is a cytoself crop store (channels {', '.join(channels)}), not a CELL-E one: give the "
+            "celle.zarr of `protloc prepare` (with nucleus, protein and threshold channels)",
+            path=store.path,
+        )
+
+
 class _CropView(Dataset):
     """What a dataset that reads its crops through a :class:`CropDataset` (``self.base``) shares.
 
@@ -674,6 +691,7 @@ class CelleDataset(_CropView):
         cache_chunks: int = 0,
     ) -> None:
         opened = store if isinstance(store, CropStore) else CropStore.open(store)
+        check_celle_store(opened)
         self.crop_size = int(crop_size) or opened.size
         if not 1 <= self.crop_size <= opened.size:
             raise InputError(
@@ -841,6 +859,7 @@ class VQGANCrops(_CropView):
         cache_chunks: int = 0,
     ) -> None:
         opened = store if isinstance(store, CropStore) else CropStore.open(store)
+        check_celle_store(opened)
         if image_size > opened.size:
             raise InputError(
                 f"data.image_size {image_size} is larger than the store's {opened.size}x{opened.size} crops",

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from protloc.data.datasets import TokenizerKind, VQGANCrops
+from protloc.data.datasets import TokenizerKind, VQGANCrops, check_celle_store
 from protloc.errors import ConfigError
 from protloc.eval.metrics import threshold_metrics
 from protloc.models.vqgan import (
@@ -659,6 +659,7 @@ def train_vqgan(
         purpose=f" for the {cfg.kind} tokenizer",
         min_size=cfg.data.image_size,
     )
+    check_celle_store(store)  # before anything is written: a cytoself store has nucleus crops too
     saved_extra = run.check_resume_model(cfg.model, config_cls=VQGANConfig, model_cls=VQGAN)
     if resume and saved_extra.get("kind") != cfg.kind:
         raise ConfigError(

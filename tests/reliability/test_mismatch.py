@@ -1,0 +1,91 @@
+"""Inputs that belong together are checked together: a wrong pair is one line naming it, nothing written.
+
+- ``atlas --store`` of another run (the thumbnails would show other proteins' crops) is refused before the
+  UMAP, naming the crop and both values;
+- a cytoself crop store given where a CELL-E one is needed (``evaluate``, ``train vqgan`` / ``celle``) is
+  refused (its 100 px crops also have ``protein`` and ``nucleus`` channels, so it used to give numbers).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from protloc.cli import main
+from protloc.data.io import CropStore
+
+CHANNELS = {"protein": "float32", "nucleus": "float32", "nucleus_distance": "float32"}
+
+
+def _store(path, proteins, fovs):
+    rng = np.random.default_rng(len(proteins))
+    n = len(proteins)
+    obs = pd.DataFrame(
+        {
+            "protein_id": proteins,
+            "fov_id": fovs,
+            "split": (["train", "val", "test", "test"] * n)[:n],
+            "label": ["x", "y"] * (n // 2),
+        }
+    )
+    with CropStore.create(path, channels=CHANNELS, size=100) as w:
+        w.append({c: rng.random((n, 100, 100)).astype(np.float32) for c in CHANNELS}, obs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = tmp_path_factory.mktemp("mismatch")
+    _store(w / "a.zarr", ["P1", "P2"] * 4, [f"F{i}" for i in range(8)])
+    _store(w / "b.zarr", ["Q1", "Q2"] * 4, [f"F{i}" for i in range(8)])
+    _store(w / "small.zarr", ["P1", "P2"], ["F0", "F1"])
+    (w / "sequences.fasta").write_text("".join(f">{p}\nMKTAYIAKQRQ\n" for p in ("P1", "P2", "Q1", "Q2")))
+    assert main(["-q", "embed", "--store", str(w / "a.zarr"), "--out", str(w / "a.h5ad")]) == 0
+    return w
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("protloc: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "store, pattern",
+    [
+        ("b.zarr", r"b.zarr: this store is not the one the embeddings .*a.h5ad.* came from: crop 0 is protein_id 'Q1'"),
+        ("small.zarr", r"small.zarr: this store has 2 crops but the embeddings .*a.h5ad.* refer to crop [2-7]"),
+    ],
+)
+def test_atlas_refuses_a_store_of_another_run(world, tmp_path, capsys, store, pattern):
+    capsys.readouterr()
+    argv = ["atlas", "--embeddings", str(world / "a.h5ad"), "--store", str(world / store), "--split", "all"]
+    assert main([*argv, "--out", str(tmp_path / "atlas")]) == 2
+    assert re.search(pattern, _one_line(capsys))
+    assert not (tmp_path / "atlas").exists()
+
+
+def test_atlas_accepts_its_own_store(world, tmp_path):
+    argv = ["-q", "atlas", "--embeddings", str(world / "a.h5ad"), "--store", str(world / "a.zarr"), "--split", "all"]
+    assert main([*argv, "--out", str(tmp_path / "atlas")]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["evaluate", "--store", "{w}/a.zarr", "--max-crops", "2", "--no-baseline"],
+        ["train", "vqgan", "--kind", "nucleus", "--store", "{w}/a.zarr"],
+        ["train", "celle", "--store", "{w}/a.zarr"],
+    ],
+    ids=["evaluate", "train vqgan", "train celle"],
+)
+def test_a_cytoself_store_is_not_a_celle_store(world, tmp_path, capsys, argv):
+    capsys.readouterr()
+    assert main([*(a.format(w=world) for a in argv), "--out", str(tmp_path / "o")]) == 2
+    line = _one_line(capsys)
+    # training already refused it by its channels (no threshold); evaluate and the nucleus tokenizer did not
+    assert re.search(r"a.zarr: (this is a cytoself crop store .*not a CELL-E one|the store lacks .*threshold)", line)
+    assert not (tmp_path / "o").exists()
