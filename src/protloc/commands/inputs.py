@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from protloc.data.io import read_image
 from protloc.data.preprocess import PrepareParams, nucleus_to_model, reference_nucleus, threshold_to_model
-from protloc.data.sequences import read_fasta, validate_sequence
+from protloc.data.sequences import STANDARD, read_fasta, validate_sequence
 from protloc.errors import ConfigError, InputError
 from protloc.pretrained import resolve_checkpoint
 
@@ -36,6 +37,8 @@ __all__ = [
     "model_threshold",
     "resolve_device",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class ImageInput(NamedTuple):
@@ -136,6 +139,7 @@ def gather_sequences(
     fasta: str | os.PathLike | None = None,
     *,
     check: Callable[[str, str], Any] | None = None,
+    warn_unknown: bool = True,
 ) -> list[tuple[str, str]]:
     """``(name, sequence)`` records from a mapping / one string or from a FASTA file (exactly one).
 
@@ -148,6 +152,9 @@ def gather_sequences(
     check
         ``check(sequence, name)`` raises on a bad sequence; ``None``: validate them as amino-acid
         sequences (:func:`~protloc.data.sequences.validate_sequence`, which also normalises them).
+    warn_unknown
+        Log a warning for a sequence without any standard residue (only ``X`` and the like): allowed, but its
+        prediction reflects no sequence information.
 
     Raises
     ------
@@ -177,6 +184,15 @@ def gather_sequences(
     if check is not None:
         for name, seq in records:
             check(seq, name)
+    else:
+        for name, seq in records:
+            if warn_unknown and seq and not set(seq) & set(STANDARD):
+                # Allowed (a user may probe the model with it), but the prediction then reflects no sequence.
+                logger.warning(
+                    "sequence %r has no standard residue (only %s): its prediction reflects no sequence information",
+                    name,
+                    "".join(sorted(set(seq))),
+                )
     return records
 
 

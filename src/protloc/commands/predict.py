@@ -241,7 +241,7 @@ def run_predict(
     """
     from protloc.plotting.celle import plot_prediction
 
-    records = gather_sequences(sequences, fasta)
+    records = gather_sequences(sequences, fasta, warn_unknown=False)  # predict_sequences warns
     sampling = sampling if sampling is not None else SamplingConfig()
     check_batch_size(batch_size)
     out = check_out(

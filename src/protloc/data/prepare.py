@@ -617,6 +617,18 @@ def prepare(
                         logger.warning("%s: no nuclei found", row["path"])
                     fov_stats.append(stat)
                     bar.update(1)
+                if not any(n_done[name] for name in stores):
+                    # Empty stores would train and embed nothing; say why instead (before anything is kept).
+                    nuclei = sum(int(st["n_nuclei"]) for st in fov_stats)
+                    raise InputError(
+                        f"no crop was cut from any of the {len(fovs)} fields of view ({nuclei} nuclei found): check "
+                        "the channel order (--set channel_order=protein,nucleus), the image scale (downsample) and "
+                        "the images themselves",
+                        path=fov_table,
+                    )
+                for name in stores:
+                    if not n_done[name]:
+                        logger.warning("no %s crop was cut from any field of view: its store is empty", name)
 
             fov_df = pd.DataFrame(fov_stats)
             write_table(fov_df, tmp / "fovs.csv")
