@@ -8,9 +8,12 @@ traceback. Logging handlers are configured here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
+import os
+import re
 import signal
 import sys
 import textwrap
@@ -1426,6 +1429,25 @@ def _after_interrupt(args: argparse.Namespace) -> str:
     return "run the same command again"
 
 
+#: errno values of a file system that refuses a write (reported in one line by main, not as a traceback).
+_FILESYSTEM_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENAMETOOLONG,
+}
+
+
+def _final_name(path: str | os.PathLike) -> str:
+    """The path a user knows: temporary siblings of atomic writes (``.NAME.xxxx.tmp``) named as NAME."""
+    parts = [re.sub(r"^\.(.+)\.[A-Za-z0-9_]+\.tmp$", r"\1", part) for part in Path(os.fspath(path)).parts]
+    return str(Path(*parts)) if parts else str(path)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (what ``kill``, ``timeout`` and batch schedulers send), handled like Ctrl-C."""
 
@@ -1453,6 +1475,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"protloc: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The file system refused a write (full disk, read-only or unwritable folder, a file where a folder
+        # should be): say which file and why in one line. Atomic writes have removed their temporaries.
+        if args.debug or exc.errno not in _FILESYSTEM_ERRORS:
+            raise
+        where = f"{_final_name(exc.filename)}: " if exc.filename else ""
+        print(f"protloc: error: {where}cannot write: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
