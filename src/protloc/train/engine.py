@@ -948,7 +948,8 @@ class Run:
             when = f"at step {self.step}"
         what = []
         if terms:
-            what.append(f"{', '.join(terms)} became NaN or infinite")
+            more = f" and {len(terms) - 5} more" if len(terms) > 5 else ""
+            what.append(f"{', '.join(terms[:5])}{more} became NaN or infinite")
         if weights:
             what.append(f"the weights: {weights}")
         if not what:
