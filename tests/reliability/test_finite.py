@@ -100,6 +100,23 @@ def test_loading_a_checkpoint_with_a_nan_tensor_names_it(tmp_path: Path) -> None
     assert load_cytoself(WEIGHTS / "cytoself-tiny").config.input_size == 100
 
 
+def test_the_accelerator_path_of_the_check_finds_nan_and_inf_in_every_dtype() -> None:
+    """``_finite_fused`` (the fused max-norm used for tensors on an accelerator), run here on the CPU."""
+    from protloc.models.checkpoint import _finite_fused
+
+    nan, inf = float("nan"), float("inf")
+    tensors = [
+        torch.tensor([1.0, nan]),
+        torch.tensor([-inf, 2.0], dtype=torch.bfloat16),
+        torch.tensor([3e38, 3e38]),  # large but finite: the max does not overflow
+        torch.tensor([1.0, 2.0], dtype=torch.float16),
+        torch.tensor([inf], dtype=torch.float16),
+        torch.ones(3, dtype=torch.float64),
+    ]
+    assert _finite_fused(tensors) == [False, False, True, True, False, True]
+    assert _finite_fused([]) == []
+
+
 def test_saving_non_finite_weights_is_refused_and_keeps_the_old_checkpoint(tmp_path: Path) -> None:
     model, cfg, _ = load_checkpoint(WEIGHTS / "cytoself-tiny", model_cls=Cytoself, config_cls=CytoselfConfig)
     dest = tmp_path / "ckpt"

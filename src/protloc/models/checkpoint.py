@@ -123,9 +123,9 @@ def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, in
     """The floating-point tensors holding NaN or Inf: ``(name, non-finite values, values)`` in order.
 
     One pass over the values: NumPy's ``isfinite`` for CPU tensors (several times faster than torch's
-    per-tensor ops on small CPU tensors), one fused max-norm over all tensors and a single host
-    synchronisation on an accelerator (a NaN / Inf value makes the norm non-finite; the max never
-    overflows). Values are counted only for offending tensors. Integer tensors are skipped.
+    per-tensor ops on small CPU tensors); on an accelerator one fused max-norm per dtype and a single
+    host synchronisation (:func:`_finite_fused`). Values are counted only for offending tensors.
+    Integer tensors are skipped.
     """
     names = [k for k, t in tensors.items() if t.numel() and (t.is_floating_point() or t.is_complex())]
     cpu = [k for k in names if tensors[k].device.type == "cpu"]
@@ -138,10 +138,29 @@ def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, in
         if not np.isfinite(t.resolve_conj().numpy()).all():
             bad.add(k)
     if other:
-        norms = torch._foreach_norm([tensors[k].detach() for k in other], float("inf"))
-        norms = torch.stack([n.float() for n in norms])
-        bad.update(k for k, fine in zip(other, torch.isfinite(norms).tolist(), strict=True) if not fine)
+        fine = _finite_fused([tensors[k].detach() for k in other])
+        bad.update(k for k, ok in zip(other, fine, strict=True) if not ok)
     return [(k, int((~torch.isfinite(tensors[k])).sum()), tensors[k].numel()) for k in names if k in bad]
+
+
+def _finite_fused(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor is finite: one fused max-norm per dtype, one host synchronisation in all.
+
+    The max of ``|x|`` is NaN / Inf exactly when some value is (it never overflows); this is the
+    accelerator path of :func:`nonfinite_tensors`, which runs it on any device.
+    """
+    if not tensors:
+        return []
+    order, norms = [], []
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        group = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        order += group
+        norms += [n.float().reshape(()) for n in torch._foreach_norm([tensors[i] for i in group], float("inf"))]
+    flags = torch.isfinite(torch.stack(norms)).tolist()
+    out = [True] * len(tensors)
+    for i, ok in zip(order, flags, strict=True):
+        out[i] = ok
+    return out
 
 
 def describe_nonfinite(bad: list[tuple[str, int, int]]) -> str:
