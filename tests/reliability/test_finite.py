@@ -254,6 +254,18 @@ def test_diverging_celle_run_stops_and_keeps_last_good_checkpoint(tmp_path: Path
     assert all(torch.isfinite(t).all() for t in loaded.model.state_dict().values())
 
 
+def test_a_diverging_vqgan_run_stops_without_a_checkpoint(tmp_path: Path, celle_inputs, capsys) -> None:
+    run = tmp_path / "vq"
+    argv = ["-q", "train", "vqgan", "--kind", "threshold", "--store", str(celle_inputs["store"]), "--out", str(run)]
+    argv += ["--set", "data.batch_size=4", "--set", "data.image_size=32", "--set", "model.image_size=32"]
+    argv += ["--set", "data.chunk_window=2", "--set", "schedule.eval_every=2", "--set", "schedule.max_steps=8"]
+    assert main([*argv, "--set", "optim.lr=1e12"]) == 2
+    err = _one_line_error(capsys)
+    assert f"{run}: training diverged at step 2: " in err and "loss became NaN or infinite" in err
+    assert "no checkpoint was written; train again with a lower optim.lr (now 1e+12)" in err
+    assert not (run / "last").exists() and not (run / "best").exists()
+
+
 @pytest.mark.skipif(
     shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
     reason="accelerate's launcher is not installed beside this Python",
