@@ -2,6 +2,8 @@
 
 Every error a user can cause (bad file, bad residue, bad config key) is a :class:`ProtlocError`; the
 CLI prints its message on one line and exits non-zero. Anything else is a bug and keeps its traceback.
+Non-finite numbers are never saved, loaded or reported silently: a checkpoint holding NaN / Inf is an
+:class:`InputError`, training whose loss or weights turn non-finite stops with :class:`TrainingDiverged`.
 """
 
 from __future__ import annotations
@@ -41,3 +43,15 @@ class InputError(ProtlocError, ValueError):
 
 class ConfigError(ProtlocError, ValueError):
     """An invalid configuration: unknown key, wrong type, impossible value."""
+
+
+class NonFiniteError(ProtlocError, ValueError):
+    """Numbers that must be finite are NaN or infinite (weights about to be saved, a training loss)."""
+
+
+class TrainingDiverged(NonFiniteError):
+    """A training loss or the weights turned NaN / infinite: the run stopped without saving them.
+
+    The message names the step and the terms; the last checkpoint written before (``last/``) is intact,
+    so the run can be resumed from it (``--resume``) with a lower learning rate.
+    """

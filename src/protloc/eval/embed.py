@@ -15,6 +15,10 @@ with the first missing one. A shard never holds half a batch, so no row is lost 
 ``.h5ad`` is assembled from the shards at the end (one shard in memory at a time) and the partial
 folder removed. If the job changed (other weights, store or options) the partial folder is discarded.
 
+Encodings are finite or refused: a batch whose encodings hold NaN or Inf stops the run with an
+:class:`~protloc.errors.InputError` naming the checkpoint and the crops (nothing non-finite is written;
+a partial folder this run created is removed, as for any user error).
+
 ``obsm`` keys:
 
 - ``global``: flattened global (VQ2) quantized representation, ``[N, C2 * H2 * W2]`` (9216 for the
@@ -177,11 +181,11 @@ def embed(
                 for start in range(a, b, batch_size):
                     idx = rows[start : min(b, start + batch_size)]
                     enc = model.encode(_batch(crops, idx, cfg.channels, dev))
-                    parts["global"].append(enc.q2.flatten(1).float().cpu().numpy())
+                    parts["global"].append(_finite(enc.q2, "global", idx, obs, checkpoint))
                     parts["global_indices"].append(enc.idx2.flatten(1).cpu().numpy().astype(np.int16))
                     parts["local_indices"].append(enc.idx1.flatten(1).cpu().numpy().astype(np.int16))
                     if include_local:
-                        parts["local"].append(enc.q1.flatten(1).float().cpu().numpy())
+                        parts["local"].append(_finite(enc.q1, "local", idx, obs, checkpoint))
                     bar.update(len(idx))
                 with atomic_path(partial / _shard_name(a)) as tmp:
                     with open(tmp, "wb") as fh:
@@ -202,6 +206,29 @@ def embed(
                             dsets[k][a:b] = block
     logger.info("embedded %d crops into %s", n, out)
     return Path(out)
+
+
+def _finite(encoding: torch.Tensor, key: str, rows: np.ndarray, obs: Any, checkpoint: str | os.PathLike) -> np.ndarray:
+    """One batch's ``[B, ...]`` encodings as ``float32 [B, D]``; refuse any holding NaN or Inf.
+
+    Raises
+    ------
+    InputError
+        Naming the checkpoint, the crops (store rows and their ``crop_index``) and how many there are.
+    """
+    block = encoding.flatten(1).float().cpu().numpy()
+    bad = ~np.isfinite(block).all(axis=1)
+    if bad.any():
+        where = rows[bad]
+        crop_index = obs["crop_index"].to_numpy()[where] if "crop_index" in obs.columns else where
+        shown = ", ".join(f"{int(r)} (crop_index {c})" for r, c in zip(where[:5], crop_index[:5], strict=True))
+        more = f" and {len(where) - 5} more" if len(where) > 5 else ""
+        raise InputError(
+            f"the model's {key} encodings of {len(where)} crop(s) are NaN or infinite, store rows {shown}{more}; "
+            "nothing was written: check these crops and the checkpoint",
+            path=checkpoint,
+        )
+    return block
 
 
 def _shard_name(start: int) -> str:

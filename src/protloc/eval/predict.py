@@ -22,7 +22,8 @@ S.3.7; CELL-E 2 for the masked mode):
 - :func:`probability_map` is the paper's Eq. 3: at every token position the softmax probabilities of the
   threshold codes weight the codebook vectors, ``v = sum_i w_i p(v_i)``, and the threshold VQGAN decodes
   the mixture; values are clipped to [0, 1] and each image is normalised to a 2D PDF. (The reference
-  demo multiplies raw logits, not probabilities.)
+  demo multiplies raw logits, not probabilities.) Non-finite probabilities or decoded images are refused
+  (:class:`~protloc.errors.InputError`), never normalised into a uniform map.
 
 - :func:`predict` wraps both for a loaded run (:func:`protloc.eval.load.load_celle_run`): deterministic
   N-terminal sequence window, nucleus tokenization, ``samples`` draws per input, decoded threshold
@@ -399,15 +400,43 @@ def probability_map(threshold_vqgan: VQGAN, probs: Tensor, *, normalize: bool = 
     g = math.isqrt(G)
     if g * g != G:
         raise InputError(f"{G} token positions do not form a square grid")
+    _refuse_nonfinite(probs, "token probabilities")
     p = probs.float().clamp(0.0, 1.0).to(codebook.device)
     mixture = (p @ codebook).transpose(1, 2).reshape(b, codebook.shape[1], g, g)  # [B, embed_dim, g, g]
     with torch.autocast(device_type=mixture.device.type, enabled=False):
-        image = threshold_vqgan.decode(mixture).float().clamp(0.0, 1.0)  # [B, C, S, S]
+        image = threshold_vqgan.decode(mixture).float()  # [B, C, S, S]
+    _refuse_nonfinite(image, "probability maps decoded by the threshold tokenizer")
+    image = image.clamp(0.0, 1.0)
     if not normalize:
         return image
     total = image.sum(dim=(-3, -2, -1), keepdim=True)
     uniform = torch.full_like(image, 1.0 / image[0].numel())
     return torch.where(total > 0, image / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
+
+
+def _refuse_nonfinite(
+    values: Tensor, what: str, *, sequences: Sequence[str] | None = None, per: int = 1, path: Any = None
+) -> None:
+    """Raise :class:`InputError` if ``values`` ``[B, ...]`` hold NaN or Inf, naming the first bad rows
+    (the sequences of ``sequences`` when given; row ``r`` belongs to sequence ``r // per``)."""
+    finite = torch.isfinite(values).reshape(values.shape[0], -1).all(dim=1)
+    if bool(finite.all()):
+        return
+    rows = torch.nonzero(~finite).flatten().tolist()
+    if sequences is None:
+        names = [f"row {r}" for r in rows[:5]]
+    else:
+        idx = sorted({r // per for r in rows})
+        names = [f"input {i} ({_short(sequences[i])})" for i in idx[:5]]
+        rows = idx
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    raise InputError(f"the {what} are NaN or infinite for {', '.join(names)}{more}; nothing was returned", path=path)
+
+
+def _short(sequence: str) -> str:
+    """A sequence for a message: its first residues and its length."""
+    head = sequence if len(sequence) <= 12 else sequence[:12] + "..."
+    return f"{head}, {len(sequence)} aa"
 
 
 def _windows(sequences: Sequence[str], max_residues: int) -> tuple[list[str], list[int], list[bool]]:
@@ -466,7 +495,8 @@ def predict(
     Raises
     ------
     InputError
-        On an invalid residue (naming it), mismatched batch sizes or image sizes, pixel values outside [0, 1].
+        On an invalid residue (naming it), mismatched batch sizes or image sizes, pixel values outside [0, 1];
+        or if the token probabilities or decoded images are NaN or infinite (naming the sequences).
     """
     sampling = sampling or SamplingConfig()
     model = run.model
@@ -500,9 +530,13 @@ def predict(
     result = generate(
         model, text=text, nucleus=nucleus_tokens.repeat_interleave(n, dim=0), sampling=sampling, generator=generator
     )
+    # "input i" is the i-th sequence of this call (the CLI predicts its inputs in batches of --batch-size).
+    named = {"sequences": sequences, "per": n, "path": run.checkpoint}
+    _refuse_nonfinite(result.probs, "model's token probabilities", **named)
     g = c.grid_size
     with torch.autocast(device_type=device.type, enabled=False):
         decoded = run.threshold.decode_indices(result.tokens.reshape(b * n, g, g)).float()
+    _refuse_nonfinite(decoded, "threshold images decoded by the threshold tokenizer", **named)
     samples_threshold = (decoded >= 0.5).float().reshape(b, n, 1, S, S)
     maps = probability_map(run.threshold, result.probs).reshape(b, n, 1, S, S)
     probability = maps.mean(dim=1)

@@ -12,7 +12,9 @@ Every file is written to a temporary name and the whole folder is built beside t
 swapped in at the end (:func:`protloc._fs.atomic_dir`): a crash while saving leaves the previous
 checkpoint as it was. Loading is strict: a missing or unexpected key, or a shape mismatch, is an
 error that names the checkpoint and the keys (the reference's non-strict loads silently left layers
-at their random initialisation).
+at their random initialisation). Weights must be finite both ways: saving NaN / Inf weights raises
+:class:`~protloc.errors.NonFiniteError` (nothing is written), loading them an
+:class:`~protloc.errors.InputError` naming the tensors (:func:`nonfinite_tensors`, one pass).
 """
 
 from __future__ import annotations
@@ -32,18 +34,20 @@ from torch import nn
 from protloc import __version__
 from protloc._fs import atomic_dir, atomic_path
 from protloc.config import config_from_dict, config_to_dict
-from protloc.errors import ConfigError, InputError
+from protloc.errors import ConfigError, InputError, NonFiniteError
 
 __all__ = [
     "CONFIG_FILE",
     "MODEL_FILE",
     "TRAINER_FILE",
     "capture_rng_state",
+    "describe_nonfinite",
     "find_checkpoint",
     "load_checkpoint",
     "load_checkpoint_config",
     "load_model_weights",
     "load_trainer_state",
+    "nonfinite_tensors",
     "restore_rng_state",
     "save_checkpoint",
     "unwrap_model",
@@ -113,6 +117,56 @@ def _state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
             storages.add(t.untyped_storage().data_ptr())
         out[name] = t
     return out
+
+
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, int, int]]:
+    """The floating-point tensors holding NaN or Inf: ``(name, non-finite values, values)`` in order.
+
+    One pass over the values: NumPy's ``isfinite`` for CPU tensors (several times faster than torch's
+    per-tensor ops on small CPU tensors); on an accelerator one fused max-norm per dtype and a single
+    host synchronisation (:func:`_finite_fused`). Values are counted only for offending tensors.
+    Integer tensors are skipped.
+    """
+    names = [k for k, t in tensors.items() if t.numel() and (t.is_floating_point() or t.is_complex())]
+    cpu = [k for k in names if tensors[k].device.type == "cpu"]
+    other = [k for k in names if tensors[k].device.type != "cpu"]
+    bad = set()
+    for k in cpu:
+        t = tensors[k].detach()
+        if t.dtype not in (torch.float16, torch.float32, torch.float64) and not t.is_complex():
+            t = t.float()  # bfloat16 and other types NumPy lacks
+        if not np.isfinite(t.resolve_conj().numpy()).all():
+            bad.add(k)
+    if other:
+        fine = _finite_fused([tensors[k].detach() for k in other])
+        bad.update(k for k, ok in zip(other, fine, strict=True) if not ok)
+    return [(k, int((~torch.isfinite(tensors[k])).sum()), tensors[k].numel()) for k in names if k in bad]
+
+
+def _finite_fused(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor is finite: one fused max-norm per dtype, one host synchronisation in all.
+
+    The max of ``|x|`` is NaN / Inf exactly when some value is (it never overflows); this is the
+    accelerator path of :func:`nonfinite_tensors`, which runs it on any device.
+    """
+    if not tensors:
+        return []
+    order, norms = [], []
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        group = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        order += group
+        norms += [n.float().reshape(()) for n in torch._foreach_norm([tensors[i] for i in group], float("inf"))]
+    flags = torch.isfinite(torch.stack(norms)).tolist()
+    out = [True] * len(tensors)
+    for i, ok in zip(order, flags, strict=True):
+        out[i] = ok
+    return out
+
+
+def describe_nonfinite(bad: list[tuple[str, int, int]]) -> str:
+    """``bad`` of :func:`nonfinite_tensors` in words: the first tensors and their non-finite counts."""
+    shown = [f"{name} ({n} of {total} values)" for name, n, total in bad]
+    return f"{len(bad)} tensor(s) hold NaN or Inf: {_show(shown)}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +252,11 @@ def save_checkpoint(
     -------
     pathlib.Path
         ``directory``.
+
+    Raises
+    ------
+    NonFiniteError
+        If a weight is NaN or infinite (nothing is written; an existing ``directory`` stays as it was).
     """
     from safetensors.torch import save_file
 
@@ -220,6 +279,9 @@ def save_checkpoint(
     except TypeError as exc:
         raise TypeError(f"checkpoint config / extra must be JSON-serialisable: {exc}") from exc
     tensors = _state_for_saving(base)
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise NonFiniteError(f"{dest}: refusing to save non-finite weights, {describe_nonfinite(bad)}")
     state = None
     if trainer_state is not None:
         state = dict(trainer_state)
@@ -319,7 +381,7 @@ def load_model_weights(directory: str | os.PathLike, model: nn.Module, *, strict
     ------
     InputError
         On a missing / unexpected key (``strict``) or a shape mismatch, naming the checkpoint and the
-        first offending keys.
+        first offending keys; or if a tensor holds NaN or Inf, naming the first such tensors.
     """
     src = Path(directory)
     base = unwrap_model(model)
@@ -344,6 +406,13 @@ def load_model_weights(directory: str | os.PathLike, model: nn.Module, *, strict
         raise InputError(
             f"checkpoint does not fit the model {type(base).__name__}: {'; '.join(problems)}",
             path=src / MODEL_FILE,
+        )
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise InputError(
+            f"the checkpoint's weights are not finite, {describe_nonfinite(bad)}; "
+            "use an earlier checkpoint or train again",
+            path=src,
         )
     if missing or unexpected:
         logger.warning(
@@ -438,7 +507,7 @@ def load_checkpoint(
     ------
     InputError
         If files are missing or corrupt, the ``model_type`` differs, the config does not parse, or
-        the weights do not fit the model.
+        the weights do not fit the model or are not finite.
     """
     src = Path(directory)
     config, extra = load_checkpoint_config(src, config_cls=config_cls, model_cls=model_cls)

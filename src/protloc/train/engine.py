@@ -15,7 +15,14 @@ its model and optimizers, and its update step. A :class:`Run` keeps the rest of 
   averaged over all processes, with the window's throughput, and the tqdm bar;
 - **the cadence**: validation every ``schedule.eval_every`` steps and at the last step, ``best/`` on
   each improvement of the validation metric, ``last/`` every ``save_every`` steps (or at each
-  validation), early stopping, and the summary returned at the end.
+  validation), early stopping, and the summary returned at the end;
+- **divergence**: a training value or the weights turning NaN / Inf stop the run with
+  :class:`~protloc.errors.TrainingDiverged` (naming the step and the terms) before anything non-finite
+  is validated or saved, so ``last/`` keeps the previous good state to resume from. Python-number
+  values are checked at every step with one process; otherwise (tensor values, which would need a host
+  synchronisation, or several processes, which must agree) at the points that already communicate:
+  the logging step (the reduced window means), before validation and before each checkpoint (one
+  all-reduced flag). The checks read values only: no number or random draw of the run changes.
 
 A trainer reads top to bottom (the shape of nanoGPT's ``train.py``)::
 
@@ -85,12 +92,14 @@ from protloc._fs import atomic_write_text
 from protloc.config import save_config
 from protloc.data.datasets import CropBatchSampler
 from protloc.data.io import CropStore
-from protloc.errors import ConfigError, InputError
+from protloc.errors import ConfigError, InputError, TrainingDiverged
 from protloc.models.checkpoint import (
     TRAINER_FILE,
+    describe_nonfinite,
     load_checkpoint_config,
     load_model_weights,
     load_trainer_state,
+    nonfinite_tensors,
     save_checkpoint,
 )
 from protloc.train.loop import (
@@ -552,6 +561,8 @@ class Run:
         self._last_loss: Any = None
         self.window = MetricWindow()
         self._t_last = 0.0
+        self._window_start = 1  # the first step of the open window
+        self._nonfinite: dict[str, int] = {}  # term -> first step it was NaN / Inf (Python numbers only)
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -710,6 +721,7 @@ class Run:
         if self.batch_in_epoch >= self.steps_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self._start_step = self.step
+        self._window_start = self.step + 1
         max_steps = self._cfg.schedule.max_steps
         self._bar = tqdm(
             total=max_steps or None,
@@ -734,8 +746,17 @@ class Run:
 
         The step's time runs from the end of the previous step (:meth:`end_step`), so validation and
         checkpoints are not counted in the throughput. ``values["loss"]`` is shown on the progress bar.
+
+        Raises
+        ------
+        TrainingDiverged
+            With one process, if a Python-number value is NaN or infinite (tensor values, and values of
+            several processes, are checked at the next logging step, validation or checkpoint).
         """
         self.step += 1
+        for key, value in values.items():
+            if not isinstance(value, Tensor) and not math.isfinite(value):
+                self._nonfinite.setdefault(key, self.step)
         self.epoch, self.batch_in_epoch = self._position
         n = int(samples) * self.world
         self.seen += n
@@ -743,6 +764,8 @@ class Run:
         loss = values.get("loss")
         self._last_loss = loss.detach() if isinstance(loss, Tensor) else loss
         self._bar.update(1)
+        if self._nonfinite and self.world == 1:
+            raise self._diverged(list(self._nonfinite))
 
     def at_last_step(self) -> bool:
         """Whether this step is the last one (``schedule.max_steps`` reached)."""
@@ -754,19 +777,38 @@ class Run:
         return self.step % self._cfg.schedule.log_every == 0
 
     def should_eval(self) -> bool:
-        """Whether to validate at this step: every ``schedule.eval_every`` steps (0: once per epoch) and at the last."""
+        """Whether to validate at this step: every ``schedule.eval_every`` steps (0: once per epoch) and at the last.
+
+        When it is, first checks that the training values and the weights are finite (a collective:
+        every process calls it at every step).
+
+        Raises
+        ------
+        TrainingDiverged
+            If a training value or a weight is NaN or infinite (on any process).
+        """
         every = self._cfg.schedule.eval_every or self.steps_per_epoch
-        return self.step % every == 0 or self.at_last_step()
+        due = self.step % every == 0 or self.at_last_step()
+        if due:
+            self.check_finite()
+        return due
 
     def window_means(self) -> dict[str, float]:
         """The window's mean of every value over its steps and all processes; starts a new window.
 
-        A collective (every process calls it at the same step). Warns if the mean ``loss`` is not finite;
-        the window's throughput goes to :meth:`progress`.
+        A collective (every process calls it at the same step). The window's throughput goes to
+        :meth:`progress`.
+
+        Raises
+        ------
+        TrainingDiverged
+            If a mean is NaN or infinite (a value of some step and process was).
         """
         means = self.window.close(self.accelerator)
-        if not math.isfinite(means["loss"]):
-            logger.warning("training loss is %s at step %d", means["loss"], self.step)
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise self._diverged(bad)
+        self._window_start = self.step + 1
         self._bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
         return means
 
@@ -795,11 +837,14 @@ class Run:
             Added to the ``val`` record after ``best_<metric>`` and ``improved``.
         """
         score = val[self.best_metric]
+        if not math.isfinite(float(score)):  # validation values are reduced: every process agrees
+            raise self._diverged([f"validation {self.best_metric}"], step=self.step)
         if improved is None:
             improved = score < self.best_val
         if improved:
             self.best_val, self.best_step = score, self.step
             self.accelerator.wait_for_everyone()
+            self.check_finite()
             if self.main:
                 save_checkpoint(
                     self.best_dir,
@@ -838,8 +883,14 @@ class Run:
         """Write ``last/``: weights, the trainer's state, the run's counters and every process's RNG states.
 
         A collective (every process calls it); only the main process writes.
+
+        Raises
+        ------
+        TrainingDiverged
+            If a training value or a weight is NaN or infinite (nothing is written).
         """
         self.accelerator.wait_for_everyone()
+        self.check_finite()
         rng = process_rng_states(self.accelerator)  # a collective: before the main-process-only write
         if self.main:
             counters = {
@@ -859,6 +910,60 @@ class Run:
                 extra=self._extra(),
             )
         self._saved_at = self.step
+
+    def check_finite(self) -> None:
+        """Stop the run if a training value of the open window or a weight is NaN or infinite.
+
+        A collective (every process calls it at the same step): each process checks its own values and
+        the attached model's weights, and one all-reduced flag makes every process stop together.
+
+        Raises
+        ------
+        TrainingDiverged
+            Naming the step, the terms and / or the weights.
+        """
+        terms = list(self._nonfinite)
+        tensors = {k: v for k, v in self.window.sums.items() if isinstance(v, Tensor) and k not in self._nonfinite}
+        if tensors:
+            finite = torch.isfinite(torch.stack([v.reshape(()) for v in tensors.values()])).tolist()
+            terms += [k for k, fine in zip(tensors, finite, strict=True) if not fine]
+        bad = nonfinite_tensors(self._model.state_dict()) if self._model is not None else []
+        local = bool(terms or bad)
+        if self.world > 1:
+            flag = torch.tensor([float(local)], device=self.device)
+            local = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if local:
+            raise self._diverged(terms, weights=describe_nonfinite(bad) if bad else "")
+
+    def _diverged(self, terms: Sequence[str], *, weights: str = "", step: int | None = None) -> TrainingDiverged:
+        """The error of a run whose ``terms`` (or ``weights``) turned non-finite; says what to do."""
+        if step is None:  # the first step with a known non-finite value, else the open window
+            known = [self._nonfinite[t] for t in terms if t in self._nonfinite]
+            step = min(known) if known else None
+        if step is not None:
+            when = f"at step {step}"
+        elif self._window_start < self.step:
+            when = f"between steps {self._window_start} and {self.step}"
+        else:
+            when = f"at step {self.step}"
+        what = []
+        if terms:
+            more = f" and {len(terms) - 5} more" if len(terms) > 5 else ""
+            what.append(f"{', '.join(terms[:5])}{more} became NaN or infinite")
+        if weights:
+            what.append(f"the weights: {weights}")
+        if not what:
+            what.append("a value became NaN or infinite on another process")
+        lr = getattr(getattr(self._cfg, "optim", None), "lr", None)
+        lower = f"a lower optim.lr (now {lr:g})" if isinstance(lr, int | float) else "a lower learning rate"
+        if self._saved_at >= 0:
+            advice = (
+                f"nothing non-finite was saved: last/ (step {self._saved_at}) is intact; resume from it with "
+                f"--resume and {lower}, e.g. --set optim.lr=..."
+            )
+        else:
+            advice = f"no checkpoint was written; train again with {lower}"
+        return TrainingDiverged(f"{self.dir}: training diverged {when}: {'; '.join(what)}; {advice}")
 
     def close(self) -> None:
         """Close the progress bar and the metrics file."""
