@@ -76,3 +76,13 @@ def test_good_values_still_parse() -> None:
         ["predict", "--sequence", SEQ, "--out", "o", "--seed", "4294967295", "--top-k-fraction", "1", "--device", "cpu"]
     )
     assert (args.seed, args.top_k_fraction, args.device) == (4294967295, 1.0, "cpu")
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": -3}, {"batch_size": 0}, {"shard_size": 0}, {"batch_size": 2.5}])
+def test_the_python_embed_checks_its_sizes_too(tmp_path, kwargs) -> None:
+    from protloc.errors import ConfigError
+    from protloc.eval.embed import embed
+
+    with pytest.raises(ConfigError, match="must be a positive integer"):
+        embed("pretrained:cytoself-tiny", tmp_path / "s.zarr", tmp_path / "e.h5ad", **kwargs)
+    assert not list(tmp_path.iterdir())

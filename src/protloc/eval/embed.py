@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from protloc._fs import atomic_path, check_overwrite, resumable_dir
 from protloc.config import config_to_dict
 from protloc.data.io import CropStore
-from protloc.errors import InputError
+from protloc.errors import ConfigError, InputError
 from protloc.eval.load import load_cytoself_for_inference
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,10 @@ def embed(
     pathlib.Path
         The written file.
     """
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        # the Python API checks what the command line checks when parsing (a negative batch wrote zeros)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     out = check_overwrite(out, overwrite=overwrite, inputs={"--checkpoint": checkpoint, "--store": store})
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_cytoself_for_inference(checkpoint, device=dev)

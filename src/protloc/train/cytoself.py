@@ -280,6 +280,19 @@ def _resolve(cfg: TrainCytoselfConfig, label_map: Mapping[str, int], store: Crop
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=n))
 
 
+def _check_store_fits(store: Any, label_map: Mapping[str, int], split: str, label_path: Path) -> None:
+    """On resume: the store's training proteins must be the run's (its label map), or the ID heads mean nothing."""
+    train = store.obs.loc[store.obs["split"].astype(str) == split, "protein_id"].astype(str)
+    unknown = sorted(set(train) - set(label_map))
+    if unknown:
+        raise InputError(
+            f"this store's training proteins are not those of the run being resumed ({len(unknown)} of "
+            f"{train.nunique()} are not in {label_path}, e.g. {unknown[0]!r}): resume with the store the run "
+            "was trained on",
+            path=store.path,
+        )
+
+
 def train_cytoself(
     cfg: TrainCytoselfConfig,
     *,
@@ -322,6 +335,8 @@ def train_cytoself(
     store = open_crop_store(cfg.data, source="the crop store from `protloc prepare` (OUT/cytoself.zarr)")
     label_path = run.dir / LABEL_MAP_FILE
     label_map = _read_label_map(label_path) if resume else make_label_map(store.obs, split=cfg.data.train_split)
+    if resume:
+        _check_store_fits(store, label_map, cfg.data.train_split, label_path)
     cfg = _resolve(cfg, label_map, store)
     run.check_resume_model(cfg.model, config_cls=CytoselfConfig, model_cls=Cytoself)
     dcfg, ocfg, scfg = cfg.data, cfg.optim, cfg.schedule

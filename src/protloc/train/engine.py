@@ -548,6 +548,7 @@ class Run:
         self.last_val: dict[str, Any] = {}
         self.steps_per_epoch = 0
         self._cfg: Any = None
+        self._pending_files: dict[str, str] = {}
         self._metrics: MetricsLogger | None = None
         self._set_epoch: Callable[[int, int], None] | None = None
         self._model: nn.Module | None = None
@@ -598,11 +599,13 @@ class Run:
         data order) comes after this call.
         """
         self._cfg = cfg
+        self._pending_files = dict(files or {})
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.dir / CONFIG_FILE)
-            for name, text in (files or {}).items():
-                atomic_write_text(self.dir / name, text)
+            if not self.resuming:
+                self._write_config()
+            # Resuming: config.yaml is rewritten only when everything has loaded and the loop starts
+            # (batches()), so a resume that fails (another store, a damaged last/) leaves the run as it was.
         seed_everything(cfg.seed)
         self._metrics = MetricsLogger(self.dir / METRICS_FILE)
         if self.main:
@@ -610,6 +613,14 @@ class Run:
             if not self.resuming and self._metrics.drop_after(-1):
                 # metrics of an earlier attempt that died before its first checkpoint: this run starts over
                 logger.info("cleared the metrics of an earlier attempt that never reached a checkpoint")
+
+    def _write_config(self) -> None:
+        if self._cfg is None:
+            return
+        save_config(self._cfg, self.dir / CONFIG_FILE)
+        for name, text in self._pending_files.items():
+            atomic_write_text(self.dir / name, text)
+        self._pending_files = {}
 
     def train_loader(
         self,
@@ -718,6 +729,8 @@ class Run:
         """
         from tqdm.auto import tqdm
 
+        if self.main and self.resuming:
+            self._write_config()  # the resumed run's settings (e.g. a longer schedule), now that all loaded
         if self.batch_in_epoch >= self.steps_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self._start_step = self.step
