@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -44,6 +45,9 @@ def world(tmp_path_factory):
     _store(w / "small.zarr", ["P1", "P2"], ["F0", "F1"])
     (w / "sequences.fasta").write_text("".join(f">{p}\nMKTAYIAKQRQ\n" for p in ("P1", "P2", "Q1", "Q2")))
     assert main(["-q", "embed", "--store", str(w / "a.zarr"), "--out", str(w / "a.h5ad")]) == 0
+    old = ad.read_h5ad(w / "a.h5ad")
+    del old.uns["cytoself"]["store_fingerprint"]  # as protloc wrote them before fingerprints
+    old.write_h5ad(w / "old.h5ad")
     return w
 
 
@@ -54,15 +58,19 @@ def _one_line(capsys) -> str:
 
 
 @pytest.mark.parametrize(
-    "store, pattern",
+    "embeddings, store, pattern",
     [
-        ("b.zarr", r"b.zarr: this store is not the one the embeddings .*a.h5ad.* came from: crop 0 is protein_id 'Q1'"),
-        ("small.zarr", r"small.zarr: this store has 2 crops but the embeddings .*a.h5ad.* refer to crop [2-7]"),
+        # the fingerprint protloc embed records names the store the embeddings came from
+        ("a.h5ad", "b.zarr", r"b.zarr: this store is not the one the embeddings .*a.h5ad.* came from \(.*a.zarr\)"),
+        ("a.h5ad", "small.zarr", r"small.zarr: this store is not the one the embeddings .*a.h5ad.* came from"),
+        # embeddings without a fingerprint (older protloc): the rows themselves are compared
+        ("old.h5ad", "b.zarr", r"b.zarr: this store is not the one .*old.h5ad.* crop 0 is protein_id 'Q1'"),
+        ("old.h5ad", "small.zarr", r"small.zarr: this store has 2 crops but the embeddings .*old.h5ad.* refer to crop"),
     ],
 )
-def test_atlas_refuses_a_store_of_another_run(world, tmp_path, capsys, store, pattern):
+def test_atlas_refuses_a_store_of_another_run(world, tmp_path, capsys, embeddings, store, pattern):
     capsys.readouterr()
-    argv = ["atlas", "--embeddings", str(world / "a.h5ad"), "--store", str(world / store), "--split", "all"]
+    argv = ["atlas", "--embeddings", str(world / embeddings), "--store", str(world / store), "--split", "all"]
     assert main([*argv, "--out", str(tmp_path / "atlas")]) == 2
     assert re.search(pattern, _one_line(capsys))
     assert not (tmp_path / "atlas").exists()

@@ -62,6 +62,7 @@ def test_a_failed_resume_leaves_the_run_as_it_was(cytoself_store: Path, tmp_path
     assert main([*resume, "--store", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("protloc: error: "), err
+    assert "other.zarr: cannot resume" in err[0] and f"it was trained on {cytoself_store}" in err[0], err[0]
     assert _digest(run) == before
 
     # a damaged last/: reported, and nothing rewritten

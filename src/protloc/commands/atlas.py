@@ -120,14 +120,28 @@ def read_complexes(complexes: str | os.PathLike | Mapping[str, str] | None) -> d
     return dict(zip(t["protein_id"].astype(str), t["complex"].astype(str), strict=True))
 
 
-def check_store_matches(crops: CropStore, obs: pd.DataFrame, *, embeddings: str | os.PathLike | None = None) -> None:
+def check_store_matches(
+    crops: CropStore,
+    obs: pd.DataFrame,
+    *,
+    embeddings: str | os.PathLike | None = None,
+    uns: Mapping[str, Any] | None = None,
+) -> None:
     """Refuse a crop store that is not the one ``obs`` (an embedding's rows) was embedded from.
 
-    Each row's ``crop_index`` must exist in the store and show the same protein and field of view; a store of
-    another run would otherwise put other proteins' crops beside the points of the atlas.
+    The store's fingerprint must be the one ``protloc embed`` recorded in ``uns`` (when given), and each row's
+    ``crop_index`` must exist in the store and show the same protein and field of view; a store of another
+    run would otherwise put other proteins' crops beside the points of the atlas.
     """
     idx = obs["crop_index"].to_numpy().astype(np.int64)
     source = f" (the embeddings {embeddings})" if embeddings is not None else ""
+    recorded = (uns or {}).get("cytoself", {}).get("store_fingerprint")
+    if recorded is not None and recorded != crops.fingerprint:
+        raise InputError(
+            f"this store is not the one the embeddings{source} came from "
+            f"({(uns or {}).get('cytoself', {}).get('store')}): it holds other crops",
+            path=crops.path,
+        )
     if len(idx) and (idx.min() < 0 or idx.max() >= len(crops)):
         raise InputError(
             f"this store has {len(crops)} crops but the embeddings{source} refer to crop {int(idx.max())}: "
@@ -229,7 +243,7 @@ def run_atlas(
     )
     adata = load_embeddings(embeddings, split=split, keys=["global"])
     if store is not None:  # before the UMAP: a store of another run is refused at once
-        check_store_matches(CropStore.open(store), adata.obs, embeddings=embeddings)
+        check_store_matches(CropStore.open(store), adata.obs, embeddings=embeddings, uns=adata.uns)
     cmap = read_complexes(complexes)
     # UMAP has no progress to report; say what is running (about a minute for 6,000 crops on 2 cores)
     logger.info("UMAP and k-NN scores of %d crops ...", adata.n_obs)

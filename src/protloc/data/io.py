@@ -12,6 +12,7 @@ Crop stores (see ``docs/design/data_layer.md``) are a Zarr group ``<name>.zarr``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -1244,6 +1245,21 @@ class CropStore:
     def obs(self) -> pd.DataFrame:
         """One row per crop, in store order (``crop_index`` = position)."""
         return self._obs
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of what the store holds: crop size, channels and, per crop, protein, field and split.
+
+        Runs and embeddings record it, so a command given a store of other crops can refuse the pair
+        (``--resume`` on another store, ``atlas --store`` of another run). Two stores prepared alike from the
+        same fields of view have the same fingerprint; moving or copying a store keeps it.
+        """
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256(f"{self._size}|{','.join(self._channels)}|{self._n}|".encode())
+            cols = [c for c in ("protein_id", "fov_id", "split") if c in self._obs.columns]
+            h.update(self._obs[cols].astype(str).to_csv(index=False).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def __len__(self) -> int:
         return self._n

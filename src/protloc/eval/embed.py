@@ -147,6 +147,7 @@ def embed(
         "cytoself": {
             "checkpoint": str(Path(checkpoint).resolve()),
             "store": str(Path(crops.path).resolve()),
+            "store_fingerprint": crops.fingerprint,
             "split": split or "all",
             "codebook_size1": int(cfg.codebook_size1),
             "codebook_size2": int(cfg.codebook_size2),

@@ -499,6 +499,7 @@ def train_celle(
     )
     source = "the CELL-E crop store from `protloc prepare` (OUT/celle.zarr)"
     store = open_crop_store(cfg.data, source=source, channels=("nucleus", "protein", "threshold"))
+    run.use_store(store)  # resuming: the run's own crops, or a clear refusal
     sequences = read_sequences(Path(cfg.data.sequences) if cfg.data.sequences else default_sequences(store.path))
     saved_extra = run.check_resume_model(cfg.model, config_cls=CelleConfig, model_cls=Celle)
     dcfg, ocfg, scfg = cfg.data, cfg.optim, cfg.schedule

@@ -333,6 +333,7 @@ def train_cytoself(
     """
     run = Run(run_dir, resume=resume, mixed_precision=cfg.mixed_precision, name="cytoself", progress=progress)
     store = open_crop_store(cfg.data, source="the crop store from `protloc prepare` (OUT/cytoself.zarr)")
+    run.use_store(store)  # resuming: the run's own crops, or a clear refusal
     label_path = run.dir / LABEL_MAP_FILE
     label_map = _read_label_map(label_path) if resume else make_label_map(store.obs, split=cfg.data.train_split)
     if resume:

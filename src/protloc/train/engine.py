@@ -72,6 +72,7 @@ validation values, then ``best_<metric>`` and ``improved``, then the trainer's a
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -93,6 +94,9 @@ from protloc.config import save_config
 from protloc.data.datasets import CropBatchSampler
 from protloc.data.io import CropStore
 from protloc.errors import ConfigError, InputError, TrainingDiverged
+from protloc.models.checkpoint import (
+    CONFIG_FILE as CHECKPOINT_CONFIG_FILE,
+)
 from protloc.models.checkpoint import (
     TRAINER_FILE,
     describe_nonfinite,
@@ -555,6 +559,7 @@ class Run:
         self._model_config: Any = None
         self._state: Callable[[], dict[str, Any]] = dict
         self._extra: Callable[..., dict[str, Any]] = dict
+        self._data_extra: dict[str, Any] = {}
         self._bar: Any = None
         self._start_step, self._saved_at = 0, -1
         self._position = (0, 0)
@@ -576,6 +581,33 @@ class Run:
     def pin_memory(self) -> bool:
         """Whether loaders should pin host memory (on a CUDA device)."""
         return self.device.type == "cuda"
+
+    def use_store(self, store: Any) -> None:
+        """Record the training data (its :attr:`~protloc.data.io.CropStore.fingerprint`, saved with each
+        checkpoint); when resuming, refuse a store of other crops than the run was trained on.
+
+        Raises
+        ------
+        InputError
+            Resuming on a store whose fingerprint differs from the one ``last/`` recorded (runs saved before
+            fingerprints were recorded are not checked).
+        """
+        fingerprint = store.fingerprint
+        self._data_extra = {"store": str(store.path), "store_fingerprint": fingerprint}
+        if not self.resuming:
+            return
+        try:
+            meta = json.loads((self.last_dir / CHECKPOINT_CONFIG_FILE).read_text(encoding="utf-8"))
+            recorded = meta.get("extra") or {}
+        except (OSError, ValueError, AttributeError):
+            return  # a damaged last/ is reported by the checks that load it
+        if recorded.get("store_fingerprint") not in (None, fingerprint):
+            raise InputError(
+                f"cannot resume {self.dir}: it was trained on {recorded.get('store')}, and this store holds other "
+                "crops (another protein, field of view or split, size or channel set); resume with the run's own "
+                "store, or start a new run",
+                path=store.path,
+            )
 
     def check_resume_model(self, model_config: Any, *, config_cls: type, model_cls: type) -> dict[str, Any]:
         """When resuming, refuse a model config other than the run's; return ``last/``'s ``extra`` ({} if new).
@@ -864,7 +896,7 @@ class Run:
                     model=self._model,
                     config=self._model_config,
                     trainer_state=None,
-                    extra=self._extra(val=val),
+                    extra={**self._extra(val=val), **self._data_extra},
                 )
         self.last_val = {"step": self.step, **val}
         self._evaluated = True
@@ -920,7 +952,7 @@ class Run:
                 model=self._model,
                 config=self._model_config,
                 trainer_state={**self._state(), **counters, **rng},
-                extra=self._extra(),
+                extra={**self._extra(), **self._data_extra},
             )
         self._saved_at = self.step
 

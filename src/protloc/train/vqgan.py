@@ -660,6 +660,7 @@ def train_vqgan(
         min_size=cfg.data.image_size,
     )
     check_celle_store(store)  # before anything is written: a cytoself store has nucleus crops too
+    run.use_store(store)  # resuming: the run's own crops, or a clear refusal
     saved_extra = run.check_resume_model(cfg.model, config_cls=VQGANConfig, model_cls=VQGAN)
     if resume and saved_extra.get("kind") != cfg.kind:
         raise ConfigError(
