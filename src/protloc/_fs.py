@@ -17,7 +17,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -168,12 +168,20 @@ def release_outputs() -> None:
 atexit.register(release_outputs)
 
 
-def check_overwrite(path: str | os.PathLike, *, overwrite: bool, inputs: Inputs | None = None) -> Path:
-    """The guard of an output file (``protloc embed``'s ``.h5ad``; output folders go through :func:`check_out`).
+def check_overwrite(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool,
+    inputs: Inputs | None = None,
+    ours: Callable[[Path], bool] | None = None,
+) -> Path:
+    """The guard of an output file (``protloc embed``'s ``.h5ad``, ``weights --write-config``'s YAML; output
+    folders go through :func:`check_out`).
 
-    Refuses (one line naming the file) a file that exists unless ``overwrite``, a file that is one of the
-    command's ``inputs`` (even with ``overwrite``), a place whose parent is a file, and a file another run is
-    writing (see :func:`check_out`). Returns the path as a :class:`~pathlib.Path`.
+    Refuses (one line naming the file) a file that exists unless ``overwrite``; with ``overwrite``, a file
+    that ``ours`` does not recognise as one protloc wrote (never a file of the user's); a file that is one of
+    the command's ``inputs`` (even with ``overwrite``); a place whose parent is a file; and a file another run
+    is writing (see :func:`check_out`). Returns the path as a :class:`~pathlib.Path`.
     """
     p = Path(path)
     _check_place(p)
@@ -182,6 +190,12 @@ def check_overwrite(path: str | os.PathLike, *, overwrite: bool, inputs: Inputs 
         raise InputError("output already exists (pass --overwrite to replace it)", path=p)
     if p.is_dir():
         raise InputError("the output is a folder, not a file", path=p)
+    if overwrite and ours is not None and p.is_file() and not ours(p):
+        raise InputError(
+            "--overwrite replaces only files protloc wrote, and this one is not one: remove it yourself or choose "
+            "another output",
+            path=p,
+        )
     _lock(p)
     return p
 

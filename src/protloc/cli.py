@@ -439,7 +439,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
             from protloc._fs import atomic_write_text, check_overwrite
 
-            check_overwrite(args.write_config, overwrite=args.overwrite)
+            check_overwrite(args.write_config, overwrite=args.overwrite, ours=_is_training_config)
             atomic_write_text(args.write_config, yaml.safe_dump(recipe["training_config"], sort_keys=False))
             print(f"training config of {args.name} written to {args.write_config}; reproduce it with:")
             print("  " + recipe["command"].replace("recipe.yaml", str(args.write_config)))
@@ -457,6 +457,18 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     print("trained on: " + (list_pretrained()[0].get("trained_on") or "?"))
     print("details (training config, command, validation, float16 fidelity): protloc weights NAME")
     return 0
+
+
+def _is_training_config(path: Path) -> bool:
+    """Whether ``path`` holds a training configuration (a mapping with ``model`` and ``data``), as
+    ``--write-config`` writes: what --overwrite may replace."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(loaded, dict) and {"model", "data"} <= set(loaded)
 
 
 def _add_weights(subparsers) -> None:

@@ -176,11 +176,31 @@ def test_guard_refuses(ws: Path, argv, pattern, capsys, lock_dir) -> None:
     assert not list(lock_dir.glob("*.lock"))  # a refused command holds no lock
 
 
-def test_write_config_overwrite_replaces_the_file(ws: Path, tmp_path: Path) -> None:
+def test_write_config_overwrite_replaces_only_a_config(ws: Path, tmp_path: Path, capsys) -> None:
     target = tmp_path / "recipe.yaml"
-    target.write_text("an earlier file\n")
-    assert main(["weights", "celle-tiny", "--write-config", str(target), "--overwrite"]) == 0
-    assert "an earlier file" not in target.read_text() and "model:" in target.read_text()
+    assert main(["weights", "vqgan-nucleus-tiny", "--write-config", str(target)]) == 0
+    argv = ["weights", "celle-tiny", "--write-config", str(target), "--overwrite"]
+    assert main(argv) == 0  # a training config protloc wrote: replaced
+    assert "num_threshold_codes" in target.read_text()
+    notes = tmp_path / "notes.yaml"
+    notes.write_text("my notes: keep\n")
+    capsys.readouterr()
+    assert main(["weights", "celle-tiny", "--write-config", str(notes), "--overwrite"]) == 2
+    assert "notes.yaml: --overwrite replaces only files protloc wrote" in capsys.readouterr().err
+    assert notes.read_text() == "my notes: keep\n"
+
+
+def test_embed_overwrite_replaces_only_its_own_h5ad(ws: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "emb.h5ad"
+    argv = ["-q", "embed", "--store", str(ws / "cyto.zarr"), "--out", str(out)]
+    assert main(argv) == 0
+    assert main([*argv, "--overwrite"]) == 0  # protloc's own embeddings: replaced
+    mine = tmp_path / "mine.h5ad"
+    mine.write_bytes(b"not embeddings")
+    capsys.readouterr()
+    assert main(["-q", "embed", "--store", str(ws / "cyto.zarr"), "--out", str(mine), "--overwrite"]) == 2
+    assert "mine.h5ad: --overwrite replaces only files protloc wrote" in capsys.readouterr().err
+    assert mine.read_bytes() == b"not embeddings"
 
 
 def _lock_of(lock_dir: Path, out: Path) -> Path:

@@ -112,7 +112,9 @@ def embed(
         # the Python API checks what the command line checks when parsing (a negative batch wrote zeros)
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    out = check_overwrite(out, overwrite=overwrite, inputs={"--checkpoint": checkpoint, "--store": store})
+    out = check_overwrite(
+        out, overwrite=overwrite, inputs={"--checkpoint": checkpoint, "--store": store}, ours=_written_by_embed
+    )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_cytoself_for_inference(checkpoint, device=dev)
     cfg = model.config
@@ -234,6 +236,15 @@ def _finite(encoding: torch.Tensor, key: str, rows: np.ndarray, obs: Any, checkp
             path=checkpoint,
         )
     return block
+
+
+def _written_by_embed(path: Path) -> bool:
+    """Whether ``path`` is an ``.h5ad`` of ``protloc embed`` (it has ``uns/cytoself``): what --overwrite may replace."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "uns/cytoself" in f
+    except OSError:
+        return False
 
 
 def _shard_name(start: int) -> str:
