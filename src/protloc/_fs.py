@@ -154,6 +154,8 @@ def _lock(p: Path) -> None:
 
 
 def _release(path: str | os.PathLike) -> None:
+    if not _HELD:  # every atomic write calls this: no path resolution unless a lock is held
+        return
     lock = _HELD.pop(_absolute(path), None)
     if lock is not None:
         lock.unlink(missing_ok=True)
@@ -275,7 +277,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
-        if _absolute(dest) in _HELD:  # a guarded command output (check_out): mark it as protloc's
+        if _HELD and _absolute(dest) in _HELD:  # a guarded command output (check_out): mark it as protloc's
             # constant content: the same command gives byte-identical outputs
             (tmp / OUTPUT_MARKER).write_text('{"written_by": "protloc"}\n', encoding="utf-8")
         os.chmod(tmp, 0o777 & ~_UMASK)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,3 +35,18 @@ def cytoself_store(tmp_path: Path) -> Path:
     with CropStore.create(path, channels=chans, size=CYTOSELF_S, chunk=16) as w:
         w.append({"protein": protein, "nucleus": protein, "nucleus_distance": 2 * protein - 1}, obs)
     return path
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative name (outputs, checkpoints, inputs)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture()
+def digest() -> Callable[[Path], dict[str, str]]:
+    """What the reliability tests compare before and after a refused command (:func:`_digest`)."""
+    return _digest

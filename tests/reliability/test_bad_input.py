@@ -7,7 +7,6 @@ work folder; the folder's outputs and checkpoints are hashed before and after ea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -121,15 +120,6 @@ def ws(tmp_path_factory) -> Path:
     (w / "existing" / "keep.txt").write_text("do not touch")
     (w / "existing.h5ad").write_bytes(b"an earlier result")
     return w
-
-
-def _digest(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under root (outputs, checkpoints, inputs)."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 CK = "{w}/ckpt/celle-tiny"
@@ -367,8 +357,10 @@ CASES = [
 
 
 @pytest.mark.parametrize(("argv", "pattern"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line_and_changes_nothing(ws: Path, argv: list[str], pattern: str, capsys) -> None:
-    before = _digest(ws)
+def test_bad_input_is_one_clear_line_and_changes_nothing(
+    digest, ws: Path, argv: list[str], pattern: str, capsys
+) -> None:
+    before = digest(ws)
     rc = main(["-q", *[a.format(w=ws) for a in argv]])
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
@@ -377,7 +369,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(ws: Path, argv: list[st
     assert len(errors) == 1 and lines[-1] == errors[0], lines
     assert all(line.startswith(("WARNING ", "protloc: error: ")) for line in lines), lines  # no traceback
     assert re.search(pattern, errors[0]), errors[0]
-    assert _digest(ws) == before  # nothing written, changed or left behind (no temporary folders either)
+    assert digest(ws) == before  # nothing written, changed or left behind (no temporary folders either)
 
 
 def test_the_table_is_large_enough() -> None:

@@ -42,15 +42,6 @@ CYTO_ARGS = ["--set", f"model.input_size={S}", "--set", "data.batch_size=8", "--
 CYTO_ARGS += ["--set", "schedule.eval_every=2", "--set", "schedule.log_every=1"]
 
 
-def _digest(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (relative name -> SHA-256)."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 def _poison(folder: Path, key: str | None = None, *, value: float = float("nan"), count: int = 1) -> str:
     """Set ``count`` values of one tensor of ``folder/model.safetensors`` to ``value``; return its name."""
     tensors = load_file(folder / MODEL_FILE)
@@ -117,11 +108,11 @@ def test_the_accelerator_path_of_the_check_finds_nan_and_inf_in_every_dtype() ->
     assert _finite_fused([]) == []
 
 
-def test_saving_non_finite_weights_is_refused_and_keeps_the_old_checkpoint(tmp_path: Path) -> None:
+def test_saving_non_finite_weights_is_refused_and_keeps_the_old_checkpoint(digest, tmp_path: Path) -> None:
     model, cfg, _ = load_checkpoint(WEIGHTS / "cytoself-tiny", model_cls=Cytoself, config_cls=CytoselfConfig)
     dest = tmp_path / "ckpt"
     save_checkpoint(dest, model=model, config=cfg)
-    before = _digest(dest)
+    before = digest(dest)
     name, param = next(iter(model.named_parameters()))
     with torch.no_grad():
         param.view(-1)[0] = float("nan")
@@ -129,7 +120,7 @@ def test_saving_non_finite_weights_is_refused_and_keeps_the_old_checkpoint(tmp_p
         save_checkpoint(dest, model=model, config=cfg)
     with pytest.raises(NonFiniteError):
         save_checkpoint(tmp_path / "new", model=model, config=cfg)
-    assert _digest(dest) == before
+    assert digest(dest) == before
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries left
 
@@ -177,11 +168,13 @@ def test_predict_refuses_a_checkpoint_with_a_nan_tensor(tmp_path: Path, capsys, 
 # --------------------------------------------------------------------------------------------------
 
 
-def test_diverging_cytoself_run_stops_and_keeps_last_good_checkpoint(tmp_path: Path, cytoself_store, capsys) -> None:
+def test_diverging_cytoself_run_stops_and_keeps_last_good_checkpoint(
+    digest, tmp_path: Path, cytoself_store, capsys
+) -> None:
     run = tmp_path / "run"
     argv = ["-q", "train", "cytoself", "--store", str(cytoself_store), "--out", str(run), *CYTO_ARGS]
     assert main([*argv, "--set", "schedule.max_steps=2"]) == 0
-    last, best = _digest(run / "last"), _digest(run / "best")
+    last, best = digest(run / "last"), digest(run / "best")
     capsys.readouterr()
 
     resume = ["-q", "train", "cytoself", "--out", str(run), "--resume", "--set", "schedule.max_steps=8"]
@@ -189,7 +182,7 @@ def test_diverging_cytoself_run_stops_and_keeps_last_good_checkpoint(tmp_path: P
     err = _one_line_error(capsys)
     assert f"{run}: training diverged at step " in err and "loss" in err and "NaN or infinite" in err
     assert "last/ (step 2) is intact" in err and "--resume" in err and "optim.lr (now 1e+12)" in err
-    assert _digest(run / "last") == last and _digest(run / "best") == best
+    assert digest(run / "last") == last and digest(run / "best") == best
     model, _, extra = load_checkpoint(run / "last", model_cls=Cytoself, config_cls=CytoselfConfig)
     assert extra["step"] == 2 and all(torch.isfinite(t).all() for t in model.state_dict().values())
 
@@ -231,7 +224,7 @@ def test_a_run_diverging_before_its_first_checkpoint_writes_none(tmp_path: Path,
     assert not (tmp_path / "run" / "last").exists() and not (tmp_path / "run" / "best").exists()
 
 
-def test_diverging_celle_run_stops_and_keeps_last_good_checkpoint(tmp_path: Path, celle_inputs, capsys) -> None:
+def test_diverging_celle_run_stops_and_keeps_last_good_checkpoint(digest, tmp_path: Path, celle_inputs, capsys) -> None:
     run = tmp_path / "celle"
     argv = ["-q", "train", "celle", "--store", str(celle_inputs["store"]), "--out", str(run)]
     argv += ["--nucleus-vqgan", str(celle_inputs["nucleus"]), "--threshold-vqgan", str(celle_inputs["threshold"])]
@@ -239,7 +232,7 @@ def test_diverging_celle_run_stops_and_keeps_last_good_checkpoint(tmp_path: Path
     argv += ["--set", "data.crop_size=0", "--set", "data.batch_size=4", "--set", "data.chunk_window=2"]
     argv += ["--set", "optim.warmup_steps=1", "--set", "schedule.eval_every=2", "--set", "schedule.log_every=1"]
     assert main([*argv, "--set", "schedule.max_steps=2"]) == 0
-    last, best = _digest(run / "last"), _digest(run / "best")
+    last, best = digest(run / "last"), digest(run / "best")
     capsys.readouterr()
 
     resume = ["-q", "train", "celle", "--out", str(run), "--resume", "--set", "schedule.max_steps=8"]
@@ -247,7 +240,7 @@ def test_diverging_celle_run_stops_and_keeps_last_good_checkpoint(tmp_path: Path
     err = _one_line_error(capsys)
     assert f"{run}: training diverged at step " in err and "NaN or infinite" in err
     assert "last/ (step 2) is intact" in err
-    assert _digest(run / "last") == last and _digest(run / "best") == best
+    assert digest(run / "last") == last and digest(run / "best") == best
     from protloc.eval.load import load_celle_run
 
     loaded = load_celle_run(run / "last")

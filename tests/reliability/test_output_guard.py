@@ -65,14 +65,6 @@ def ws(tmp_path_factory) -> Path:
     return w
 
 
-def _digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
 CK = "{w}/ckpt/celle-tiny"
 CASES = [
     # (id, argv, regex the one error line must match)
@@ -164,14 +156,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("argv, pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_guard_refuses(ws: Path, argv, pattern, capsys, lock_dir) -> None:
-    before = _digest(ws)
+def test_guard_refuses(digest, ws: Path, argv, pattern, capsys, lock_dir) -> None:
+    before = digest(ws)
     code = main([a.format(w=ws) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
     assert len(err) == 1 and err[0].startswith("protloc: error: "), err
     assert re.search(pattern, err[0]), err[0]
-    assert _digest(ws) == before  # nothing replaced, nothing added
+    assert digest(ws) == before  # nothing replaced, nothing added
     assert not (ws / "a_file" / "pred").exists()
     assert not list(lock_dir.glob("*.lock"))  # a refused command holds no lock
 

@@ -6,7 +6,6 @@ next plain ``--resume`` failed too.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -20,14 +19,6 @@ S = 32  # the crop side of the cytoself_store fixture (conftest.py)
 
 ARGS = ["--set", f"model.input_size={S}", "--set", "data.batch_size=8", "--set", "data.chunk_window=2"]
 ARGS += ["--set", "schedule.eval_every=2", "--set", "schedule.log_every=1"]
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _other_store(path: Path) -> Path:
@@ -49,11 +40,11 @@ def _other_store(path: Path) -> Path:
     return path
 
 
-def test_a_failed_resume_leaves_the_run_as_it_was(cytoself_store: Path, tmp_path: Path, capsys) -> None:
+def test_a_failed_resume_leaves_the_run_as_it_was(digest, cytoself_store: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     argv = ["-q", "train", "cytoself", "--store", str(cytoself_store), "--out", str(run), *ARGS]
     assert main([*argv, "--set", "schedule.max_steps=2"]) == 0
-    before = _digest(run)
+    before = digest(run)
     capsys.readouterr()
 
     # another store: its proteins are not the run's label map
@@ -63,17 +54,17 @@ def test_a_failed_resume_leaves_the_run_as_it_was(cytoself_store: Path, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("protloc: error: "), err
     assert "other.zarr: cannot resume" in err[0] and f"it was trained on {cytoself_store}" in err[0], err[0]
-    assert _digest(run) == before
+    assert digest(run) == before
 
     # a damaged last/: reported, and nothing rewritten
     state = run / "last" / "trainer_state.pt"
     good = state.read_bytes()
     state.write_bytes(good[: len(good) // 2])
-    damaged = _digest(run)
+    damaged = digest(run)
     assert main(resume) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trainer_state.pt" in err[0], err
-    assert _digest(run) == damaged
+    assert digest(run) == damaged
 
     # repaired, a plain --resume continues with the run's own config
     state.write_bytes(good)

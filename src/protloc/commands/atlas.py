@@ -162,17 +162,13 @@ def check_store_matches(
                 )
 
 
-def thumbnails(
-    store: str | os.PathLike, obs: pd.DataFrame, max_n: int, *, embeddings: str | os.PathLike | None = None
-) -> list[np.ndarray | None]:
+def thumbnails(crops: CropStore, obs: pd.DataFrame, max_n: int) -> list[np.ndarray | None]:
     """RGB composites (nucleus + protein) of at most ``max_n`` crops spread evenly over ``obs``; ``None`` elsewhere.
 
-    The store must be the one the embeddings came from (:func:`check_store_matches`).
+    ``crops`` must be the store the embeddings came from (check it first with :func:`check_store_matches`).
     """
     from protloc.plotting.crops import composite
 
-    crops = CropStore.open(store)
-    check_store_matches(crops, obs, embeddings=embeddings)
     n = len(obs)
     chosen = np.unique(np.linspace(0, n - 1, num=min(n, max_n)).round().astype(int)) if n else np.zeros(0, int)
     idx = obs["crop_index"].to_numpy().astype(np.int64)[chosen]
@@ -242,14 +238,15 @@ def run_atlas(
         out, overwrite=overwrite, inputs={"--embeddings": embeddings, "--store": store, "--complexes": complexes}
     )
     adata = load_embeddings(embeddings, split=split, keys=["global"])
-    if store is not None:  # before the UMAP: a store of another run is refused at once
-        check_store_matches(CropStore.open(store), adata.obs, embeddings=embeddings, uns=adata.uns)
+    crops = CropStore.open(store) if store is not None else None
+    if crops is not None:  # before the UMAP: a store of another run is refused at once
+        check_store_matches(crops, adata.obs, embeddings=embeddings, uns=adata.uns)
     cmap = read_complexes(complexes)
     # UMAP has no progress to report; say what is running (about a minute for 6,000 crops on 2 cores)
     logger.info("UMAP and k-NN scores of %d crops ...", adata.n_obs)
     result = atlas(adata, label_key=label_key, complexes=cmap, split=None, random_state=seed)
     coords = adata.obsm["X_umap"]
-    thumbs = thumbnails(store, adata.obs, max_thumbnails, embeddings=embeddings) if store is not None else None
+    thumbs = thumbnails(crops, adata.obs, max_thumbnails) if crops is not None else None
     title = f"{split or 'all'} crops"
     columns = [c for c in ("crop_index", "protein_id", "fov_id", "split", label_key) if c in adata.obs]
     table = adata.obs[columns].copy()
