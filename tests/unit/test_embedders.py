@@ -25,7 +25,7 @@ TOK = Tokenizer()
 
 
 def test_registry_and_errors():
-    assert set(EMBEDDERS) == {"onehot", "descriptors", "learned", "esm2", "tape"}
+    assert set(EMBEDDERS) == {"onehot", "descriptors", "learned", "esm2", "tape", "encoder"}
     with pytest.raises(ConfigError, match="did you mean 'onehot'"):
         build_embedder("onehott")
     with pytest.raises(ConfigError):

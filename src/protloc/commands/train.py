@@ -1,5 +1,6 @@
 """``protloc train``: the training configuration of a model, built once for the command line and the API,
-and the run (:mod:`protloc.train.cytoself`, :mod:`protloc.train.vqgan`, :mod:`protloc.train.celle`).
+and the run (:mod:`protloc.train.cytoself`, :mod:`protloc.train.vqgan`, :mod:`protloc.train.celle`,
+:mod:`protloc.train.encoder`).
 
 - :func:`train_config`: preset, then a YAML file, then ``a.b=c`` overrides, then the named options;
 - :func:`run_train`: train with a configuration into a run folder.
@@ -20,9 +21,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["MODELS", "PRESETS", "run_train", "train_config"]
 
 #: The models ``protloc train`` trains.
-MODELS = ("cytoself", "vqgan", "celle")
+MODELS = ("cytoself", "vqgan", "celle", "encoder")
 #: The starting configurations: the quick one the shipped weights came from, and the papers'.
 PRESETS = ("tiny", "paper")
+#: Models whose presets differ from :data:`PRESETS` (the protein encoder: ``tiny`` and the shipped ``small``).
+MODEL_PRESETS = {"encoder": ("tiny", "small")}
 
 
 def _config_class(model: str) -> Any:
@@ -38,7 +41,11 @@ def _config_class(model: str) -> Any:
         from protloc.train.celle import TrainCelleConfig
 
         return TrainCelleConfig
-    raise ConfigError(f"model must be 'cytoself', 'vqgan' or 'celle', got {model!r}")
+    if model == "encoder":
+        from protloc.train.encoder import EncoderTrainConfig
+
+        return EncoderTrainConfig
+    raise ConfigError(f"model must be 'cytoself', 'vqgan', 'celle' or 'encoder', got {model!r}")
 
 
 def train_config(
@@ -50,6 +57,7 @@ def train_config(
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     kind: str | None = None,
+    corpus: str | os.PathLike | None = None,
     sequences: str | os.PathLike | None = None,
     nucleus_vqgan: str | os.PathLike | None = None,
     threshold_vqgan: str | os.PathLike | None = None,
@@ -65,19 +73,21 @@ def train_config(
     Parameters
     ----------
     model
-        ``"cytoself"``, ``"vqgan"`` or ``"celle"``.
+        ``"cytoself"``, ``"vqgan"``, ``"celle"`` or ``"encoder"``.
     out
         The run folder (read for ``config.yaml`` when resuming).
     store
         The crop store (``data.store``); ``None`` keeps the configured one.
     preset
-        ``"tiny"`` or ``"paper"``.
+        ``"tiny"`` or ``"paper"`` (the encoder: ``"tiny"`` or ``"small"``).
     config
         YAML file of configuration keys.
     overrides
         ``a.b=c`` settings.
     kind
         VQGAN only: ``"nucleus"`` or ``"threshold"`` (``kind``); ``None`` keeps the configured one.
+    corpus
+        Encoder only: ``data.corpus`` (``corpus.tsv.gz`` of ``scripts/build_protein_corpus.py``).
     sequences, nucleus_vqgan, threshold_vqgan
         CELL-E only: ``data.sequences``, ``tokenizers.nucleus`` and ``tokenizers.threshold``.
     resume
@@ -85,7 +95,7 @@ def train_config(
 
     Returns
     -------
-    TrainCytoselfConfig, TrainVQGANConfig or TrainCelleConfig
+    TrainCytoselfConfig, TrainVQGANConfig, TrainCelleConfig or EncoderTrainConfig
 
     Raises
     ------
@@ -95,10 +105,13 @@ def train_config(
     from protloc.config import load_config
 
     cls = _config_class(model)
-    if preset not in PRESETS:
-        raise ConfigError(f"preset must be 'tiny' or 'paper', got {preset!r}")
-    named: list[tuple[str, Any]] = [("data.store", store)]
-    if model == "vqgan":
+    presets = MODEL_PRESETS.get(model, PRESETS)
+    if preset not in presets:
+        raise ConfigError(f"preset must be {' or '.join(map(repr, presets))}, got {preset!r}")
+    named: list[tuple[str, Any]] = [] if model == "encoder" else [("data.store", store)]
+    if model == "encoder":
+        named.append(("data.corpus", corpus))
+    elif model == "vqgan":
         named.append(("kind", kind))
     elif model == "celle":
         named += [
@@ -112,7 +125,7 @@ def train_config(
     if path is None and resume and saved.is_file():
         logger.info("resuming with %s", saved)
         path = saved
-    base = cls.paper() if preset == "paper" else cls.tiny()
+    base = getattr(cls, preset)()
     return load_config(cls, base=base, path=path, overrides=settings)
 
 
@@ -125,7 +138,7 @@ def run_train(cfg: Any, *, out: str | os.PathLike, resume: bool = False, progres
     Parameters
     ----------
     cfg
-        A ``TrainCytoselfConfig``, ``TrainVQGANConfig`` or ``TrainCelleConfig``.
+        A ``TrainCytoselfConfig``, ``TrainVQGANConfig``, ``TrainCelleConfig`` or ``EncoderTrainConfig``.
     out
         Run folder.
     resume
@@ -140,9 +153,15 @@ def run_train(cfg: Any, *, out: str | os.PathLike, resume: bool = False, progres
     """
     from protloc.train.celle import TrainCelleConfig, train_celle
     from protloc.train.cytoself import TrainCytoselfConfig, train_cytoself
+    from protloc.train.encoder import EncoderTrainConfig, train_encoder
     from protloc.train.vqgan import TrainVQGANConfig, train_vqgan
 
-    trainers = {TrainCytoselfConfig: train_cytoself, TrainVQGANConfig: train_vqgan, TrainCelleConfig: train_celle}
+    trainers = {
+        TrainCytoselfConfig: train_cytoself,
+        TrainVQGANConfig: train_vqgan,
+        TrainCelleConfig: train_celle,
+        EncoderTrainConfig: train_encoder,
+    }
     trainer = trainers.get(type(cfg))
     if trainer is None:
         raise ConfigError(f"not a training configuration: {type(cfg).__name__}")

@@ -37,6 +37,7 @@ __all__ = [
     "Tokenizer",
     "crop_sequence",
     "crop_is_full_end",
+    "clip_residues",
     "FastaRecord",
     "iter_fasta",
     "read_fasta",
@@ -322,6 +323,35 @@ def crop_is_full_end(seq: str, start: int, max_len: int) -> bool:
     the amino acid sequence, no end token was applied" (paper S.3.6).
     """
     return start + max_len >= len(seq)
+
+
+def clip_residues(seq: str, max_residues: int = 1000) -> str:
+    """Shorten a long sequence to its two ends, as DeepLoc does: the first and last ``max_residues // 2``.
+
+    Sorting signals sit at both termini (signal peptides and transit peptides at the N-terminus, ER
+    retention, peroxisomal and GPI signals at the C-terminus), so a sequence longer than
+    ``max_residues`` keeps its first ``ceil(max_residues / 2)`` and last ``floor(max_residues / 2)``
+    residues, joined (DeepLoc 1.0/2.0 use 500 + 500 of 1000). Shorter sequences are returned unchanged.
+
+    Parameters
+    ----------
+    seq
+        The (validated) sequence.
+    max_residues
+        The most residues kept.
+
+    Returns
+    -------
+    str
+        ``seq`` itself, or ``seq[:head] + seq[-tail:]`` with ``head + tail == max_residues``.
+    """
+    if max_residues < 1:
+        raise ConfigError(f"max_residues must be >= 1, got {max_residues}")
+    if len(seq) <= max_residues:
+        return seq
+    tail = max_residues // 2
+    head = max_residues - tail
+    return seq[:head] + (seq[-tail:] if tail else "")
 
 
 # --------------------------------------------------------------------------------------------------

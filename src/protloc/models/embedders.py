@@ -15,6 +15,8 @@ name            dim    what
 ``learned``     any    ``nn.Embedding(30, dim)``, trained with the model (not frozen)
 ``esm2``        model  a local fair-esm ``.pt`` checkpoint or Hugging Face ``transformers`` folder
 ``tape``        768    TAPE BERT from local weights, if ``tape_proteins`` is installed
+``encoder``     model  protloc's protein sequence encoder (``protloc train encoder``), a local
+                       checkpoint or ``pretrained:NAME``
 =============== ====== ========================================================================
 
 Frozen embedders (all but ``learned`` by default) run once per sequence:
@@ -68,6 +70,7 @@ __all__ = [
     "DescriptorEmbedder",
     "ESM2Embedder",
     "Embedder",
+    "EncoderEmbedder",
     "EmbeddingCache",
     "LearnedEmbedder",
     "OneHotEmbedder",
@@ -703,6 +706,50 @@ class TAPEEmbedder(Embedder):
         return {"weights": self._fingerprint}
 
 
+class EncoderEmbedder(Embedder):
+    """The per-residue vectors of protloc's protein sequence encoder (:mod:`protloc.models.encoder`).
+
+    Parameters
+    ----------
+    path
+        A checkpoint folder of ``protloc train encoder`` (``model.safetensors`` + ``config.json``), a run
+        folder (its ``best/``, else ``last/``) or ``pretrained:NAME`` (a shipped encoder).
+    frozen
+        Fixed encoder (the default; its outputs are then cacheable).
+
+    Raises
+    ------
+    ConfigError
+        If ``path`` is not given.
+    InputError
+        If the checkpoint is missing or is not a protein encoder's.
+    """
+
+    name = "encoder"
+    contextual = True
+
+    def __init__(self, path: str | os.PathLike | None = None, *, frozen: bool = True):
+        super().__init__(frozen=frozen)
+        from protloc.models.checkpoint import find_checkpoint, load_checkpoint
+        from protloc.models.encoder import EncoderConfig, ProteinEncoder
+        from protloc.pretrained import resolve_checkpoint
+
+        if path is None or not str(path):
+            raise ConfigError("the 'encoder' embedder needs path= to a protein encoder checkpoint (or pretrained:NAME)")
+        p = find_checkpoint(resolve_checkpoint(path), what="protein encoder")
+        self.model, _, _ = load_checkpoint(p, model_cls=ProteinEncoder, config_cls=EncoderConfig)
+        self.path = p
+        self.dim = int(self.model.dim)
+        self._fingerprint = _weights_fingerprint(self.model)
+        self._freeze()
+
+    def _embed(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.model.encode(ids, mask)
+
+    def cache_config(self) -> dict[str, Any]:
+        return {"weights": self._fingerprint, "dim": self.dim}
+
+
 #: Registry of embedders by name.
 EMBEDDERS: dict[str, type[Embedder]] = {
     "onehot": OneHotEmbedder,
@@ -710,6 +757,7 @@ EMBEDDERS: dict[str, type[Embedder]] = {
     "learned": LearnedEmbedder,
     "esm2": ESM2Embedder,
     "tape": TAPEEmbedder,
+    "encoder": EncoderEmbedder,
 }
 
 
@@ -719,9 +767,9 @@ def build_embedder(name: str, **kwargs: Any) -> Embedder:
     Parameters
     ----------
     name
-        ``"onehot"``, ``"descriptors"``, ``"learned"``, ``"esm2"`` or ``"tape"``.
+        ``"onehot"``, ``"descriptors"``, ``"learned"``, ``"esm2"``, ``"tape"`` or ``"encoder"``.
     **kwargs
-        Passed to the embedder (e.g. ``path=`` for ``esm2`` / ``tape``, ``dim=`` for ``learned``).
+        Passed to the embedder (e.g. ``path=`` for ``esm2`` / ``tape`` / ``encoder``, ``dim=`` for ``learned``).
 
     Raises
     ------
@@ -851,7 +899,8 @@ class EmbedderConfig:
     Attributes
     ----------
     path
-        Local weights for ``esm2`` / ``tape`` (nothing is downloaded).
+        Local weights for ``esm2`` / ``tape``, or the protein encoder checkpoint (or ``pretrained:NAME``)
+        for ``encoder`` (nothing is downloaded).
     cache_dir
         On-disk cache of per-window embeddings (safetensors); empty: in memory only.
     memory_items
@@ -903,7 +952,7 @@ class SequenceEncoder:
         self.cache = None
         if not self.trainable:
             kwargs: dict[str, Any] = {}
-            if config.embedder in ("esm2", "tape"):
+            if config.embedder in ("esm2", "tape", "encoder"):
                 path = embedder.path or config.embedder_path
                 if not path:
                     raise ConfigError(
