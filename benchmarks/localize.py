@@ -85,16 +85,79 @@ def _fit_predict(x: dict[str, np.ndarray], y: dict[str, np.ndarray], c: float) -
     return preds
 
 
-def encoder_predictions(checkpoint: str, seqs: dict[str, list[str]]) -> tuple[dict[str, np.ndarray], float]:
-    """Presence probabilities of an encoder per split, and its proteins/s over all of them."""
+def encoder_predictions(
+    checkpoint: str, seqs: dict[str, list[str]], splits: tuple[str, ...] = ("val", "test")
+) -> tuple[dict[str, np.ndarray], float]:
+    """Presence probabilities of an encoder on ``splits``, and its proteins/s over them."""
     from protloc.eval.localize import load_encoder, presence_probabilities
 
     model, _ = load_encoder(checkpoint)
     out, n, t0 = {}, 0, time.perf_counter()
-    for k, v in seqs.items():
-        out[k] = presence_probabilities(model, v)
-        n += len(v)
+    for k in splits:
+        out[k] = presence_probabilities(model, seqs[k])
+        n += len(seqs[k])
     return out, n / (time.perf_counter() - t0)
+
+
+#: Peak throughput of this 2-core machine (the figures benchmarks/cytoself_speed.py uses): fp32 and bf16.
+PEAK_GFLOPS = {"fp32": 190.0, "bf16": 350.0}
+
+
+def training_speed(table_seqs: list[str], *, tokens: int = 8192, steps: int = 4) -> dict[str, float]:
+    """Residues/s and FLOP/s of the shipped recipe's training step (small model, bf16 autocast, AdamW).
+
+    One batch of real human sequences packed to ``tokens`` padded tokens (as the trainer's sampler
+    does), its FLOPs counted by :class:`torch.utils.flop_counter.FlopCounterMode`, then timed.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from protloc.data.proteome import read_human_table as _read
+    from protloc.data.sequence_data import ProteinDataset
+    from protloc.models.encoder import EncoderConfig, ProteinEncoder
+
+    df = _read()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(df))
+    ds = ProteinDataset(df.iloc[order[:2000]], mask_prob=0.1)
+    # a length bucket near the median, as the sampler forms them
+    lengths = ds.lengths
+    mid = np.argsort(lengths)[len(lengths) // 2 :]
+    batch_idx, width = [], 0
+    for i in mid:
+        width = max(width, int(lengths[i]))
+        if width * (len(batch_idx) + 1) > tokens:
+            break
+        batch_idx.append(int(i))
+    batch = ds.collate(batch_idx)
+    model = ProteinEncoder(EncoderConfig.small())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t0) / steps
+    residues = int(batch["mask"].sum()) - 2 * len(batch_idx)
+    return {
+        "batch_sequences": len(batch_idx),
+        "batch_padded_tokens": int(batch["mask"].numel()),
+        "seconds_per_step": dt,
+        "residues_per_s": residues / dt,
+        "gflop_per_step": flops / 1e9,
+        "gflop_per_s": flops / 1e9 / dt,
+        "share_of_bf16_peak": flops / 1e9 / dt / PEAK_GFLOPS["bf16"],
+        "share_of_fp32_peak": flops / 1e9 / dt / PEAK_GFLOPS["fp32"],
+    }
 
 
 def score_row(y: dict[str, np.ndarray], p: dict[str, np.ndarray]) -> dict[str, object]:
@@ -123,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encoder", default="pretrained:encoder-small")
     ap.add_argument("--human-only", default=None, help="checkpoint of the encoder trained on human train only")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/localize.json"))
+    ap.add_argument("--limit", type=int, default=0, help="at most this many proteins per partition (a quick check)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     df = read_human_table()
+    if args.limit:
+        df = df.groupby("partition").head(args.limit).reset_index(drop=True)
     presence, _ = compartment_targets(df)
     seqs = {s: df.loc[df["partition"] == s, "sequence"].tolist() for s in ("train", "val", "test")}
     y = {s: presence[(df["partition"] == s).to_numpy()] for s in seqs}
@@ -136,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     rows["composition (AA + dipeptide) logistic regression"] = score_row(y, composition_baseline(seqs, y))
     print(f"composition baseline: {time.perf_counter() - t0:.0f} s")
     speed: dict[str, float] = {}
-    p, speed["encoder_proteins_per_s"] = encoder_predictions(args.encoder, seqs)
+    # the shipped encoder over the whole table: the speed of localizing a proteome
+    p, speed["encoder_proteins_per_s"] = encoder_predictions(args.encoder, seqs, ("train", "val", "test"))
+    speed["whole_table_seconds"] = sum(map(len, seqs.values())) / speed["encoder_proteins_per_s"]
     rows[f"encoder ({args.encoder})"] = score_row(y, p)
     if args.human_only:
         p, _ = encoder_predictions(args.human_only, seqs)
@@ -161,7 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\nconstructs (nuclear probability, importance peak):")
     for name, c in constructs.items():
         print(f"  {name:<40} {c['nuclear_probability']:.3f}  peak {c['peak']}")
-    print(f"\nlocalize speed: {speed['encoder_proteins_per_s']:.1f} proteins/s")
+    print(
+        f"\nlocalize speed: {speed['encoder_proteins_per_s']:.1f} proteins/s (no importance tracks): the "
+        f"{sum(map(len, seqs.values()))} human proteins in {speed['whole_table_seconds']:.0f} s"
+    )
+    train = training_speed(seqs["train"])
+    print(
+        f"training step (small, bf16 autocast, {train['batch_sequences']} sequences, {train['batch_padded_tokens']} "
+        f"padded tokens): {train['residues_per_s']:.0f} residues/s, {train['gflop_per_s']:.1f} GFLOP/s = "
+        f"{train['share_of_bf16_peak']:.1%} of the bf16 peak ({train['share_of_fp32_peak']:.1%} of fp32)"
+    )
 
     result = {
         "table": "protloc human proteome (shipped)",
@@ -169,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "constructs": constructs,
         "speed": speed,
+        "training_speed": train,
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

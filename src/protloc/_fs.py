@@ -161,6 +161,22 @@ def _release(path: str | os.PathLike) -> None:
         lock.unlink(missing_ok=True)
 
 
+def lock_output(path: str | os.PathLike) -> None:
+    """Hold the output lock of ``path`` (a training run folder, say) until :func:`release_output`.
+
+    Raises
+    ------
+    InputError
+        When another live protloc process on this machine holds it.
+    """
+    _lock(Path(path))
+
+
+def release_output(path: str | os.PathLike) -> None:
+    """Release a lock taken with :func:`lock_output` (nothing happens if this process does not hold it)."""
+    _release(path)
+
+
 def release_outputs() -> None:
     """Release the output locks this process holds (the command line does it after every command)."""
     for out in list(_HELD):

@@ -30,6 +30,8 @@ command                function                        returns
 ``spectrum``           :func:`spectra`                 (spectra DataFrame, biclustering order)
 ``interpret``          :func:`feature_zeroing`         (crops, :class:`~protloc.analysis.interpret.ZeroingResult`)
 ``predict``            :func:`predict`                 AnnData (obs per sequence, obsm ``probability``)
+``localize``           :func:`localize`                (AnnData per protein: compartment probabilities,
+                                                       calls, obsm ``X_encoder``; per-residue importance)
 ``fill``               :func:`fill`                    DataFrame (filled sequences)
 ``screen``             :func:`screen`                  DataFrame (one row per variant)
 ``evaluate``           :func:`evaluate`                metrics dict (tables over proteins / images)
@@ -59,6 +61,7 @@ from protloc.eval.predict import SamplingConfig, sampling_config
 from protloc.plotting.atlas import plot_atlas
 from protloc.plotting.celle import plot_prediction, plot_residue_probabilities
 from protloc.plotting.interpret import plot_feature_zeroing
+from protloc.plotting.localize import plot_importance
 from protloc.plotting.screens import plot_constructs, plot_residue_attention, plot_screen
 from protloc.plotting.spectrum import plot_family_correlation, plot_feature_spectrum, plot_spectrum_heatmap
 from protloc.pretrained import list_pretrained
@@ -76,12 +79,14 @@ __all__ = [
     "list_pretrained",
     "load_celle",
     "load_cytoself",
+    "localize",
     "make_world",
     "plot_atlas",
     "plot_constructs",
     "plot_family_correlation",
     "plot_feature_spectrum",
     "plot_feature_zeroing",
+    "plot_importance",
     "plot_prediction",
     "plot_residue_attention",
     "plot_residue_probabilities",
@@ -272,6 +277,56 @@ def predict(
     check_batch_size(batch_size)
     run = load_celle(checkpoint, device=device, precision=precision)
     return predict_sequences(records, run=run, nucleus=nucleus, sampling=sampling, batch_size=batch_size)
+
+
+def localize(
+    sequences: Mapping[str, str] | str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    importance: bool = True,
+    ig_steps: int = 32,
+    device: str = "cpu",
+    progress: bool = False,
+    precision: str = "fp32",
+) -> tuple[ad.AnnData, pd.DataFrame]:
+    """Where proteins go from their sequence alone (protein encoder; ``protloc localize`` without files).
+
+    The computation of ``protloc localize``: :func:`protloc.commands.localize.localize_sequences`.
+
+    Parameters
+    ----------
+    sequences
+        ``{name: sequence}``, one sequence (named ``query``), or a FASTA / CSV / TSV file.
+    checkpoint
+        Encoder run / checkpoint folder, ``pretrained:NAME`` or ``None`` (the shipped ``encoder-small``).
+    batch_size, importance, ig_steps, device, progress, precision
+        As ``protloc localize`` (``importance=False``: no per-residue importance; ``precision="bf16"``:
+        bfloat16 autocast for the probabilities).
+
+    Returns
+    -------
+    adata : anndata.AnnData
+        One observation per protein: ``obs`` ``p_<compartment>``, ``p_nucleus``, ``call_<compartment>``,
+        ``nuclear``, ``top_compartment``, ``d_<compartment>``, ``length``, ``clipped`` (and the importance
+        peaks); ``obsm`` ``X_encoder``, ``presence``, ``distribution``; ``uns["localize"]`` (model,
+        thresholds).
+    importance : pandas.DataFrame
+        One row per protein and residue: ``protein``, ``position``, ``residue``, ``importance_nucleus``,
+        ``importance_top``, ``top_compartment`` (empty without ``importance``).
+    """
+    from protloc.commands.localize import DEFAULT_CHECKPOINT, localize_sequences
+
+    return localize_sequences(
+        sequences,
+        checkpoint=DEFAULT_CHECKPOINT if checkpoint is None else checkpoint,
+        batch_size=batch_size,
+        importance=importance,
+        ig_steps=ig_steps,
+        device=device,
+        progress=progress,
+        precision=precision,
+    )
 
 
 def screen(

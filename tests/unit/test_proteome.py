@@ -221,3 +221,73 @@ def test_shipped_human_table_invariants() -> None:
     assert 0.75 < frac["train"] < 0.85 and 0.07 < frac["val"] < 0.13 and 0.07 < frac["test"] < 0.13
     with gzip.open(human_table_path(), "rt") as fh:
         assert fh.readline().startswith("accession\t")
+
+
+def _tiny_orgdb(path: Path, genes: list[tuple[str, str, str, list[str]]]) -> None:
+    """An org.Hs.eg.db-shaped sqlite: (accession, Entrez id, symbol, GO CC terms with evidence IDA)."""
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE genes (_id INTEGER, gene_id TEXT)")
+    con.execute("CREATE TABLE gene_info (_id INTEGER, symbol TEXT)")
+    con.execute("CREATE TABLE uniprot (_id INTEGER, uniprot_id TEXT)")
+    con.execute("CREATE TABLE go_cc (_id INTEGER, go_id TEXT, evidence TEXT)")
+    for i, (acc, entrez, symbol, terms) in enumerate(genes):
+        con.execute("INSERT INTO genes VALUES (?, ?)", (i, entrez))
+        con.execute("INSERT INTO gene_info VALUES (?, ?)", (i, symbol))
+        con.execute("INSERT INTO uniprot VALUES (?, ?)", (i, acc))
+        con.executemany("INSERT INTO go_cc VALUES (?, ?, 'IDA')", [(i, t) for t in terms])
+        con.execute("INSERT INTO go_cc VALUES (?, 'GO:0005739', 'IEA')", (i,))  # electronic: ignored
+    con.commit()
+    con.close()
+
+
+def _mutate(rng: np.random.Generator, seq: str, share: float) -> str:
+    aa = list("ACDEFGHIKLMNPQRSTVWY")
+    out = list(seq)
+    for j in rng.choice(len(seq), int(share * len(seq)), replace=False):
+        out[j] = str(rng.choice(aa))
+    return "".join(out)
+
+
+@pytest.mark.skipif(shutil.which("mmseqs") is None, reason="mmseqs2 not installed")
+def test_build_partitions_and_drops_heldout_homologs(tmp_path: Path) -> None:
+    """The whole build on a tiny database: 40 human proteins in families, and homologs in other species."""
+    rng = np.random.default_rng(3)
+    aa = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    human, other, annot, genes = [], [], {}, []
+    terms = ["GO:0005654", "GO:0005739", "GO:0005730", "GO:0005886"]
+    for fam in range(20):
+        root = "".join(rng.choice(aa, 150))
+        for k in range(2):  # two human paralogs per family (~85% identical)
+            acc = f"H{fam:02d}{k}"
+            human.append((acc, _mutate(rng, root, 0.15)))
+            genes.append((acc, str(1000 + 2 * fam + k), f"GENE{fam}_{k}", [terms[fam % 4]]))
+        other.append((f"O{fam:02d}A", _mutate(rng, root, 0.25)))  # an ortholog in another species
+        other.append((f"O{fam:02d}B", "".join(rng.choice(aa, 150))))  # an unrelated protein
+    other.append(("C00001", "".join(rng.choice(aa, 120))))  # a plastid protein: dropped
+    for acc, _ in human:
+        annot[acc] = ["GO:0005737"]
+    for acc, _ in other:
+        annot[acc] = ["GO:0005737"] if acc.endswith("B") else ["GO:0005739"]
+    annot["C00001"] = ["GO:0009507"]
+    _write_blast_db(tmp_path / "db", human + other)
+    (tmp_path / "annot.dat").write_text("".join(f"{a}\t" + "\t".join(t) + "\n" for a, t in annot.items()))
+    _tiny_go(tmp_path / "GO.sqlite")
+    _tiny_orgdb(tmp_path / "org.sqlite", genes)
+    paths = {e: Path(f"{tmp_path / 'db'}.{e}") for e in ("pin", "phr", "psq")}
+    paths |= {"annot": tmp_path / "annot.dat", "godb": tmp_path / "GO.sqlite", "orgdb": tmp_path / "org.sqlite"}
+    corpus, table, log = bpc.build(paths, tmp_path / "work", threads=1)
+
+    assert len(table) == 40 and table["human"].all() and (table["label_source"] == "org.Hs.eg.db-2022").all()
+    assert set(table["partition"]) == {"train", "val", "test"}
+    for _, fam in table.groupby(table["gene_symbol"].str.split("_").str[0]):
+        assert fam["partition"].nunique() == 1 and fam["cluster"].nunique() == 1  # paralogs stay together
+    row = table.set_index("accession").loc["H000"]
+    assert row["w_nucleoplasm"] == 1.0 and row["w_mitochondria"] == 0.0  # IEA line ignored
+    assert "C00001" not in set(corpus["accession"]) and log["dropped"]["plastid (non-human)"] == 1
+    heldout = set(table.loc[table["partition"] != "train", "gene_symbol"].str.split("_").str[0].str[4:].astype(int))
+    kept = set(corpus["accession"])
+    for fam in range(20):
+        assert (f"O{fam:02d}A" in kept) == (fam not in heldout), f"family {fam}: ortholog of a held-out protein"
+        assert f"O{fam:02d}B" in kept  # unrelated proteins stay
+    assert (corpus.loc[corpus["accession"].str.endswith("B"), "sample_weight"] == 0.25).all()  # cytoplasm only
+    assert set(corpus.loc[~corpus["human"].astype(bool), "partition"]) == {"train"}

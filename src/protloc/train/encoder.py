@@ -32,6 +32,7 @@ A run folder holds ``config.yaml``, ``metrics.jsonl``, ``last/`` and ``best/`` (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -196,8 +197,21 @@ class EncoderTrainConfig:
 
     @classmethod
     def small(cls, corpus: str = "") -> EncoderTrainConfig:
-        """The shipped encoder's recipe: the small model, 16384-token batches, 20000 steps, validation every 500."""
-        return cls(model=EncoderConfig.small(), data=EncoderDataConfig(corpus=corpus))
+        """The shipped encoder's recipe (``encoder-small``): sized to about 60 minutes on 2 CPU cores.
+
+        The small model without dropout (the run sees each protein about once, so there is nothing to
+        regularise, and dropout's random masks cost 13% of a CPU step), 8192-token batches (more
+        updates for the same compute), 3200 steps at peak learning rate 2e-3 after 200 warm-up steps,
+        human proteins drawn 5x as often as others, bfloat16 autocast, validation every 500 steps.
+        """
+        return cls(
+            model=dataclasses.replace(EncoderConfig.small(), dropout=0.0),
+            data=EncoderDataConfig(corpus=corpus, human_weight=5.0, tokens_per_batch=8192),
+            optim=EncoderOptimConfig(lr=2e-3, warmup_steps=200),
+            schedule=EncoderScheduleConfig(max_steps=3200, eval_every=500, log_every=25),
+            save_every=250,
+            mixed_precision="bf16",
+        )
 
     @classmethod
     def tiny(cls, corpus: str = "") -> EncoderTrainConfig:

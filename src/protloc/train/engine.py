@@ -89,7 +89,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from protloc._fs import atomic_write_text
+from protloc._fs import atomic_write_text, lock_output, release_output
 from protloc.config import save_config
 from protloc.data.datasets import CropBatchSampler
 from protloc.data.io import CropStore
@@ -546,6 +546,10 @@ class Run:
         self.world: int = self.accelerator.num_processes
         self.rank: int = self.accelerator.process_index
         self.main: bool = self.accelerator.is_main_process
+        if self.main:
+            # two trainers writing one run folder (a --resume started while the first still runs) would
+            # interleave metrics and checkpoints: the second refuses at once, naming the first's process
+            lock_output(self.dir)
         self.step = self.epoch = self.batch_in_epoch = self.seen = 0
         self.best_val, self.best_step = math.inf, -1
         self.stopped_early = False
@@ -1024,6 +1028,8 @@ class Run:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+        if exc_type is not None and self.main:
+            release_output(self.dir)
 
     def finish(self, **extra: Any) -> dict[str, Any]:
         """Write ``last/`` unless this step's is written; return (and log) the run's summary.
@@ -1060,4 +1066,6 @@ class Run:
             self.best_step,
             " (stopped early)" if self.stopped_early else "",
         )
+        if self.main:
+            release_output(self.dir)
         return summary
