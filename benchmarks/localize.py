@@ -184,9 +184,18 @@ def _cell(pc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--encoder", default="pretrained:encoder-small")
-    ap.add_argument("--human-only", default=None, help="checkpoint of the encoder trained on human train only")
+    ap.add_argument(
+        "--human-only",
+        action="append",
+        default=[],
+        metavar="[LABEL=]CHECKPOINT",
+        help="an encoder trained on the human train partition only (repeatable; LABEL names its row)",
+    )
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/localize.json"))
     ap.add_argument("--limit", type=int, default=0, help="at most this many proteins per partition (a quick check)")
+    ap.add_argument(
+        "--row", action="append", default=[], metavar="LABEL=CHECKPOINT", help="another encoder row (repeatable)"
+    )
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     df = read_human_table()
@@ -206,9 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     p, speed["encoder_proteins_per_s"] = encoder_predictions(args.encoder, seqs, ("train", "val", "test"))
     speed["whole_table_seconds"] = sum(map(len, seqs.values())) / speed["encoder_proteins_per_s"]
     rows[f"encoder ({args.encoder})"] = score_row(y, p)
-    if args.human_only:
-        p, _ = encoder_predictions(args.human_only, seqs)
-        rows["same encoder, human train partition only"] = score_row(y, p)
+    for spec in args.row:
+        label, _, ckpt = spec.partition("=")
+        p, _ = encoder_predictions(ckpt, seqs)
+        rows[label] = score_row(y, p)
+    for spec in args.human_only:
+        label, _, ckpt = spec.rpartition("=")
+        p, _ = encoder_predictions(ckpt, seqs)
+        rows[f"same encoder, human train partition only{f' ({label})' if label else ''}"] = score_row(y, p)
 
     from protloc.eval.localize import construct_report
 

@@ -67,6 +67,22 @@ def _curve(run: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _trained_on(corpus: Path, human_only: bool) -> dict[str, Any]:
+    log_path = corpus.with_name("corpus_provenance.json")
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    parts = log.get("human_partition_counts", {})
+    others = "" if human_only else f"{log.get('corpus_nonhuman', '?')} proteins of other species + "
+    return {
+        "description": (
+            f"protloc Swiss-Prot localization corpus (UniProtKB/Swiss-Prot 2014-01, GO CC): {others}the "
+            f"{parts.get('train', '?')} human train-partition proteins; model chosen on the "
+            f"{parts.get('val', '?')} human val proteins"
+        ),
+        "human_only": human_only,
+        "corpus_counts": log,
+    }
+
+
 def _probabilities(ckpt: Path, seqs: list[str]) -> np.ndarray:
     from protloc.eval.localize import load_encoder, presence_probabilities
 
@@ -96,8 +112,8 @@ def model_card(name: str, recipe: dict[str, Any]) -> str:
         "",
         "## Data and licence",
         "",
-        "Trained on the protloc Swiss-Prot localization corpus (`scripts/build_protein_corpus.py`): "
-        "UniProtKB/Swiss-Prot 2014-01 proteins of all species with GO cellular-component annotations "
+        f"Trained on: {recipe['trained_on']['description']}. The corpus (`scripts/build_protein_corpus.py`): "
+        "UniProtKB/Swiss-Prot 2014-01 proteins with GO cellular-component annotations "
         "(Debian `metastudent-data` 2.0.1-8), "
         "mapped to 12 compartments through GO.db 3.16; human proteins labelled from org.Hs.eg.db 3.16 (non-IEA "
         "evidence). Data licences: UniProtKB CC BY 4.0, Gene Ontology CC BY 4.0. The weights are MIT like protloc.",
@@ -156,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="encoder-small")
     ap.add_argument("--benchmark", type=Path, default=None, help="results JSON of benchmarks/localize.py")
     ap.add_argument("--out", type=Path, default=weights_dir())
+    ap.add_argument(
+        "--history",
+        type=Path,
+        default=None,
+        help="text file: the exact commands the run went through (one per line), recorded as commands_run",
+    )
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     src = pw._checkpoint(args.run)
@@ -175,13 +197,16 @@ def main(argv: list[str] | None = None) -> int:
             "name": args.name,
             "kind": "encoder",
             "summary": "Protein sequence encoder (dilated CNN + transformer, light-attention pooling) trained on "
-            "Swiss-Prot 2014-01 GO cellular-component annotations mapped to protloc's 12 compartments, with a "
+            + ("the human train partition of " if train_cfg.get("data", {}).get("human_only") else "")
+            + "Swiss-Prot 2014-01 GO cellular-component annotations mapped to protloc's 12 compartments, with a "
             "masked-residue objective.",
+            "trained_on": _trained_on(args.corpus, bool(train_cfg.get("data", {}).get("human_only"))),
             "corpus_command": CORPUS_COMMAND,
             "corpus_sha256": table_sha256(args.corpus),
             "human_table_sha256": table_sha256(human_table_path()),
             "command": "protloc train encoder --config recipe.yaml --corpus <cache>/corpus.tsv.gz --out runs/encoder",
             "training_config": train_cfg,
+            "commands_run": args.history.read_text().splitlines() if args.history else [],
             "steps": meta.get("extra", {}).get("step"),
             "validation": pw._last_val(args.run),
             "validation_curve": _curve(args.run),

@@ -1,11 +1,14 @@
-"""Weights shipped with protloc: small ``tiny`` models trained on the reference cell world.
+"""Weights shipped with protloc: small models trained on the reference cell world and on Swiss-Prot.
 
-Four checkpoints live in ``protloc/weights/`` (installed with the package, no download):
+Five checkpoints live in ``protloc/weights/`` (installed with the package, no download):
 
 - ``cytoself-tiny``: cytoself (``tiny`` preset) for ``protloc embed`` / ``atlas`` / ``interpret``;
 - ``vqgan-nucleus-tiny`` and ``vqgan-threshold-tiny``: CELL-E's two image tokenizers;
 - ``celle-tiny``: the CELL-E transformer (``tiny`` preset, one-hot residues), which finds its two
-  tokenizers beside it.
+  tokenizers beside it;
+- ``encoder-small``: the protein sequence encoder (``protloc localize``; the ``encoder`` embedder of
+  CELL-E), trained on the Swiss-Prot corpus of ``scripts/build_protein_corpus.py``; its folder also
+  holds a model card (``README.md``) and the call thresholds chosen on the human val partition.
 
 Each folder holds ``model.safetensors`` (stored in float16 to keep the package small; loaded into the
 float32 model), ``config.json`` and ``recipe.json``: the training configuration, the command that
@@ -15,7 +18,7 @@ the float32 original. They are what ``protloc demo`` uses unless asked to train,
 
 Anywhere a checkpoint path is accepted, ``pretrained:NAME`` names one of them.
 
-These models are small and were trained on a synthetic (if realistic) world: they demonstrate the
+The image models are small and were trained on a synthetic (if realistic) world: they demonstrate the
 methods and make the tool usable at once. For real images, train on your own data.
 """
 
@@ -39,6 +42,7 @@ PRETRAINED: dict[str, str] = {
     "vqgan-nucleus-tiny": "vqgan",
     "vqgan-threshold-tiny": "vqgan",
     "celle-tiny": "celle",
+    "encoder-small": "encoder",
 }
 
 
