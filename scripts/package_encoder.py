@@ -129,8 +129,8 @@ def model_card(name: str, recipe: dict[str, Any]) -> str:
         "",
         "## Limitations",
         "",
-        "- Small (about 1 M parameters) and trained for about two CPU hours: far below pretrained protein language "
-        "models (ESM-2, ProtT5); use those (as local files) when you have them.",
+        "- Small (about 1 M parameters) and trained for under an hour on 2 CPU cores: far below pretrained protein "
+        "language models (ESM-2, ProtT5); use those (as local files) when you have them.",
         "- Labels are GO annotations, not images: 'cytosol' includes generic 'cytoplasm' annotations, and a protein's "
         "unannotated compartments count as negatives.",
         "- Sequences over 1000 residues are read as their first and last 500 residues (DeepLoc's rule).",
