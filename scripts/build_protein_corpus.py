@@ -75,7 +75,6 @@ import json
 import re
 import shutil
 import sqlite3
-import struct
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -154,27 +153,15 @@ def read_blast_db(pin: Path, phr: Path, psq: Path) -> dict[str, str]:
     Raises ``SystemExit`` for a database that is not a version-4 protein one or an entry without a
     readable title.
     """
-    data = pin.read_bytes()
-    version, dbtype = struct.unpack(">ii", data[:8])
-    if version != 4 or dbtype != 1:
-        raise SystemExit(f"{pin}: not a version-4 protein BLAST index")
-    pos = 8
-    for _ in range(2):  # title, date
-        (n,) = struct.unpack(">i", data[pos : pos + 4])
-        pos += 4 + n
-    (nseq,) = struct.unpack(">i", data[pos : pos + 4])
-    pos += 4 + 8 + 4  # nseq, total residues (int64), max length
-    hdr = np.frombuffer(data, dtype=">i4", count=nseq + 1, offset=pos).astype(np.int64)
-    pos += 4 * (nseq + 1)
-    seq = np.frombuffer(data, dtype=">i4", count=nseq + 1, offset=pos).astype(np.int64)
+    hdr, seq = bwa.read_blast_index(pin)
     headers, residues = phr.read_bytes(), psq.read_bytes()
     table = bytes(ord(bwa.NCBISTDAA[i]) if i < len(bwa.NCBISTDAA) else ord("?") for i in range(256))
     out: dict[str, str] = {}
-    for oid in range(nseq):
-        m = _TITLE.search(headers, int(hdr[oid]), int(hdr[oid + 1]))
+    for oid in range(len(hdr) - 1):
+        m = _TITLE.search(headers, hdr[oid], hdr[oid + 1])
         if m is None:
             raise SystemExit(f"{phr}: entry {oid} has no 'ACCESSION|...' title")
-        raw = residues[int(seq[oid]) : int(seq[oid + 1])].rstrip(b"\x00")
+        raw = residues[seq[oid] : seq[oid + 1]].rstrip(b"\x00")
         out[m.group(1).decode()] = raw.translate(table).decode()
     return out
 

@@ -705,23 +705,28 @@ def write_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def read_blast_index(pin: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Header and sequence offsets (``nseq + 1`` each) of a BLAST v4 protein index (``.pin``)."""
+    data = pin.read_bytes()
+    version, dbtype = struct.unpack(">ii", data[:8])
+    if version != 4 or dbtype != 1:
+        raise SystemExit(f"{pin}: not a version-4 protein BLAST index")
+    pos = 8
+    for _ in range(2):  # title, date
+        (n,) = struct.unpack(">i", data[pos : pos + 4])
+        pos += 4 + n
+    (nseq,) = struct.unpack(">i", data[pos : pos + 4])
+    pos += 4 + 8 + 4  # nseq, total residues (int64), max length
+    hdr = struct.unpack(f">{nseq + 1}i", data[pos : pos + 4 * (nseq + 1)])
+    pos += 4 * (nseq + 1)
+    return hdr, struct.unpack(f">{nseq + 1}i", data[pos : pos + 4 * (nseq + 1)])
+
+
 class BlastDb:
     """Minimal reader of a BLAST (format 4) protein database: title lookup and sequences."""
 
     def __init__(self, pin: Path, phr: Path, psq: Path):
-        data = pin.read_bytes()
-        version, dbtype = struct.unpack(">ii", data[:8])
-        if version != 4 or dbtype != 1:
-            raise SystemExit(f"{pin}: not a version-4 protein BLAST index")
-        pos = 8
-        for _ in range(2):  # title, date
-            (n,) = struct.unpack(">i", data[pos : pos + 4])
-            pos += 4 + n
-        (nseq,) = struct.unpack(">i", data[pos : pos + 4])
-        pos += 4 + 8 + 4  # nseq, total residues (int64), max length
-        self.hdr = struct.unpack(f">{nseq + 1}i", data[pos : pos + 4 * (nseq + 1)])
-        pos += 4 * (nseq + 1)
-        self.seq = struct.unpack(f">{nseq + 1}i", data[pos : pos + 4 * (nseq + 1)])
+        self.hdr, self.seq = read_blast_index(pin)
         self.phr = phr.read_bytes()
         self.psq = psq.read_bytes()
 
