@@ -30,6 +30,7 @@ from itertools import product
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -103,7 +104,7 @@ def encoder_predictions(
 PEAK_GFLOPS = {"fp32": 190.0, "bf16": 350.0}
 
 
-def training_speed(table_seqs: list[str], *, tokens: int = 8192, steps: int = 4) -> dict[str, float]:
+def training_speed(table: pd.DataFrame, *, tokens: int = 8192, steps: int = 4) -> dict[str, float]:
     """Residues/s and FLOP/s of the shipped recipe's training step (small model, bf16 autocast, AdamW).
 
     One batch of real human sequences packed to ``tokens`` padded tokens (as the trainer's sampler
@@ -111,14 +112,11 @@ def training_speed(table_seqs: list[str], *, tokens: int = 8192, steps: int = 4)
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from protloc.data.proteome import read_human_table as _read
     from protloc.data.sequence_data import ProteinDataset
     from protloc.models.encoder import EncoderConfig, ProteinEncoder
 
-    df = _read()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(df))
-    ds = ProteinDataset(df.iloc[order[:2000]], mask_prob=0.1)
+    order = np.random.default_rng(0).permutation(len(table))
+    ds = ProteinDataset(table.iloc[order[:2000]], mask_prob=0.1)
     # a length bucket near the median, as the sampler forms them
     lengths = ds.lengths
     mid = np.argsort(lengths)[len(lengths) // 2 :]
@@ -247,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nlocalize speed: {speed['encoder_proteins_per_s']:.1f} proteins/s (no importance tracks): the "
         f"{sum(map(len, seqs.values()))} human proteins in {speed['whole_table_seconds']:.0f} s"
     )
-    train = training_speed(seqs["train"])
+    train = training_speed(df)
     print(
         f"training step (small, bf16 autocast, {train['batch_sequences']} sequences, {train['batch_padded_tokens']} "
         f"padded tokens): {train['residues_per_s']:.0f} residues/s, {train['gflop_per_s']:.1f} GFLOP/s = "

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 
@@ -90,9 +91,8 @@ def _probabilities(ckpt: Path, seqs: list[str]) -> np.ndarray:
     return presence_probabilities(model, seqs)
 
 
-def thresholds_on_val(ckpt: Path) -> tuple[dict[str, float], np.ndarray]:
-    df = read_human_table()
-    val = df[df["partition"] == "val"]
+def thresholds_on_val(ckpt: Path, val: pd.DataFrame) -> tuple[dict[str, float], np.ndarray]:
+    """Call thresholds chosen on the human val proteins, and the presence probabilities they came from."""
     y, _ = compartment_targets(val)
     p = _probabilities(ckpt, val["sequence"].tolist())
     t = choose_thresholds(y[:, :-1], p[:, :-1])
@@ -187,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         dst.mkdir()
         storage = pw._to_fp16(src / "model.safetensors", dst / "model.safetensors")
         shutil.copy2(src / "config.json", dst / "config.json")
-        thresholds, p16 = thresholds_on_val(dst)
         df = read_human_table()
-        p32 = _probabilities(src, df.loc[df["partition"] == "val", "sequence"].tolist())
+        val = df[df["partition"] == "val"]
+        thresholds, p16 = thresholds_on_val(dst, val)
+        p32 = _probabilities(src, val["sequence"].tolist())
         train_cfg = yaml.safe_load((args.run / "config.yaml").read_text())
         train_cfg.setdefault("data", {})["corpus"] = "<cache>/corpus.tsv.gz"
         meta = json.loads((src / "config.json").read_text())
