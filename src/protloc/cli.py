@@ -138,6 +138,7 @@ def _cmd_world_make(args: argparse.Namespace) -> int:
         mode=args.mode,
         z=args.z,
         include_engineered=not args.no_engineered,
+        partitions=_partitions(args.partition),
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.quiet,
@@ -149,6 +150,34 @@ def _cmd_world_make(args: argparse.Namespace) -> int:
         + ", ".join(f"{k}={v}" for k, v in counts.items())
     )
     return 0
+
+
+def _partition_arg(value: str) -> tuple[str, int | None]:
+    name, _, count = value.partition("=")
+    if name not in ("train", "val", "test"):
+        raise argparse.ArgumentTypeError(f"partition must be train, val or test (optionally =N), got {value!r}")
+    if not count:
+        return name, None
+    try:
+        n = int(count)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: the number of proteins must be a positive integer")
+    return name, n
+
+
+def _partitions(values: list[tuple[str, int | None]] | None) -> list[str] | dict[str, int] | None:
+    if not values:
+        return None
+    from protloc.errors import ConfigError
+
+    counted = [n is not None for _, n in values]
+    if any(counted) and not all(counted):
+        raise ConfigError("--partition: give every partition a count (NAME=N) or none")
+    if all(counted):
+        return {name: int(n) for name, n in values if n is not None}
+    return [name for name, _ in values]
 
 
 def _add_world(subparsers) -> None:
@@ -166,7 +195,8 @@ def _add_world(subparsers) -> None:
         help="render a reference world to a folder",
         description=(
             "Render fields of view (2-channel uint16 TIFFs: Hoechst-like nucleus + tagged protein) for real "
-            "human proteins with GO-derived localization (mode 'real') or for synthetic sequences whose "
+            "human proteins with GO-derived localization (mode 'real': the 384 asset proteins; mode 'proteome': "
+            "the shipped human table with its homology partition) or for synthetic sequences whose "
             "localization follows planted sequence signals (mode 'synthetic'), plus per-protein truth."
         ),
         example="protloc world make --out runs/world --proteins 100 --fovs 4 --seed 0",
@@ -176,7 +206,24 @@ def _add_world(subparsers) -> None:
     m.add_argument("--fovs", type=_COUNT, default=4, help="fields of view per protein")
     m.add_argument("--seed", type=_SEED, default=0)
     m.add_argument("--size", type=_COUNT, default=512, help="field-of-view side in pixels (~0.4 um/pixel)")
-    m.add_argument("--mode", choices=["real", "synthetic"], default="real")
+    m.add_argument(
+        "--mode",
+        choices=["real", "proteome", "synthetic"],
+        default="real",
+        help="real: the 384 asset proteins; proteome: a sample of the shipped human table (15,172 proteins) "
+        "with its homology partition, which becomes the CELL-E split of `protloc prepare`; synthetic: "
+        "generated proteins with planted signals",
+    )
+    m.add_argument(
+        "--partition",
+        action="append",
+        type=_partition_arg,
+        default=None,
+        metavar="NAME[=N]",
+        help="proteome mode: draw only from this partition of the human table (train, val or test; "
+        "repeatable; e.g. test for a world of held-out proteins); NAME=N: N proteins of it (then "
+        "--proteins is not used)",
+    )
     m.add_argument("--z", type=_COUNT, default=1, help="z-slices per field (>1 writes *_stack.tif z-stacks)")
     m.add_argument("--no-engineered", action="store_true", help="leave out the engineered GFP/NLS constructs")
     m.add_argument("--workers", type=_COUNT, default=1, help="worker processes")
@@ -371,6 +418,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         gallery=args.gallery,
         samples=args.samples,
         construct_nuclei=args.construct_nuclei,
+        celle_proteins=args.celle_proteins,
+        celle_train_proteins=args.celle_train_proteins,
+        celle_fovs=args.celle_fovs,
         device=args.device or "cpu",
         precision=args.precision,
     )
@@ -421,6 +471,19 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--gallery", type=_COUNT0, default=8, help="held-out proteins in the prediction gallery")
     p.add_argument("--samples", type=_COUNT, default=8, help="draws per CELL-E prediction")
     p.add_argument("--construct-nuclei", type=_COUNT, default=8, help="nucleus images of the GFP/NLS experiment")
+    p.add_argument(
+        "--celle-proteins",
+        type=_COUNT,
+        default=300,
+        help="CELL-E's world: held-out (test-partition) proteins of the human table imaged for the CELL-E stages",
+    )
+    p.add_argument(
+        "--celle-train-proteins",
+        type=_COUNT,
+        default=2400,
+        help="with --train: proteins of CELL-E's world, drawn from every partition (trained on the train one)",
+    )
+    p.add_argument("--celle-fovs", type=_COUNT, default=2, help="fields of view per protein of CELL-E's world")
     p.add_argument("--device", type=_device, default=None, help="torch device (default: cpu)")
     p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32", help="CELL-E precision")
     p.add_argument("--fresh", action="store_true", help="delete a previous demo in OUT first")

@@ -5,21 +5,26 @@ the same settings already finished it (so an interrupted demo resumes where it s
 
 ==============  =====================================================================================
 ``world``       the reference cell world (all 384 proteins x 4 fields of view, seed 0 by default)
-``prepared``    cytoself and CELL-E crop stores (``protloc prepare``)
+``prepared``    its cytoself crop store (``protloc prepare``)
+``celle_world`` CELL-E's world: proteins of the shipped human table (``protloc world make --mode
+                proteome``) with their homology partition; held-out (test-partition) proteins only
+                (and as many train-partition ones for the sequence-only baseline) unless ``train``
+``celle_prepared``  its CELL-E crop store, split by the partition
 ``train``       only with ``train=True``: cytoself, both VQGANs and CELL-E from the shipped recipes
 ``cytoself``    cytoself embeddings of the test crops (``embeddings.h5ad``)
 ``atlas``       UMAP atlas, clustering score, k-NN macro-F1 (cytoself Fig. 2)
 ``spectrum``    feature spectra, biclustering, family correlation of one protein (cytoself Fig. 4)
 ``interpret``   feature zeroing of that protein's strongest codes (cytoself Fig. 5)
-``evaluate``    CELL-E on held-out proteins beside the VQGAN ceiling and a sequence-only baseline
+``evaluate``    CELL-E on held-out proteins beside its ablations, the VQGAN ceiling and a sequence-only baseline
 ``gallery``     predictions for held-out proteins: nucleus, truth, predicted threshold, probability map
 ``constructs``  GFP vs GFP + NLS vs GFP + random peptide on several nuclei (CELL-E Fig. 4)
 ``screens``     an NLS insertion scan along GFP and the residue attention of GFP + NLS (Fig. 4-6)
 ``report``      ``report/index.html`` (one self-contained file), PNGs and ``metrics.json``
 ==============  =====================================================================================
 
-Without ``train`` the models are the shipped ``tiny`` weights (:mod:`protloc.pretrained`), trained on the
-default world's training split; the held-out proteins and test crops here are the ones they never saw.
+Without ``train`` the models are the shipped weights (:mod:`protloc.pretrained`): cytoself trained on the
+default world's training fields, CELL-E on the train partition of a 4,400-protein proteome world. The
+CELL-E stages use test-partition proteins only: no protein homologous to one of them was trained on.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ __all__ = ["DEMO_STAGES", "DemoConfig", "run_demo"]
 DEMO_STAGES = (
     "world",
     "prepared",
+    "celle_world",
+    "celle_prepared",
     "train",
     "cytoself",
     "atlas",
@@ -66,6 +73,12 @@ SHIPPED_WORLD = {"proteins": None, "fovs": 4, "seed": 0}
 #: The engineered constructs of CELL-E Fig. 4 (``engineered.fasta`` of the reference world).
 CONSTRUCTS = ("GFP", "GFP_NLS_nucleoplasmin", "GFP_NLS_NMyc", "GFP_random_peptide")
 NLS_NUCLEOPLASMIN = "KRPAATKKAGQAKKKK"
+
+#: The shipped ablations evaluated beside the shipped CELL-E (row name -> shipped weights), same crops.
+ABLATIONS = {"CELL-E one-hot": "celle-tiny-onehot", "no sequence": "celle-tiny-noseq"}
+
+#: The split of the CELL-E stages: the homology partition's test proteins.
+HELD_OUT = "test"
 
 # Preferred localization of the protein whose spectrum and feature zeroing are shown.
 _QUERY_LABELS = ("nucleolus", "nuclear_envelope", "mitochondria", "golgi")
@@ -101,6 +114,11 @@ class DemoConfig:
         Draws per prediction in the gallery, the constructs and the screens.
     construct_nuclei
         Nucleus images of the construct experiment.
+    celle_proteins, celle_train_proteins, celle_fovs
+        CELL-E's world: proteins drawn from the human table -- with the shipped weights ``celle_proteins``
+        of the test partition (evaluated) and as many of the train partition (they fit the sequence-only
+        baseline), with ``train`` ``celle_train_proteins`` of all partitions -- and fields of view per
+        protein.
     device, precision
         Torch device and CELL-E precision (``fp32``, ``bf16``, ``int8``).
     """
@@ -117,15 +135,21 @@ class DemoConfig:
     gallery: int = 8
     samples: int = 8
     construct_nuclei: int = 8
+    celle_proteins: int = 300
+    celle_train_proteins: int = 2400
+    celle_fovs: int = 2
     device: str = "cpu"
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.proteins is not None and self.proteins < 2:
             raise ConfigError(f"proteins must be at least 2 (or None for all), got {self.proteins}")
-        for name in ("fovs", "workers", "thumbnails", "gallery", "samples", "construct_nuclei"):
+        for name in ("fovs", "workers", "thumbnails", "gallery", "samples", "construct_nuclei", "celle_fovs"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("celle_proteins", "celle_train_proteins"):
+            if int(getattr(self, name)) < 2:
+                raise ConfigError(f"{name} must be at least 2, got {getattr(self, name)}")
         if self.eval_crops is not None and self.eval_crops < 1:
             raise ConfigError(f"eval_crops must be positive or None, got {self.eval_crops}")
         if not 0 < self.train_scale <= 10:
@@ -219,7 +243,9 @@ def _scaled(cfg: dict[str, Any], scale: float) -> dict[str, Any]:
     return cfg
 
 
-def _train_models(out: Path, prepared: Path, config: DemoConfig, progress: bool) -> dict[str, Path]:
+def _train_models(
+    out: Path, prepared: Path, celle_prepared: Path, config: DemoConfig, progress: bool
+) -> dict[str, Path]:
     """Train cytoself, both VQGANs and CELL-E from the shipped recipes (resuming a stopped run)."""
     import yaml
 
@@ -238,15 +264,15 @@ def _train_models(out: Path, prepared: Path, config: DemoConfig, progress: bool)
         "celle": train_dir / "celle",
     }
     celle_paths = {
-        "data.store": prepared / "celle.zarr",
-        "data.sequences": prepared / "sequences.fasta",
+        "data.store": celle_prepared / "celle.zarr",
+        "data.sequences": celle_prepared / "sequences.fasta",
         "tokenizers.nucleus": runs["vqgan_nucleus"],
         "tokenizers.threshold": runs["vqgan_threshold"],
     }
     specs = [
         ("cytoself", "cytoself-tiny", TrainCytoselfConfig, {"data.store": prepared / "cytoself.zarr"}),
-        ("vqgan_nucleus", "vqgan-nucleus-tiny", TrainVQGANConfig, {"data.store": prepared / "celle.zarr"}),
-        ("vqgan_threshold", "vqgan-threshold-tiny", TrainVQGANConfig, {"data.store": prepared / "celle.zarr"}),
+        ("vqgan_nucleus", "vqgan-nucleus-tiny", TrainVQGANConfig, {"data.store": celle_prepared / "celle.zarr"}),
+        ("vqgan_threshold", "vqgan-threshold-tiny", TrainVQGANConfig, {"data.store": celle_prepared / "celle.zarr"}),
         ("celle", "celle-tiny", TrainCelleConfig, celle_paths),
     ]
     for key, shipped, cfg_cls, paths in specs:
@@ -266,7 +292,9 @@ def _train_models(out: Path, prepared: Path, config: DemoConfig, progress: bool)
     return runs
 
 
-def _models(out: Path, config: DemoConfig, prepared: Path, stages: _Stages, progress: bool) -> dict[str, Path]:
+def _models(
+    out: Path, config: DemoConfig, prepared: Path, celle_prepared: Path, stages: _Stages, progress: bool
+) -> dict[str, Path]:
     if config.train:
         result = stages.run(
             "train",
@@ -274,7 +302,7 @@ def _models(out: Path, config: DemoConfig, prepared: Path, stages: _Stages, prog
                 (out / "train" / k / "done.json").is_file()
                 for k in ("cytoself", "vqgan_nucleus", "vqgan_threshold", "celle")
             ),
-            lambda: _train_models(out, prepared, config, progress),
+            lambda: _train_models(out, prepared, celle_prepared, config, progress),
         )
         t = out / "train"
         return result or {k: t / k for k in ("cytoself", "vqgan_nucleus", "vqgan_threshold", "celle")}
@@ -308,7 +336,7 @@ def _gallery(run: Any, prepared: Path, out: Path, config: DemoConfig, progress: 
     full = read_sequences(prepared / "sequences.fasta")
     ds = CelleDataset(
         prepared / "celle.zarr",
-        split="val",
+        split=HELD_OUT,
         sequences=full,
         image_size=run.image_size,
         max_residues=run.model.config.max_residues,
@@ -358,7 +386,7 @@ def _gallery(run: Any, prepared: Path, out: Path, config: DemoConfig, progress: 
                     "file": name,
                 }
             )
-        summary = {"split": "val", "samples": config.samples, "seed": config.seed, "items": rows}
+        summary = {"split": HELD_OUT, "samples": config.samples, "seed": config.seed, "items": rows}
         atomic_write_json(tmp / "gallery.json", summary)
     return summary
 
@@ -408,7 +436,7 @@ def _constructs(run: Any, prepared: Path, out: Path, config: DemoConfig, progres
     constructs = {k: records[k]["sequence"] for k in CONSTRUCTS}
     ds = CelleDataset(
         prepared / "celle.zarr",
-        split="val",
+        split=HELD_OUT,
         sequences=read_sequences(prepared / "sequences.fasta"),
         image_size=run.image_size,
         max_residues=run.model.config.max_residues,
@@ -436,14 +464,14 @@ def _constructs(run: Any, prepared: Path, out: Path, config: DemoConfig, progres
     return result
 
 
-def _val_nucleus(run: Any, prepared: Path) -> np.ndarray:
+def _held_out_nucleus(run: Any, prepared: Path) -> np.ndarray:
     """The nucleus image of the first held-out crop, as the model sees it (``[S, S]`` in [0, 1])."""
     from protloc.data.datasets import CelleDataset
     from protloc.data.sequences import read_sequences
 
     ds = CelleDataset(
         prepared / "celle.zarr",
-        split="val",
+        split=HELD_OUT,
         sequences=read_sequences(prepared / "sequences.fasta"),
         image_size=run.image_size,
         max_residues=run.model.config.max_residues,
@@ -558,12 +586,45 @@ def run_demo(
             world / "fovs.csv",
             prepared,
             sequences=world / "sequences.fasta",
+            overrides=["celle=false"],
             workers=config.workers,
             overwrite=True,
             progress=progress,
         ),
     )
-    models = _models(out, config, prepared, stages, progress)
+    celle_world, celle_prepared = out / "celle_world", out / "celle_prepared"
+    stages.run(
+        "celle_world",
+        lambda: (celle_world / "world.json").is_file(),
+        lambda: make_world(
+            celle_world,
+            proteins=config.celle_train_proteins if config.train else config.celle_proteins,
+            fovs=config.celle_fovs,
+            seed=config.seed,
+            size=512,
+            mode="proteome",
+            # The shipped CELL-E trained on the train partition: it is evaluated on test-partition proteins
+            # only; the train-partition ones fit the sequence-only baseline of the same evaluation.
+            partitions=None if config.train else {"train": config.celle_proteins, HELD_OUT: config.celle_proteins},
+            workers=config.workers,
+            overwrite=True,
+            progress=progress,
+        ),
+    )
+    stages.run(
+        "celle_prepared",
+        lambda: (celle_prepared / "summary.json").is_file(),
+        lambda: run_prepare(
+            celle_world / "fovs.csv",
+            celle_prepared,
+            sequences=celle_world / "sequences.fasta",
+            overrides=["cytoself=false"],
+            workers=config.workers,
+            overwrite=True,
+            progress=progress,
+        ),
+    )
+    models = _models(out, config, prepared, celle_prepared, stages, progress)
 
     emb = out / "cytoself" / "embeddings.h5ad"
     stages.run(
@@ -619,11 +680,11 @@ def run_demo(
         "evaluate",
         lambda: (out / "evaluate" / "metrics.json").is_file(),
         lambda: run_evaluate(
-            checkpoints=[models["celle"]],
-            store=prepared / "celle.zarr",
+            checkpoints=[models["celle"], *([] if config.train else [pretrained_path(n) for n in ABLATIONS.values()])],
+            store=celle_prepared / "celle.zarr",
             out=out / "evaluate",
-            names=["CELL-E tiny"],
-            split="val",
+            names=["CELL-E + encoder", *([] if config.train else list(ABLATIONS))],
+            split=HELD_OUT,
             max_crops=config.eval_crops,
             seed=config.seed,
             device=config.device,
@@ -644,17 +705,19 @@ def run_demo(
     stages.run(
         "gallery",
         lambda: (out / "gallery" / "gallery.json").is_file(),
-        lambda: _gallery(celle_run(), prepared, out / "gallery", config, progress),
+        lambda: _gallery(celle_run(), celle_prepared, out / "gallery", config, progress),
     )
     stages.run(
         "constructs",
         lambda: (out / "constructs" / "constructs.json").is_file(),
-        lambda: _constructs(celle_run(), prepared, out / "constructs", config, progress),
+        lambda: _constructs(celle_run(), celle_prepared, out / "constructs", config, progress),
     )
     stages.run(
         "screens",
         lambda: (out / "screens" / "attention" / "summary.json").is_file(),
-        lambda: _screens(models["celle"], _val_nucleus(celle_run(), prepared), out / "screens", config, progress),
+        lambda: _screens(
+            models["celle"], _held_out_nucleus(celle_run(), celle_prepared), out / "screens", config, progress
+        ),
     )
     elapsed = time.perf_counter() - t_start
     info = {

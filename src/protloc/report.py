@@ -194,7 +194,10 @@ def _evaluate_section(page: _Page, out: Path, metrics: dict[str, Any]) -> None:
         rows.append([row] + [_mean_sd(vals.get(k)) for k, _ in _EVAL_METRICS])
     body = (
         f"<p>CELL-E on held-out proteins ({_esc(n_prot)} proteins, {_esc(n_img)} crops; mean ± sd over proteins, "
-        "paper Table S.1). Every row sees the same crops and flips. <b>VQGAN ceiling</b>: the threshold "
+        "paper Table S.1): with the shipped weights, proteins of the human table's test partition, none of them "
+        "nor any homolog trained on. Every row sees the same crops and flips. <b>CELL-E + encoder</b>: CELL-E on "
+        "the frozen protein encoder's per-residue vectors; <b>CELL-E one-hot</b> and <b>no sequence</b>: the "
+        "paper's ablations, trained on the same data for the same steps. <b>VQGAN ceiling</b>: the threshold "
         "tokenizer's own reconstruction of the true image, the best any CELL-E could do. <b>Sequence "
         "baseline</b>: ridge regression from amino-acid and dipeptide composition to the nucleus proportion, fitted on "
         "the training proteins (no image).</p>"

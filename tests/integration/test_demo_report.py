@@ -36,6 +36,8 @@ ARGS = [
     "2",
     "--eval-crops",
     "24",
+    "--celle-proteins",
+    "8",
     "--workers",
     "1",
 ]
@@ -64,8 +66,12 @@ def test_demo_writes_every_stage_and_the_report(demo_dir: Path, capsys) -> None:
     n_gallery = len(metrics["gallery"]["items"])  # one per held-out protein, at most --gallery
     assert 1 <= n_gallery <= 3 and len([p for p in pngs if p.startswith("gallery_")]) == n_gallery
     ev = metrics["evaluate"]["over_proteins"]
-    assert {"CELL-E tiny", "VQGAN ceiling", "sequence baseline"} <= set(ev)
-    assert 0.0 <= ev["CELL-E tiny"]["nucleus_proportion_accuracy"][0] <= 1.0
+    assert {"CELL-E + encoder", "CELL-E one-hot", "no sequence", "VQGAN ceiling", "sequence baseline"} <= set(ev)
+    assert 0.0 <= ev["CELL-E + encoder"]["nucleus_proportion_accuracy"][0] <= 1.0
+    # the CELL-E stages see only held-out (test-partition) proteins
+    assert metrics["gallery"]["split"] == "test"
+    world = json.loads((demo_dir / "celle_world" / "world.json").read_text())
+    assert world["mode"] == "proteome" and world["arguments"]["partitions"] == {"train": 8, "test": 8}
     rows = metrics["constructs"]["rows"]
     assert [r["construct"] for r in rows] == ["GFP", "GFP_NLS_nucleoplasmin", "GFP_NLS_NMyc", "GFP_random_peptide"]
     assert all(r["images"] == 2 for r in rows)
@@ -76,7 +82,8 @@ def test_demo_resumes_and_refuses_other_settings(demo_dir: Path, capsys) -> None
     before = {p: p.stat().st_mtime_ns for p in (demo_dir / "atlas").iterdir()}
     assert cli.main(["-q", "demo", "--out", str(demo_dir), *ARGS]) == 0
     stages = json.loads((demo_dir / "stages.json").read_text())
-    assert all(stages[s]["reused"] for s in ("world", "prepared", "cytoself", "atlas", "evaluate", "gallery"))
+    reused = ("world", "prepared", "celle_world", "celle_prepared", "cytoself", "atlas", "evaluate", "gallery")
+    assert all(stages[s]["reused"] for s in reused)
     assert {p: p.stat().st_mtime_ns for p in (demo_dir / "atlas").iterdir()} == before
     out = capsys.readouterr().out
     assert "demo stages" in out and "reused" in out and "report:" in out

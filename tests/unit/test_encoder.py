@@ -95,7 +95,11 @@ def test_checkpoint_round_trip_and_embedder(tmp_path) -> None:
     assert "encoder" in EMBEDDERS and EMBEDDERS["encoder"].contextual
     emb = build_embedder("encoder", path=str(tmp_path / "enc"))
     assert emb.dim == 32 and emb.frozen
-    torch.testing.assert_close(emb(ids, mask), model.encode(ids, mask))
+    out, residues = emb(ids, mask), model.encode(ids, mask)
+    # residues as encoded; <cls> holds the summary the localization heads read
+    torch.testing.assert_close(out[:, 1:], residues[:, 1:])
+    torch.testing.assert_close(out[:, 0], model.summary(residues, mask))
+    torch.testing.assert_close(model.presence(out[:, 0]), model(ids, mask)["presence"])
     assert emb.cache_config()["weights"]
     with pytest.raises(ConfigError):
         build_embedder("encoder")

@@ -276,3 +276,42 @@ def test_sequences_may_be_a_table(fov_dir):
             sequences=fov_dir / "bad.csv",
             progress=False,
         )
+
+
+def test_prepare_celle_split_follows_a_partition_column(fov_dir):
+    table = read_table(fov_dir / "fovs.csv")
+    part = {"P1": "train", "P2": "test", "P3": "val"}
+    table["partition"] = table["protein_id"].map(part)
+    write_table(table, fov_dir / "fovs_part.csv")
+    out = fov_dir / "out"
+    # the default (auto) takes the partition; cytoself keeps its split by field of view
+    prepare(fov_dir / "fovs_part.csv", out, config=_cfg(), sequences=fov_dir / "seqs.fasta", progress=False)
+    obs = CropStore.open(out / "celle.zarr").obs
+    assert dict(obs.groupby("protein_id")["split"].first()) == part
+    prot = read_table(out / "proteins.csv")
+    assert dict(zip(prot["protein_id"], prot["celle_split"])) == part
+    # without the column, auto splits by protein (no protein in two splits)
+    out2 = fov_dir / "out2"
+    prepare(fov_dir / "fovs.csv", out2, config=_cfg(), sequences=fov_dir / "seqs.fasta", progress=False)
+    assert (CropStore.open(out2 / "celle.zarr").obs.groupby("protein_id")["split"].nunique() == 1).all()
+    # a bad or inconsistent partition names the row and protein
+    table.loc[1, "partition"] = "test"
+    write_table(table, fov_dir / "fovs_bad.csv")
+    with pytest.raises(InputError, match="row 2: protein 'P1'"):
+        prepare(
+            fov_dir / "fovs_bad.csv", fov_dir / "o3", config=_cfg(), sequences=fov_dir / "seqs.fasta", progress=False
+        )
+    table.loc[1, "partition"] = "holdout"
+    write_table(table, fov_dir / "fovs_bad.csv")
+    with pytest.raises(InputError, match="'holdout'"):
+        prepare(
+            fov_dir / "fovs_bad.csv", fov_dir / "o4", config=_cfg(), sequences=fov_dir / "seqs.fasta", progress=False
+        )
+    with pytest.raises(InputError, match="no 'partition' column"):
+        prepare(
+            fov_dir / "fovs.csv",
+            fov_dir / "o5",
+            config=_cfg(**{"celle_split.by": "partition"}),
+            sequences=fov_dir / "seqs.fasta",
+            progress=False,
+        )

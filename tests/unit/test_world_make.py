@@ -373,3 +373,115 @@ def test_world_from_a_protein_table():
         world_proteins(protein_table=pd.DataFrame({"protein_id": ["a", "b"], "sequence": [nls, "MK*J"]}))
     with pytest.raises(ConfigError, match="weight columns"):
         world_proteins(protein_table=pd.DataFrame({"protein_id": ["a"], "sequence": [nls], "w_cytosol": [1.0]}))
+
+
+def test_proteome_world_samples_the_human_table_with_its_partition(tmp_path):
+    from protloc.data.proteome import read_human_table
+
+    table = world_proteins(proteins=30, seed=1, mode="proteome")
+    human = read_human_table().set_index("accession")
+    imaged = table[~table["engineered"]]
+    assert len(imaged) == 30 and imaged["protein_id"].is_unique
+    rows = human.loc[imaged["uniprot_id"]]
+    # real sequences, gene symbols and the homology partition of the table, not a new draw
+    assert (rows["sequence"].to_numpy() == imaged["sequence"].to_numpy()).all()
+    assert (rows["gene_symbol"].to_numpy() == imaged["protein_id"].to_numpy()).all()
+    assert (rows["partition"].to_numpy() == imaged["partition"].to_numpy()).all()
+    assert (table.loc[table["engineered"], "partition"] == "").all()
+    again = world_proteins(proteins=30, seed=1, mode="proteome")
+    assert again["protein_id"].tolist() == table["protein_id"].tolist()
+    with pytest.raises(ConfigError, match="human proteome table"):
+        world_proteins(proteins=10**6, mode="proteome")
+
+    out = make_world(
+        tmp_path / "w",
+        proteins=6,
+        fovs=1,
+        size=128,
+        mode="proteome",
+        seed=2,
+        params=RenderParams(real_nucleus_fraction=0.0),
+        progress=False,
+    )
+    fovs = pd.read_csv(out / "fovs.csv")
+    truth = pd.read_csv(out / "truth.csv", keep_default_na=False)
+    meta = json.loads((out / "world.json").read_text())
+    assert set(fovs["partition"]) <= {"train", "val", "test"} and len(fovs) == 6
+    per_protein = truth.set_index("protein_id")["partition"]
+    assert (fovs["partition"].to_numpy() == per_protein.loc[fovs["protein_id"]].to_numpy()).all()
+    assert meta["mode"] == "proteome" and sum(meta["partition"]["counts"].values()) == 6
+    assert len(meta["partition"]["table_sha256"]) == 64
+
+
+def test_protein_table_partition_is_checked():
+    base = {"protein_id": ["a", "b"], "sequence": ["MKVLAAGWSTQE", "MSDEAAGTAGSL"]}
+    table = world_proteins(
+        protein_table=pd.DataFrame({**base, "partition": ["train", "test"]}), include_engineered=False
+    )
+    assert table["partition"].tolist() == ["train", "test"]
+    with pytest.raises(ConfigError, match="'b'.*row 2.*'holdout'"):
+        world_proteins(protein_table=pd.DataFrame({**base, "partition": ["train", "holdout"]}))
+
+
+def test_proteome_world_can_hold_only_held_out_proteins():
+    table = world_proteins(proteins=20, seed=0, mode="proteome", partitions=["test"], include_engineered=False)
+    assert set(table["partition"]) == {"test"} and len(table) == 20
+    with pytest.raises(ConfigError, match="partitions must be"):
+        world_proteins(proteins=5, mode="proteome", partitions=["holdout"])
+    with pytest.raises(ConfigError, match="need mode='proteome'"):
+        world_proteins(proteins=5, mode="real", partitions=["test"])
+    with pytest.raises(ConfigError, match="in partitions test"):
+        world_proteins(proteins=5000, mode="proteome", partitions=["test"])
+
+
+def test_proteome_world_counts_per_partition(tmp_path):
+    table = world_proteins(mode="proteome", partitions={"train": 6, "test": 4}, include_engineered=False)
+    assert table["partition"].value_counts().to_dict() == {"train": 6, "test": 4}
+    same = world_proteins(mode="proteome", proteins=3, partitions={"train": 6, "test": 4}, include_engineered=False)
+    assert same["protein_id"].tolist() == table["protein_id"].tolist()  # the counts decide, not proteins
+    with pytest.raises(ConfigError, match="positive integer"):
+        world_proteins(mode="proteome", partitions={"test": 0})
+    from protloc.cli import main
+
+    assert (
+        main(
+            [
+                "-q",
+                "world",
+                "make",
+                "--out",
+                str(tmp_path / "w"),
+                "--mode",
+                "proteome",
+                "--fovs",
+                "1",
+                "--size",
+                "128",
+                "--partition",
+                "train=2",
+                "--partition",
+                "test=1",
+            ]
+        )
+        == 0
+    )
+    meta = json.loads((tmp_path / "w" / "world.json").read_text())
+    assert meta["arguments"]["partitions"] == {"train": 2, "test": 1} and meta["counts"]["proteins"] == 3
+    assert (
+        main(
+            [
+                "-q",
+                "world",
+                "make",
+                "--out",
+                str(tmp_path / "w2"),
+                "--mode",
+                "proteome",
+                "--partition",
+                "train=2",
+                "--partition",
+                "test",
+            ]
+        )
+        == 2
+    )

@@ -62,6 +62,9 @@ CYTOSELF_CHANNELS = {"protein": "float32", "nucleus": "float32", "nucleus_distan
 CELLE_CHANNELS = {"nucleus": "float32", "protein": "float32", "threshold": "uint8"}
 
 
+SPLIT_BY = ("fov", "protein", "homology", "partition", "auto")
+
+
 @dataclass(frozen=True)
 class SplitConfig:
     """How one output's crops are split into train / val / test.
@@ -70,8 +73,10 @@ class SplitConfig:
     ----------
     by
         ``"fov"`` (all crops of a field of view share a split; cytoself Methods), ``"protein"`` (no
-        protein in two splits; CELL-E S.3.1) or ``"homology"`` (sequence clusters never straddle
-        splits; CELL-E S.3.2).
+        protein in two splits; CELL-E S.3.1), ``"homology"`` (sequence clusters never straddle
+        splits; CELL-E S.3.2), ``"partition"`` (the fov table's ``partition`` column, e.g. the
+        homology partition a ``proteome`` world carries) or ``"auto"`` (``partition`` when the table
+        has that column, else ``protein``; CELL-E's default).
     fractions
         ``"paper"`` (cytoself 0.8/0.1/0.1, CELL-E 0.8/0.2), ``"reference"`` (the cytoself reference
         code's 0.82/0.098/0.082) or explicit ``"train=0.7,val=0.15,test=0.15"``.
@@ -96,8 +101,8 @@ class SplitConfig:
     stratify: bool = False
 
     def __post_init__(self) -> None:
-        if self.by not in ("fov", "protein", "homology"):
-            raise ConfigError(f"split.by must be fov, protein or homology, got {self.by!r}")
+        if self.by not in SPLIT_BY:
+            raise ConfigError(f"split.by must be one of {', '.join(SPLIT_BY)}, got {self.by!r}")
         if not 0.0 < self.identity <= 1.0:
             raise ConfigError(f"split.identity must be in (0, 1], got {self.identity}")
         if not 0.0 < self.coverage <= 1.0:
@@ -115,7 +120,9 @@ class PrepareConfig:
     cytoself, celle
         Which outputs to write.
     cytoself_split, celle_split
-        How each output is split (defaults: by field of view 8:1:1; by protein 80/20).
+        How each output is split (defaults: by field of view 8:1:1; CELL-E by the table's
+        ``partition`` column when it has one -- a ``proteome`` world's homology partition -- else by
+        protein 80/20).
     cytoself_max_crops_per_fov, celle_max_crops_per_fov
         Caps on crops per field of view (0 = all). Kept crops are spread out (farthest-point order
         from the crop nearest the image centre). CELL-E's 256 px crops around neighbouring nuclei
@@ -139,7 +146,7 @@ class PrepareConfig:
     cytoself: bool = True
     celle: bool = True
     cytoself_split: SplitConfig = field(default_factory=lambda: SplitConfig(by="fov"))
-    celle_split: SplitConfig = field(default_factory=lambda: SplitConfig(by="protein"))
+    celle_split: SplitConfig = field(default_factory=lambda: SplitConfig(by="auto"))
     cytoself_max_crops_per_fov: int = 0
     celle_max_crops_per_fov: int = 4
     store_dtype: str = "float16"
@@ -301,7 +308,13 @@ def _assign(
         )
         return {str(k): v for k, v in mapping.items()}, "fov_id"
     proteins = list(dict.fromkeys(fovs["protein_id"].astype(str)))
-    if split.by == "protein":
+    by = split.by
+    if by == "auto":
+        by = "partition" if "partition" in fovs.columns else "protein"
+        logger.info("%s split: %s", kind, "the table's partition column" if by == "partition" else "by protein")
+    if by == "partition":
+        return _partition_split(fovs, kind=kind), "protein_id"
+    if by == "protein":
         return split_items(proteins, fractions=fractions, seed=split.seed), "protein_id"
     if seqs is None:
         raise InputError("a homology split needs sequences: pass --sequences FASTA")
@@ -321,6 +334,22 @@ def _assign(
         getattr(result, "backend", split.backend),
     )
     return dict(assignment), "protein_id"
+
+
+def _partition_split(fovs: pd.DataFrame, *, kind: str) -> dict[str, str]:
+    """protein_id -> split from the table's ``partition`` column (one value per protein, a split name)."""
+    if "partition" not in fovs.columns:
+        raise InputError(f"{kind} split by partition: the fov table has no 'partition' column")
+    mapping: dict[str, str] = {}
+    for i, (pid, part) in enumerate(zip(fovs["protein_id"].astype(str), fovs["partition"], strict=True)):
+        value = "" if _blank(part) else str(part).strip()
+        if value not in SPLIT_NAMES:
+            raise InputError(
+                f"row {i + 1}: protein {pid!r} has partition {value!r}; use one of {', '.join(SPLIT_NAMES)}"
+            )
+        if mapping.setdefault(pid, value) != value:
+            raise InputError(f"row {i + 1}: protein {pid!r} is in partition {value!r} and {mapping[pid]!r}")
+    return mapping
 
 
 def spread_order(centres: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

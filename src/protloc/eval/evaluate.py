@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -586,6 +586,9 @@ def _per_protein_positions(dataset: CelleDataset, cap: int | None, seed: int) ->
     return np.sort(order[rank < int(cap)]).astype(np.int64)
 
 
+_COMPOSITION = "amino-acid (20) + dipeptide (400) composition"
+
+
 def sequence_baseline(
     store: CropStore | str | os.PathLike,
     *,
@@ -602,6 +605,8 @@ def sequence_baseline(
     batch_size: int = 64,
     progress: bool = True,
     keep_images: bool = False,
+    features: Callable[[list[str]], np.ndarray] | None = None,
+    features_name: str | None = None,
 ) -> EvaluationResult:
     """A sequence-only baseline of the nucleus proportion, trained and evaluated in one call.
 
@@ -641,6 +646,9 @@ def sequence_baseline(
         Average the training target over at most this many crops per protein (a seeded choice); None: all.
     alphas
         Ridge penalties to choose from.
+    features, features_name
+        Other sequence features instead of the composition: a function of a list of sequences giving an
+        array ``[N, F]`` (e.g. a protein encoder's localization probabilities), and its description.
 
     Returns
     -------
@@ -670,7 +678,8 @@ def sequence_baseline(
     )
     target = pd.Series(props, index=pd.Index(pids, name="protein_id")).groupby(level=0, sort=True).mean()
     train_ids = target.index.astype(str).tolist()
-    x_train = sequence_features([train_ds.sequences[p] for p in train_ids])
+    featurize = features or sequence_features
+    x_train = np.asarray(featurize([train_ds.sequences[p] for p in train_ids]), dtype=np.float64)
     y_train = target.to_numpy(dtype=np.float64)
     if len(train_ids) >= 3:
         regressor: Any = RidgeCV(alphas=alpha_grid)
@@ -687,7 +696,8 @@ def sequence_baseline(
         eval_ds, positions, batch_size, progress=progress, desc="sequence baseline", keep=keep_images
     )
     proteins = sorted(set(pids))
-    predicted = np.clip(model.predict(sequence_features([eval_ds.sequences[p] for p in proteins])), 0.0, 1.0)
+    x_eval = np.asarray(featurize([eval_ds.sequences[p] for p in proteins]), dtype=np.float64)
+    predicted = np.clip(model.predict(x_eval), 0.0, 1.0)
     p_pred = pd.Series(predicted, index=proteins).loc[pids].to_numpy(dtype=np.float64)
     per_image = pd.DataFrame(
         {
@@ -714,7 +724,7 @@ def sequence_baseline(
         "max_crops": max_crops,
         "image_size": size,
         "crop_size": eval_ds.crop_size,
-        "features": "amino-acid (20) + dipeptide (400) composition",
+        "features": features_name or (_COMPOSITION if features is None else "custom"),
     }
     return EvaluationResult.from_per_image(per_image, images=kept, info=info)
 

@@ -709,6 +709,10 @@ class TAPEEmbedder(Embedder):
 class EncoderEmbedder(Embedder):
     """The per-residue vectors of protloc's protein sequence encoder (:mod:`protloc.models.encoder`).
 
+    Position 0 (``<cls>``) holds the encoder's summary of the sequence (:meth:`ProteinEncoder.summary
+    <protloc.models.encoder.ProteinEncoder.summary>`, the vector its localization heads read); the
+    others hold the contextual per-residue vectors.
+
     Parameters
     ----------
     path
@@ -744,10 +748,15 @@ class EncoderEmbedder(Embedder):
         self._freeze()
 
     def _embed(self, ids: Tensor, mask: Tensor) -> Tensor:
-        return self.model.encode(ids, mask)
+        residues = self.model.encode(ids, mask)
+        # The <cls> position carries the encoder's localization summary of the window (light-attention
+        # pooling + head, what its presence / distribution heads read) rather than the raw <cls> vector:
+        # CELL-E's transformer then sees the protein-level call in one token beside the residues.
+        summary = self.model.summary(residues, mask).to(residues.dtype)
+        return torch.cat([summary[:, None], residues[:, 1:]], dim=1)
 
     def cache_config(self) -> dict[str, Any]:
-        return {"weights": self._fingerprint, "dim": self.dim}
+        return {"weights": self._fingerprint, "dim": self.dim, "cls": "summary"}
 
 
 #: Registry of embedders by name.

@@ -216,6 +216,11 @@ class ProteinEncoder(nn.Module):
         maxed = values.masked_fill(~m, float("-inf")).amax(1)
         return torch.cat([attended, maxed], dim=-1)
 
+    def summary(self, residues: Tensor, mask: Tensor) -> Tensor:
+        """The sequence's localization summary ``[B, dim]``: the pooled vector after the shared head, the
+        input of the presence and distribution heads (``residues`` from :meth:`encode`)."""
+        return self.head(self.pool(residues, mask).to(residues.dtype))
+
     def forward(self, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """Encode a batch.
 
@@ -234,7 +239,7 @@ class ProteinEncoder(nn.Module):
         """
         residues = self.encode(ids, mask)
         pooled = self.pool(residues, mask)
-        h = self.head(pooled.to(residues.dtype))
+        h = self.head(pooled.to(residues.dtype))  # = summary(residues, mask)
         return {
             "residues": residues,
             "pooled": pooled,

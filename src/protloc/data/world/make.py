@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -56,7 +56,10 @@ __all__ = ["MODES", "make_world", "render_compartment_gallery", "world_proteins"
 
 logger = logging.getLogger(__name__)
 
-MODES = ("real", "synthetic")
+MODES = ("real", "proteome", "synthetic")
+
+#: Splits a world's ``partition`` column may hold (the homology partition of the human table).
+PARTITIONS = ("train", "val", "test")
 
 #: Spawn keys of the random streams (see the module docstring).
 _STREAM_FOV, _STREAM_SAMPLE, _STREAM_SYNTHETIC, _STREAM_GALLERY = 0, 1, 2, 3
@@ -119,6 +122,7 @@ def world_proteins(
     mode: str = "real",
     include_engineered: bool = True,
     protein_table: pd.DataFrame | None = None,
+    partitions: Sequence[str] | Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
     """The protein table of a world (what :func:`make_world` writes to ``proteins.csv``).
 
@@ -126,12 +130,17 @@ def world_proteins(
     ----------
     proteins
         Number of imaged proteins: sampled deterministically from the real asset table
-        (``mode="real"``; ``None`` = all) or generated (``mode="synthetic"``; ``None`` = 100).
+        (``mode="real"``; ``None`` = all 384), from the shipped human proteome table
+        (``mode="proteome"``; ``None`` = all 15,172) or generated (``mode="synthetic"``; ``None`` = 100).
     seed
         World seed.
     mode
-        ``"real"``: real proteins with weights from their GO annotations; ``"synthetic"``: proteins
-        with planted signals and weights from :func:`~protloc.data.world.synthetic.sequence_weights`.
+        ``"real"``: the 384 real proteins of the world assets, weights from their GO annotations;
+        ``"proteome"``: proteins of the human table of :func:`protloc.data.proteome.read_human_table`
+        (Swiss-Prot sequences, GO-derived weights) with its homology ``partition`` (train / val / test),
+        which reaches ``fovs.csv``, ``proteins.csv`` and ``truth.csv`` and from there the CELL-E split of
+        ``protloc prepare``; ``"synthetic"``: proteins with planted signals and weights from
+        :func:`~protloc.data.world.synthetic.sequence_weights`.
     include_engineered
         Append the engineered constructs (GFP, GFP + NLS, ...) with weights from the sequence rules and
         ``engineered=True``; they get no fields of view.
@@ -139,18 +148,26 @@ def world_proteins(
         Image these proteins instead (``proteins`` and ``mode`` are then not used): columns
         ``protein_id`` and ``sequence``, optionally the twelve ``w_*`` compartment weights (else from the
         sequence rules of :func:`~protloc.data.world.synthetic.sequence_weights`), ``label``,
-        ``uniprot_id``, ``gene_name``. E.g. short proteins with chosen signals for a test.
+        ``uniprot_id``, ``gene_name``, ``partition``. E.g. short proteins with chosen signals for a test.
+    partitions
+        ``proteome`` mode only: draw ``proteins`` from these partitions of the human table (e.g.
+        ``["test"]`` for a world of held-out proteins only), or, as a mapping, this many proteins from
+        each partition (e.g. ``{"train": 200, "test": 300}``; ``proteins`` is then not used);
+        None: all partitions.
 
     Returns
     -------
     pandas.DataFrame
         Columns ``protein_id, uniprot_id, label, w_*, nucleus_proportion_expected, engineered,
-        sequence`` (plus ``gene_name``).
+        sequence`` (plus ``gene_name``; plus ``partition`` in ``proteome`` mode or when
+        ``protein_table`` has one, empty for the engineered constructs).
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if proteins is not None and (not isinstance(proteins, int | np.integer) or proteins < 1):
         raise ConfigError(f"proteins must be a positive integer or None, got {proteins!r}")
+    if partitions is not None and mode != "proteome":
+        raise ConfigError(f"partitions select proteins of the human table: they need mode='proteome', not {mode!r}")
     if protein_table is not None:
         table = _custom_proteins(protein_table)
         weights = _normalised_weights(table)
@@ -164,6 +181,9 @@ def world_proteins(
             pick = _rng(seed, _STREAM_SAMPLE).choice(len(table), size=proteins, replace=False)
             table = table.iloc[np.sort(pick)]
         table = table.reset_index(drop=True)
+        weights = _normalised_weights(table)
+    elif mode == "proteome":
+        table = _proteome_table(proteins, seed, partitions)
         weights = _normalised_weights(table)
     else:
         table = make_synthetic_proteins(100 if proteins is None else int(proteins), rng=_rng(seed, _STREAM_SYNTHETIC))
@@ -181,6 +201,9 @@ def world_proteins(
     df["nucleus_proportion_expected"] = [expected_nucleus_proportion(w) for w in weights]
     df["engineered"] = False
     df["sequence"] = table["sequence"].astype(str).to_numpy()
+    has_partition = "partition" in table
+    if has_partition:
+        df["partition"] = _check_partition(table)
 
     if include_engineered:
         from protloc.data.world import assets
@@ -191,6 +214,8 @@ def world_proteins(
             row = {"protein_id": name, "gene_name": name, "uniprot_id": "", "label": COMPARTMENTS[int(np.argmax(w))]}
             row.update(dict(zip(WEIGHT_COLUMNS, w.tolist(), strict=True)))
             row.update(nucleus_proportion_expected=expected_nucleus_proportion(w), engineered=True, sequence=seq)
+            if has_partition:
+                row["partition"] = ""  # no fields of view, so in no split
             rows.append(row)
         if rows:
             df = pd.concat([df, pd.DataFrame(rows, columns=df.columns)], ignore_index=True)
@@ -207,8 +232,76 @@ def world_proteins(
             "nucleus_proportion_expected",
             "engineered",
             "sequence",
+            *(["partition"] if has_partition else []),
         ]
     ]
+
+
+def _proteome_table(
+    proteins: int | None, seed: int, partitions: Sequence[str] | Mapping[str, int] | None
+) -> pd.DataFrame:
+    """A deterministic sample of the shipped human table, in the table's order, world columns."""
+    from protloc.data.proteome import read_human_table  # lazy: a 6 MB table only this mode needs
+
+    human = read_human_table()
+    if isinstance(partitions, Mapping):
+        counts = {str(k): v for k, v in partitions.items()}
+        bad = [p for p in counts if p not in PARTITIONS]
+        if bad or not counts:
+            raise ConfigError(f"partitions must be some of {', '.join(PARTITIONS)}, got {sorted(counts)}")
+        for name, n in counts.items():
+            if not isinstance(n, int | np.integer) or n < 1:
+                raise ConfigError(f"partition {name!r}: the number of proteins must be a positive integer, got {n!r}")
+        picks = []
+        for k, name in enumerate(PARTITIONS):
+            if name not in counts:
+                continue
+            rows = np.flatnonzero(human["partition"].to_numpy() == name)
+            if counts[name] > rows.size:
+                raise ConfigError(
+                    f"partition {name!r}: {counts[name]} proteins asked for, the human proteome table holds {rows.size}"
+                )
+            picks.append(rows[_rng(seed, _STREAM_SAMPLE, k).choice(rows.size, size=counts[name], replace=False)])
+        human = human.iloc[np.sort(np.concatenate(picks))]
+        proteins = None
+    elif partitions is not None:
+        chosen = [str(p) for p in partitions]
+        bad = [p for p in chosen if p not in PARTITIONS]
+        if bad or not chosen:
+            raise ConfigError(f"partitions must be some of {', '.join(PARTITIONS)}, got {chosen}")
+        human = human[human["partition"].isin(chosen)]
+    if proteins is not None:
+        if proteins > len(human):
+            where = f" in partitions {', '.join(partitions)}" if partitions is not None else ""
+            raise ConfigError(f"proteins={proteins} but the human proteome table holds only {len(human)}{where}")
+        pick = _rng(seed, _STREAM_SAMPLE).choice(len(human), size=proteins, replace=False)
+        human = human.iloc[np.sort(pick)]
+    human = human.reset_index(drop=True)
+    # Gene symbols are unique in the table and are what a cell biologist reads in an atlas.
+    out = pd.DataFrame(
+        {
+            "protein_id": human["gene_symbol"].astype(str),
+            "gene_name": human["gene_symbol"].astype(str),
+            "uniprot_id": human["accession"].astype(str),
+            "label": human["label"].astype(str),
+            "sequence": human["sequence"].astype(str),
+            "partition": human["partition"].astype(str),
+        }
+    )
+    for col in WEIGHT_COLUMNS:
+        out[col] = human[col].to_numpy(dtype=np.float64)
+    return out
+
+
+def _check_partition(table: pd.DataFrame) -> list[str]:
+    values = table["partition"].fillna("").astype(str).tolist()
+    for i, v in enumerate(values):
+        if v not in PARTITIONS:
+            raise ConfigError(
+                f"protein {table['protein_id'].iloc[i]!r} (row {i + 1}) has partition {v!r}; "
+                f"use one of {', '.join(PARTITIONS)}"
+            )
+    return values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +374,7 @@ def make_world(
     progress: bool = True,
     params: RenderParams | None = None,
     protein_table: pd.DataFrame | None = None,
+    partitions: Sequence[str] | Mapping[str, int] | None = None,
 ) -> Path:
     """Render the reference cell world into ``out``.
 
@@ -314,6 +408,8 @@ def make_world(
         ``real_nucleus_fraction > 0`` the real nucleus patches come from the packaged assets.
     protein_table
         Your own proteins instead of sampled / generated ones (see :func:`world_proteins`).
+    partitions
+        ``proteome`` mode: draw only from these partitions of the human table (see :func:`world_proteins`).
 
     Returns
     -------
@@ -334,7 +430,12 @@ def make_world(
     out_path = check_out(out, overwrite=overwrite)
     params = replace(params or RenderParams(), size=int(size), z=int(z))
     table = world_proteins(
-        proteins=proteins, seed=seed, mode=mode, include_engineered=include_engineered, protein_table=protein_table
+        proteins=proteins,
+        seed=seed,
+        mode=mode,
+        include_engineered=include_engineered,
+        protein_table=protein_table,
+        partitions=partitions,
     )
     bank = _load_bank(params)
 
@@ -391,6 +492,7 @@ def make_world(
             proteins=proteins,
             fovs=fovs,
             include_engineered=include_engineered,
+            partitions=partitions,
         )
     logger.info("wrote the %s world (%d proteins, %d fields of view) to %s", mode, len(imaged), len(jobs), out_path)
     return out_path
@@ -409,6 +511,7 @@ def _write_tables(
     proteins: int | None,
     fovs: int,
     include_engineered: bool,
+    partitions: Sequence[str] | Mapping[str, int] | None = None,
 ) -> None:
     info = imaged.set_index("protein_id")
     fov_rows = [
@@ -421,6 +524,7 @@ def _write_tables(
             "label": info.at[job["protein_id"], "label"],
             "downsample": WORLD_DOWNSAMPLE,
             "pixel_size_um": params.pixel_size_um,
+            **({"partition": info.at[job["protein_id"], "partition"]} if "partition" in info else {}),
         }
         for job in jobs
     ]
@@ -429,12 +533,13 @@ def _write_tables(
     per_fov = pd.DataFrame(results)
     write_table(per_fov, root / "truth" / "fovs.csv")
 
-    proteins_csv = table[[*_PROTEIN_COLUMNS, "engineered", "sequence"]]
+    extra = ["partition"] if "partition" in table else []
+    proteins_csv = table[[*_PROTEIN_COLUMNS, "engineered", "sequence", *extra]]
     write_table(proteins_csv, root / "proteins.csv")
     write_fasta(root / "sequences.fasta", dict(zip(table["protein_id"], table["sequence"], strict=True)))
 
     measured = per_fov.groupby("protein_id")["nucleus_proportion"].agg(["mean", "size"])
-    truth = table[["protein_id", "label", *WEIGHT_COLUMNS, "nucleus_proportion_expected", "engineered"]].copy()
+    truth = table[["protein_id", "label", *WEIGHT_COLUMNS, "nucleus_proportion_expected", "engineered", *extra]].copy()
     truth["nucleus_proportion"] = truth["protein_id"].map(measured["mean"])
     truth["n_fovs"] = truth["protein_id"].map(measured["size"]).fillna(0).astype(int)
     write_table(truth, root / "truth.csv")
@@ -452,12 +557,20 @@ def _write_tables(
             "size": params.size,
             "z": params.z,
             "include_engineered": bool(include_engineered),
+            "partitions": (
+                None
+                if partitions is None
+                else {str(k): int(v) for k, v in partitions.items()}
+                if isinstance(partitions, Mapping)
+                else [str(p) for p in partitions]
+            ),
         },
         "render_params": params.to_dict(),
         "compartments": list(COMPARTMENTS),
         "nuclear_compartments": [c for c in COMPARTMENTS if c in NUCLEAR],
         "downsample": WORLD_DOWNSAMPLE,
         "pixel_size_um": params.pixel_size_um,
+        "partition": _partition_meta(table, mode) if extra else None,
         "layout": {
             "fov_table": "fovs.csv",
             "image_axes": "CYX" if params.z == 1 else "ZCYX",
@@ -474,6 +587,22 @@ def _write_tables(
         },
     }
     (root / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _partition_meta(table: pd.DataFrame, mode: str) -> dict[str, Any]:
+    imaged = table[~table["engineered"]]
+    meta: dict[str, Any] = {
+        "column": "partition",
+        "counts": {p: int((imaged["partition"] == p).sum()) for p in PARTITIONS},
+    }
+    if mode == "proteome":
+        from protloc.data.proteome import human_table_path, table_sha256
+
+        meta["source"] = "protloc.data.proteome human table (homology partition, issue 16)"
+        meta["table_sha256"] = table_sha256(human_table_path())
+    else:
+        meta["source"] = "the protein table given to make_world"
+    return meta
 
 
 # --------------------------------------------------------------------------------------------------
