@@ -74,12 +74,15 @@ def _onehot(pred: np.ndarray) -> np.ndarray:
     return np.eye(len(COMPARTMENTS))[np.asarray(pred)]
 
 
-def _with_agreement(result: EvaluationResult, predicted: np.ndarray, labels: dict[str, str]) -> EvaluationResult:
-    """``result`` with a per-image ``compartment_agreement`` column (predicted compartment index per image)."""
-    per_image = result.per_image.copy()
+def _with_agreement(
+    result: EvaluationResult | pd.DataFrame, predicted: np.ndarray, labels: dict[str, str]
+) -> EvaluationResult:
+    """``result`` (or a bare per-image id table) with a per-image ``compartment_agreement`` column."""
+    per_image = (result if isinstance(result, pd.DataFrame) else result.per_image).copy()
     truth = np.array([COMPARTMENTS.index(labels[p]) for p in per_image["protein_id"].astype(str)])
     per_image["compartment_agreement"] = (np.asarray(predicted) == truth).astype(np.float64)
-    return EvaluationResult.from_per_image(per_image, info=result.info)
+    info = {"name": "real images"} if isinstance(result, pd.DataFrame) else result.info
+    return EvaluationResult.from_per_image(per_image, info=info)
 
 
 def _per_compartment(results: dict[str, EvaluationResult], labels: dict[str, str]) -> pd.DataFrame:
@@ -150,10 +153,7 @@ def main() -> None:
     assert img is not None
     real_pred = classify(classifier, img["nucleus"], img["target"]).argmax(1)
     vq_pred = classify(classifier, img["nucleus"], img["pred_threshold"]).argmax(1)
-    real = EvaluationResult.from_per_image(
-        ceiling.per_image[["protein_id", "index", "view"]].reset_index(drop=True),
-        info={"name": "real images"},
-    )
+    real = ceiling.per_image[["protein_id", "index", "view"]].reset_index(drop=True)
     results["real images"] = _with_agreement(real, real_pred, labels)
     results["VQGAN ceiling"] = _with_agreement(ceiling, vq_pred, labels)
     agreement = {"real images": agreement_table(_onehot(real_pred), list(ceiling.per_image["protein_id"]), labels)}
@@ -213,6 +213,16 @@ def main() -> None:
     n_img = len(results["CELL-E + encoder"].per_image)
     print(f"\n== held-out split {args.split!r}: {n_prot} proteins, {n_img} crops (mean +- sd over proteins) ==")
     print(format_table(results, metrics=list(COLUMNS)).replace("compartment_agreement", "compartment agreement"))
+    ceiling_agree = results["real images"].table["compartment_agreement"][0]
+    vs_ceiling = {
+        k: r.table["compartment_agreement"][0] / ceiling_agree
+        for k, r in results.items()
+        if "compartment_agreement" in r.table and ceiling_agree > 0
+    }
+    print(
+        "compartment agreement as a share of its ceiling (real images): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in vs_ceiling.items() if k != "real images")
+    )
     per_comp = _per_compartment(results, labels)
     print("== per compartment (mean over the compartment's proteins) ==")
     show = per_comp[["proteins", *[c for c in per_comp.columns if c.endswith("compartment_agreement")]]]
@@ -235,6 +245,7 @@ def main() -> None:
         "columns": {c: LABELS[c] for c in COLUMNS},
         "over_proteins": {k: v.table for k, v in results.items()},
         "over_images": {k: v.table_images for k, v in results.items()},
+        "compartment_agreement_vs_ceiling": vs_ceiling,
         "per_compartment": json.loads(per_comp.to_json(orient="index")),
         "agreement": agreement,
     }

@@ -1,11 +1,15 @@
 """Weights shipped with protloc: small models trained on the reference cell world and on Swiss-Prot.
 
-Five checkpoints live in ``protloc/weights/`` (installed with the package, no download):
+Eight checkpoints live in ``protloc/weights/`` (installed with the package, no download):
 
 - ``cytoself-tiny``: cytoself (``tiny`` preset) for ``protloc embed`` / ``atlas`` / ``interpret``;
 - ``vqgan-nucleus-tiny`` and ``vqgan-threshold-tiny``: CELL-E's two image tokenizers;
-- ``celle-tiny``: the CELL-E transformer (``tiny`` preset, one-hot residues), which finds its two
-  tokenizers beside it;
+- ``celle-tiny``: the CELL-E transformer (``tiny`` preset) on the frozen per-residue vectors of
+  ``encoder-small``, trained on the train partition of a 4,400-protein proteome world; it finds its two
+  tokenizers beside it and is the default of ``predict``, ``screen`` and ``evaluate``;
+- ``celle2-tiny-masked``, ``celle-tiny-onehot``, ``celle-tiny-noseq``: the same data and budget with
+  masked (CELL-E 2) decoding, with one-hot residues, and without any sequence (the paper's ablations),
+  shipped so that their held-out rows can be measured again (``protloc demo`` does);
 - ``encoder-small``: the protein sequence encoder (``protloc localize``; the ``encoder`` embedder of
   CELL-E), trained on the Swiss-Prot corpus of ``scripts/build_protein_corpus.py``; its folder also
   holds a model card (``README.md``) and the call thresholds chosen on the human val partition.
@@ -42,6 +46,9 @@ PRETRAINED: dict[str, str] = {
     "vqgan-nucleus-tiny": "vqgan",
     "vqgan-threshold-tiny": "vqgan",
     "celle-tiny": "celle",
+    "celle2-tiny-masked": "celle",
+    "celle-tiny-onehot": "celle",
+    "celle-tiny-noseq": "celle",
     "encoder-small": "encoder",
 }
 
