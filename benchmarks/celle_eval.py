@@ -43,7 +43,12 @@ import torch
 from protloc.data.io import read_table
 from protloc.data.sequences import read_sequences
 from protloc.data.world.compartments import COMPARTMENTS, WEIGHT_COLUMNS
-from protloc.eval.compartments import agreement_table, classify, train_compartment_classifier
+from protloc.eval.compartments import (
+    CompartmentClassifier,
+    agreement_table,
+    classify,
+    train_compartment_classifier,
+)
 from protloc.eval.evaluate import EvaluationResult, evaluate_celle, format_table, sequence_baseline, vqgan_ceiling
 from protloc.eval.load import load_celle_run
 from protloc.eval.localize import encoder_outputs, load_encoder
@@ -111,6 +116,14 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--max-crops", type=int, default=1600)
     ap.add_argument("--classifier-epochs", type=int, default=4)
+    ap.add_argument("--image-size", type=int, default=64, help="the CELL-E runs' image size")
+    ap.add_argument(
+        "--classifier",
+        type=Path,
+        default=None,
+        help="save the compartment classifier here (.pt), or reuse it if it exists (same store and settings)",
+    )
+    ap.add_argument("--classifier-only", action="store_true", help="train (or load) the classifier and stop")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/celle_eval.json"))
@@ -131,19 +144,35 @@ def main() -> None:
 
     # ---- the compartment classifier, on real crops of the train partition (val for its epochs' record)
     t = time.perf_counter()
+    if args.classifier and args.classifier.with_suffix(".pt").is_file():
+        # a classifier trained by an earlier call with the same store and settings (see --classifier)
+        saved = torch.load(args.classifier.with_suffix(".pt"), weights_only=False)
+        classifier = CompartmentClassifier()
+        classifier.load_state_dict(saved["state_dict"])
+        classifier.eval()
+        clf_info = {**saved["info"], "reused_from": str(args.classifier.with_suffix(".pt"))}
+    else:
+        classifier, clf_info = train_compartment_classifier(
+            store,
+            labels=labels,
+            weights=weights,
+            split="train",
+            val_split="val",
+            image_size=args.image_size,
+            epochs=args.classifier_epochs,
+            seed=args.seed,
+        )
+        if args.classifier:
+            args.classifier.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": classifier.state_dict(), "info": clf_info}, args.classifier.with_suffix(".pt"))
+    if args.classifier_only:
+        print(json.dumps({k: v for k, v in clf_info.items() if k != "class_counts"}, indent=1, default=str))
+        return
+    timings["classifier"] = time.perf_counter() - t
     runs = {name: load_celle_run(args.runs / folder) for name, folder in RUNS.items()}
     first = next(iter(runs.values()))
-    classifier, clf_info = train_compartment_classifier(
-        store,
-        labels=labels,
-        weights=weights,
-        split="train",
-        val_split="val",
-        image_size=first.image_size,
-        epochs=args.classifier_epochs,
-        seed=args.seed,
-    )
-    timings["classifier"] = time.perf_counter() - t
+    if first.image_size != args.image_size:
+        raise SystemExit(f"the CELL-E runs see {first.image_size} px images, the classifier {args.image_size} px")
 
     results: dict[str, EvaluationResult] = {}
     # ---- real images (the classifier's ceiling) and the VQGAN ceiling, same crops

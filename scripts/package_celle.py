@@ -64,6 +64,10 @@ PREPARE_COMMAND = (
 )
 
 
+def model_attn(cfg: dict[str, Any]) -> float:
+    return float(cfg["model"]["attn_dropout"])
+
+
 def _command(folder: str, cfg: dict[str, Any]) -> str:
     base = (
         "protloc train celle --store runs/p17/prepared/celle.zarr --nucleus-vqgan pretrained:vqgan-nucleus-tiny "
@@ -73,6 +77,9 @@ def _command(folder: str, cfg: dict[str, Any]) -> str:
         f"schedule.max_steps={cfg['schedule']['max_steps']}",
         f"schedule.eval_every={cfg['schedule']['eval_every']}",
         f"save_every={cfg.get('save_every', 0)}",
+        f"schedule.eval_blank_sequence={str(cfg['schedule']['eval_blank_sequence']).lower()}",
+        # attention dropout sends PyTorch's CPU attention down its slow path (5x per layer): off here
+        f"model.attn_dropout={model_attn(cfg)}",
     ]
     model, data = cfg["model"], cfg["data"]
     if model["embedder"] == "encoder":
@@ -85,7 +92,7 @@ def _command(folder: str, cfg: dict[str, Any]) -> str:
     if model["mode"] != "autoregressive":
         sets.append(f"model.mode={model['mode']}")
     if data["text"] != "sequence":
-        sets += [f"data.text={data['text']}", "schedule.eval_blank_sequence=false"]
+        sets.append(f"data.text={data['text']}")
     return base + "".join(f" --set {s}" for s in sets)
 
 

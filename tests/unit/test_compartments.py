@@ -7,9 +7,10 @@ import torch
 
 from protloc.data.io import CropStore
 from protloc.data.world.compartments import COMPARTMENTS
-from protloc.errors import InputError
+from protloc.errors import ConfigError, InputError
 from protloc.eval.compartments import (
     CompartmentClassifier,
+    _augment,
     agreement_table,
     classify,
     train_compartment_classifier,
@@ -52,9 +53,20 @@ def test_gradients_reach_every_parameter() -> None:
     model = CompartmentClassifier()
     model(torch.rand(3, 2, S, S)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    assert 50_000 < sum(p.numel() for p in model.parameters()) < 200_000
+    assert sum(p.numel() for p in model.parameters()) == 146_924
+    for side in (16, 24, 64):  # any multiple of 8 (the features are averaged over the image)
+        assert model(torch.rand(2, 2, side, side)).shape == (2, len(COMPARTMENTS))
     with pytest.raises(InputError, match="nucleus, threshold"):
         model(torch.rand(3, 1, S, S))
+
+
+def test_augment_turns_both_channels_alike_per_image() -> None:
+    x = torch.rand(64, 1, 8, 8).repeat(1, 2, 1, 1)
+    out = _augment(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, 0], out[:, 1])  # the same transform for the nucleus and the threshold
+    d4 = [torch.rot90(v, k, dims=(-2, -1)) for v in (x[:, 0], x[:, 0].flip(-1)) for k in range(4)]
+    which = [next(c for c in range(8) if torch.equal(out[i, 0], d4[c][i])) for i in range(64)]
+    assert len(set(which)) > 4  # drawn per image, not once per batch
 
 
 def test_learns_separable_compartments_deterministically(tmp_path) -> None:
@@ -91,6 +103,10 @@ def test_unlabelled_split_and_bad_shapes_are_refused(tmp_path) -> None:
         train_compartment_classifier(store, labels={**LABELS, "P0": "nucleus"}, image_size=S, progress=False)
     with pytest.raises(InputError, match=r"\[N, 1, S, S\]"):
         classify(CompartmentClassifier(), torch.rand(2, 1, S, S), torch.rand(3, 1, S, S))
+    with pytest.raises(InputError, match=r"\[N, 1, S, S\]"):
+        classify(CompartmentClassifier(), torch.rand(2, 2, S, S), torch.rand(2, 2, S, S))
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        train_compartment_classifier(store, labels=LABELS, image_size=20, progress=False)
 
 
 def test_agreement_table_arithmetic() -> None:
@@ -110,3 +126,7 @@ def test_agreement_table_arithmetic() -> None:
     assert conf.sum() == 5
     with pytest.raises(InputError, match="'D' has no label"):
         agreement_table(pred, ["A", "A", "A", "B", "D"], labels)
+    with pytest.raises(InputError, match="unknown compartment 'nucleus'"):
+        agreement_table(pred, pids, {**labels, "C": "nucleus"})
+    with pytest.raises(InputError, match=r"pred must be \[4, 12\]"):
+        agreement_table(pred, pids[:4], labels)
