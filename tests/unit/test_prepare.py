@@ -289,7 +289,7 @@ def test_prepare_celle_split_follows_a_partition_column(fov_dir):
     obs = CropStore.open(out / "celle.zarr").obs
     assert dict(obs.groupby("protein_id")["split"].first()) == part
     prot = read_table(out / "proteins.csv")
-    assert dict(zip(prot["protein_id"], prot["celle_split"])) == part
+    assert dict(zip(prot["protein_id"], prot["celle_split"], strict=True)) == part
     # without the column, auto splits by protein (no protein in two splits)
     out2 = fov_dir / "out2"
     prepare(fov_dir / "fovs.csv", out2, config=_cfg(), sequences=fov_dir / "seqs.fasta", progress=False)
