@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--benchmark", type=Path, default=None, help="celle_eval.py JSON for the model cards")
     ap.add_argument("--out", type=Path, default=weights_dir())
     ap.add_argument("--crops", type=int, default=64, help="validation crops for the float16 fidelity check")
+    ap.add_argument("--only", nargs="+", choices=list(MODELS), default=None, help="package only these")
     args = ap.parse_args()
     torch.manual_seed(0)
     world_meta = json.loads((args.world / "world.json").read_text())
@@ -189,7 +190,8 @@ def main() -> None:
     }
     staging = Path(tempfile.mkdtemp(prefix=".weights-", dir=args.out.parent))
     try:
-        for name, (folder, row, description) in MODELS.items():
+        chosen = {k: v for k, v in MODELS.items() if args.only is None or k in args.only}
+        for name, (folder, row, description) in chosen.items():
             run = args.runs / folder
             src = pw._checkpoint(run)
             dst = staging / name
@@ -234,7 +236,7 @@ def main() -> None:
             (dst / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
             (dst / "README.md").write_text(_card(name, recipe, held_out))
             print(f"{name}: {(dst / 'model.safetensors').stat().st_size / 2**20:.2f} MB, fidelity {fid}")
-        for name in MODELS:
+        for name in chosen:
             final = args.out / name
             old = args.out / f".{name}.old"
             if final.exists():

@@ -100,11 +100,12 @@ def test_demo_trains_the_four_models_from_the_shipped_recipes(demo_dir: Path, tm
     for stage in ("world", "prepared"):
         shutil.copytree(demo_dir / stage, out / stage)
     args = [a for a in ARGS if a != "--allow-mismatch"]
-    assert cli.main(["-q", "demo", "--out", str(out), *args, "--train", "--train-scale", "0.004"]) == 0
+    train = ["--train", "--train-scale", "0.004", "--celle-train-proteins", "16"]
+    assert cli.main(["-q", "demo", "--out", str(out), *args, *train]) == 0
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["weights"] == "trained here" and metrics["mismatch"] is False
     assert set(metrics["models"]) == {"cytoself", "vqgan_nucleus", "vqgan_threshold", "celle"}
-    for name, steps in (("cytoself", 12), ("vqgan_nucleus", 6), ("vqgan_threshold", 6), ("celle", 10)):
+    for name, steps in (("cytoself", 12), ("vqgan_nucleus", 6), ("vqgan_threshold", 6), ("celle", 20)):
         assert (out / "train" / name / "done.json").is_file()
         recipe = yaml.safe_load((out / "train" / f"{name}.recipe.yaml").read_text())
         assert recipe["schedule"]["max_steps"] == steps, name  # the shipped recipe, scaled
