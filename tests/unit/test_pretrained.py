@@ -59,6 +59,9 @@ def test_shipped_models_load_strictly_into_float32() -> None:
         ("vqgan-nucleus-tiny", TrainVQGANConfig),
         ("vqgan-threshold-tiny", TrainVQGANConfig),
         ("celle-tiny", TrainCelleConfig),
+        ("celle2-tiny-masked", TrainCelleConfig),
+        ("celle-tiny-onehot", TrainCelleConfig),
+        ("celle-tiny-noseq", TrainCelleConfig),
     ],
 )
 def test_recipes_record_a_loadable_training_config(name: str, cls: type, tmp_path: Path) -> None:
