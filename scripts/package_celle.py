@@ -236,13 +236,7 @@ def main() -> None:
             (dst / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
             (dst / "README.md").write_text(_card(name, recipe, held_out))
             print(f"{name}: {(dst / 'model.safetensors').stat().st_size / 2**20:.2f} MB, fidelity {fid}")
-        for name in chosen:
-            final = args.out / name
-            old = args.out / f".{name}.old"
-            if final.exists():
-                final.rename(old)
-            (staging / name).rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+        pw.install(staging, args.out, chosen)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {args.out}")

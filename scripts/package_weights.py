@@ -119,6 +119,18 @@ COMMANDS = {
 }
 
 
+def install(staging: Path, out: Path, names: Any) -> None:
+    """Move the packed folders ``names`` from ``staging`` into ``out``, each replacing its old copy."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        final = out / name
+        old = out / f".{name}.old"
+        if final.exists():
+            final.rename(old)
+        (staging / name).rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _fidelity_cytoself(orig: Path, packed: Path, prepared: Path, n: int) -> dict[str, Any]:
     from protloc.data.io import CropStore
     from protloc.eval.load import load_cytoself
@@ -254,14 +266,7 @@ def main() -> None:
             }
             (dst / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
             print(f"{name}: {(dst / 'model.safetensors').stat().st_size / 2**20:.2f} MB, fidelity {fid}")
-        args.out.mkdir(parents=True, exist_ok=True)
-        for name in runs:
-            final = args.out / name
-            old = args.out / f".{name}.old"
-            if final.exists():
-                final.rename(old)
-            (staging / name).rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+        install(staging, args.out, runs)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {args.out}")

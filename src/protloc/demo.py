@@ -516,6 +516,43 @@ def _screens(checkpoint: Path, nucleus: np.ndarray, out: Path, config: DemoConfi
     return {"insertion": insertion, "attention": attention}
 
 
+def _world_stages(
+    stages: _Stages,
+    world_stage: tuple[str, Path],
+    prepare_stage: tuple[str, Path],
+    config: DemoConfig,
+    progress: bool,
+    *,
+    world_kwargs: dict[str, Any],
+    prepare_overrides: list[str],
+) -> None:
+    """Two stages: render a world (``protloc world make``, 512 px, the demo's seed) and prepare its crops."""
+    from protloc.commands.prepare import run_prepare
+    from protloc.data.world.make import make_world
+
+    (world_name, world), (prepare_name, prepared) = world_stage, prepare_stage
+    stages.run(
+        world_name,
+        lambda: (world / "world.json").is_file(),
+        lambda: make_world(
+            world, seed=config.seed, size=512, workers=config.workers, overwrite=True, progress=progress, **world_kwargs
+        ),
+    )
+    stages.run(
+        prepare_name,
+        lambda: (prepared / "summary.json").is_file(),
+        lambda: run_prepare(
+            world / "fovs.csv",
+            prepared,
+            sequences=world / "sequences.fasta",
+            overrides=prepare_overrides,
+            workers=config.workers,
+            overwrite=True,
+            progress=progress,
+        ),
+    )
+
+
 def run_demo(
     out: str | os.PathLike = "runs/demo",
     *,
@@ -546,9 +583,7 @@ def run_demo(
     from protloc.commands.embed import run_embed
     from protloc.commands.evaluate import run_evaluate
     from protloc.commands.interpret import run_interpret
-    from protloc.commands.prepare import run_prepare
     from protloc.commands.spectrum import run_spectrum
-    from protloc.data.world.make import make_world
     from protloc.report import build_report
 
     config = config or DemoConfig()
@@ -564,65 +599,31 @@ def run_demo(
     t_start = time.perf_counter()
 
     world, prepared = out / "world", out / "prepared"
-    stages.run(
-        "world",
-        lambda: (world / "world.json").is_file(),
-        lambda: make_world(
-            world,
-            proteins=config.proteins,
-            fovs=config.fovs,
-            seed=config.seed,
-            size=512,
-            mode="real",
-            workers=config.workers,
-            overwrite=True,
-            progress=progress,
-        ),
-    )
-    stages.run(
-        "prepared",
-        lambda: (prepared / "summary.json").is_file(),
-        lambda: run_prepare(
-            world / "fovs.csv",
-            prepared,
-            sequences=world / "sequences.fasta",
-            overrides=["celle=false"],
-            workers=config.workers,
-            overwrite=True,
-            progress=progress,
-        ),
+    _world_stages(
+        stages,
+        ("world", world),
+        ("prepared", prepared),
+        config,
+        progress,
+        world_kwargs={"proteins": config.proteins, "fovs": config.fovs, "mode": "real"},
+        prepare_overrides=["celle=false"],
     )
     celle_world, celle_prepared = out / "celle_world", out / "celle_prepared"
-    stages.run(
-        "celle_world",
-        lambda: (celle_world / "world.json").is_file(),
-        lambda: make_world(
-            celle_world,
-            proteins=config.celle_train_proteins if config.train else config.celle_proteins,
-            fovs=config.celle_fovs,
-            seed=config.seed,
-            size=512,
-            mode="proteome",
+    _world_stages(
+        stages,
+        ("celle_world", celle_world),
+        ("celle_prepared", celle_prepared),
+        config,
+        progress,
+        world_kwargs={
+            "proteins": config.celle_train_proteins if config.train else config.celle_proteins,
+            "fovs": config.celle_fovs,
+            "mode": "proteome",
             # The shipped CELL-E trained on the train partition: it is evaluated on test-partition proteins
             # only; the train-partition ones fit the sequence-only baseline of the same evaluation.
-            partitions=None if config.train else {"train": config.celle_proteins, HELD_OUT: config.celle_proteins},
-            workers=config.workers,
-            overwrite=True,
-            progress=progress,
-        ),
-    )
-    stages.run(
-        "celle_prepared",
-        lambda: (celle_prepared / "summary.json").is_file(),
-        lambda: run_prepare(
-            celle_world / "fovs.csv",
-            celle_prepared,
-            sequences=celle_world / "sequences.fasta",
-            overrides=["cytoself=false"],
-            workers=config.workers,
-            overwrite=True,
-            progress=progress,
-        ),
+            "partitions": None if config.train else {"train": config.celle_proteins, HELD_OUT: config.celle_proteins},
+        },
+        prepare_overrides=["cytoself=false"],
     )
     models = _models(out, config, prepared, celle_prepared, stages, progress)
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from protloc._fs import atomic_dir, check_out
 from protloc.data.io import write_table
 from protloc.data.sequences import validate_sequence, write_fasta
+from protloc.data.splits import SPLIT_NAMES
 from protloc.data.world.compartments import COMPARTMENTS, NUCLEAR, WEIGHT_COLUMNS
 from protloc.data.world.render import (
     NucleusTemplate,
@@ -59,7 +60,7 @@ logger = logging.getLogger(__name__)
 MODES = ("real", "proteome", "synthetic")
 
 #: Splits a world's ``partition`` column may hold (the homology partition of the human table).
-PARTITIONS = ("train", "val", "test")
+PARTITIONS = SPLIT_NAMES
 
 #: Spawn keys of the random streams (see the module docstring).
 _STREAM_FOV, _STREAM_SAMPLE, _STREAM_SYNTHETIC, _STREAM_GALLERY = 0, 1, 2, 3
