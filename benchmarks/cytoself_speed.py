@@ -1,22 +1,33 @@
-"""Cost of the cytoself presets: FLOPs, training and embedding throughput, peak memory.
+"""Cost of the cytoself presets: FLOPs, training and embedding throughput, peak memory, CPU levers.
 
-Run: ``.venv/bin/python benchmarks/cytoself_speed.py [--configs tiny,paper,reference_wide] [--steps N]
-[--batch 32] [--embed-batch 256] [--device cpu|cuda] [--peak-gflops 190] [--json out.json]``
+Run: ``.venv/bin/python benchmarks/cytoself_speed.py [--configs tiny,small,paper] [--settings ...]
+[--steps N] [--batch 32] [--embed-batch 256] [--store runs/demo/prepared/cytoself.zarr] [--device cpu|cuda]
+[--peak-gflops 190] [--json out.json]``
 
-For each preset, in a fresh subprocess (so peak resident memory does not mix between configs):
+For each preset and each training setting, in a fresh subprocess (so peak resident memory does not mix):
 
 - FLOPs per image (``torch.utils.flop_counter.FlopCounterMode``; convolutions and matrix products) of the
   forward pass, of forward + backward of ``model.loss``, of decoder1 alone, and of ``encode``;
 - training images/s: ``model.loss(batch)["loss"].backward()`` + Adam (lr 4e-4) at ``--batch`` (32), timed
-  over a few steps after warm-up (the wide preset: two steps of about 15 TFLOP, no warm-up);
-- embedding images/s: eval-mode ``model.encode`` at ``--embed-batch`` with BatchNorm folded
-  (``fuse_for_inference``, as ``protloc embed`` runs it);
-- achieved GFLOP/s and its share of ``--peak-gflops`` (default 190: a stated fp32 peak for the 2-core
-  machine these numbers were taken on), and peak RSS (``ru_maxrss``).
+  over a few steps after warm-up, under one of the settings (the levers, cumulative left to right):
 
-``paper`` is the published configuration (decoder1 64 wide), ``reference_wide`` what the PyTorch
-reference runs (decoder1 640 wide, decoder2 576, two 3x3 convolutions per residual layer). On shared
-machines absolute times are noisy; the load average is recorded with each row.
+  - ``nchw-fp32``: contiguous NCHW tensors, float32, Adam's default (foreach) update;
+  - ``fp32``: channels-last memory layout (the model's default);
+  - ``fp32-fused``: + the fused Adam kernel (what the trainer uses);
+  - ``bf16-fused``: + bfloat16 autocast (``mixed_precision=bf16``; native on AVX512-BF16 / AMX CPUs);
+
+- embedding images/s: eval-mode ``model.encode`` at ``--embed-batch`` with BatchNorm folded
+  (``fuse_for_inference``, as ``protloc embed`` runs it), float32;
+- data loading: with ``--store``, the time to read and augment one training batch from a crop store
+  (``CropDataset.read_batch`` on the trainer's chunk-window order), as a share of a training step --
+  whether overlapping loading with compute (``data.num_workers``) can pay on this machine;
+- achieved GFLOP/s and its share of ``--peak-gflops`` (default 190: a stated fp32 peak for the 2-core
+  machine these numbers were taken on; bf16 rows are compared with the same number), and peak RSS.
+
+``paper`` is the published configuration (decoder1 64 wide), ``small`` the CPU training preset,
+``reference_wide`` what the PyTorch reference runs (decoder1 640 wide, decoder2 576, two 3x3 convolutions
+per residual layer; float32 only). On shared machines absolute times are noisy; the load average is
+recorded with each row, and ratios between rows of one run are what to compare.
 """
 
 from __future__ import annotations
@@ -37,10 +48,22 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from protloc.models.cytoself import Cytoself, CytoselfConfig
 
-PRESETS = {"tiny": CytoselfConfig.tiny, "paper": CytoselfConfig.paper, "reference_wide": CytoselfConfig.reference_wide}
+PRESETS = {
+    "tiny": CytoselfConfig.tiny,
+    "small": CytoselfConfig.small,
+    "paper": CytoselfConfig.paper,
+    "reference_wide": CytoselfConfig.reference_wide,
+}
 # Timed training steps (after warm-up steps) per preset when --steps is not given: keeps the whole run
 # within about 10 minutes on a 2-core CPU.
-DEFAULT_STEPS = {"tiny": (2, 10), "paper": (1, 5), "reference_wide": (0, 2)}
+DEFAULT_STEPS = {"tiny": (2, 10), "small": (2, 6), "paper": (1, 5), "reference_wide": (0, 2)}
+# setting -> (channels_last, fused Adam, bf16 autocast)
+SETTINGS = {
+    "nchw-fp32": (False, False, False),
+    "fp32": (True, False, False),
+    "fp32-fused": (True, True, False),
+    "bf16-fused": (True, True, True),
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -108,14 +131,41 @@ def _count_flops(model: Cytoself, cfg: CytoselfConfig, device: torch.device) -> 
     }
 
 
+def _load_time(store_path: Path, cfg: CytoselfConfig, batch_size: int, batches: int = 20) -> float:
+    """Seconds to read + augment one training batch, in the trainer's chunk-window order."""
+    import numpy as np
+
+    from protloc.data.datasets import CropDataset
+    from protloc.data.io import CropStore
+
+    store = CropStore.open(store_path)
+    ds = CropDataset(store, split="train", channels=cfg.channels, augment=True, cache_chunks=17)
+    rng = np.random.default_rng(0)
+    start = int(rng.integers(0, max(1, len(ds) - batch_size * batches)))
+    window = np.arange(start, min(len(ds), start + batch_size * batches))
+    rng.shuffle(window)
+    t0 = time.perf_counter()
+    for b in range(batches):
+        ds.read_batch(window[b * batch_size : (b + 1) * batch_size])
+    return (time.perf_counter() - t0) / batches
+
+
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
-    name = args.worker
+    name, setting = args.worker.split(":")
+    channels_last, fused, bf16 = SETTINGS[setting]
     device = torch.device(args.device)
     cfg = PRESETS[name](num_classes=args.num_classes)
     torch.manual_seed(0)
     model = Cytoself(cfg).to(device)
+    model.channels_last = channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     row: dict[str, Any] = {
         "config": name,
+        "setting": setting,
+        "channels_last": channels_last,
+        "fused_adam": fused,
+        "bf16": bf16,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "parameters": model.num_parameters(),
@@ -130,13 +180,14 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         warmup = args.warmup
     batch_size = args.batch if args.batch is not None else 32
     batch = _batch(cfg, batch_size, device)
-    opt = torch.optim.Adam(model.parameters(), lr=4e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=4e-4, fused=fused, foreach=None if fused else True)
     model.train()
     times, cpu = [], []
     for i in range(warmup + steps):
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = model.loss(batch)["loss"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(batch)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -159,6 +210,9 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     row["train_gflop_s"] = row["train_img_s"] * row["fwd_bwd_gflop"]
+    if args.store is not None:
+        row["load_batch_s"] = _load_time(args.store, cfg, batch_size)
+        row["load_share_of_step"] = row["load_batch_s"] / step_s
     del batch, opt, loss
     model.zero_grad(set_to_none=True)
 
@@ -184,12 +238,12 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
-def _run_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def _run_subprocess(name: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
         "--worker",
-        name,
+        f"{name}:{setting}",
         "--device",
         args.device,
         "--embed-batch",
@@ -199,7 +253,12 @@ def _run_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "--num-classes",
         str(args.num_classes),
     ]
-    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup), ("--batch", args.batch)):
+    for flag, value in (
+        ("--steps", args.steps),
+        ("--warmup", args.warmup),
+        ("--batch", args.batch),
+        ("--store", args.store),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     t0 = time.perf_counter()
@@ -215,25 +274,33 @@ def _run_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _print_table(rows: list[dict[str, Any]], peak: float) -> None:
     header = (
-        f"{'config':<15} {'params':>7} {'fwd GF':>7} {'f+b GF':>7} {'dec1 GF':>8} {'train img/s':>11} "
+        f"{'config':<15} {'setting':<10} {'params':>7} {'fwd GF':>7} {'f+b GF':>7} {'dec1 GF':>8} {'train img/s':>11} "
         f"{'train GF/s':>10} {'%peak':>6} {'embed img/s':>11} {'emb GF/s':>9} {'%peak':>6} {'RSS GB':>7}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['config']:<15} {r['parameters'] / 1e6:>6.1f}M {r['fwd_gflop']:>7.2f} {r['fwd_bwd_gflop']:>7.2f} "
+            f"{r['config']:<15} {r['setting']:<10} {r['parameters'] / 1e6:>6.1f}M "
+            f"{r['fwd_gflop']:>7.2f} {r['fwd_bwd_gflop']:>7.2f} "
             f"{r['decoder1_fwd_gflop']:>8.2f} {r['train_img_s']:>11.2f} {r['train_gflop_s']:>10.1f} "
             f"{100 * r['train_gflop_s'] / peak:>5.1f}% {r['embed_img_s']:>11.1f} {r['embed_gflop_s']:>9.1f} "
             f"{100 * r['embed_gflop_s'] / peak:>5.1f}% {r['peak_rss_gb']:>7.2f}"
+            + (f"   load {100 * r['load_share_of_step']:.1f}% of a step" if "load_share_of_step" in r else "")
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--configs", default="tiny,paper,reference_wide", help="comma-separated presets out of: " + ", ".join(PRESETS)
+        "--configs", default="tiny,small,paper", help="comma-separated presets out of: " + ", ".join(PRESETS)
     )
+    parser.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help="comma-separated training settings out of: " + ", ".join(SETTINGS),
+    )
+    parser.add_argument("--store", type=Path, default=None, help="a crop store, to time data loading")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default per preset)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed training steps (default per preset)")
     parser.add_argument("--batch", type=int, default=None, help="training batch size (default 32)")
@@ -256,10 +323,16 @@ def main() -> None:
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; choose from {', '.join(PRESETS)}")
+    settings = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in settings if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
     rows = []
     for name in names:
-        print(f"[{name}] running ...", file=sys.stderr, flush=True)
-        rows.append(_run_subprocess(name, args))
+        # The wide reference model: float32 only (each step is about 15 TFLOP).
+        for setting in ["fp32"] if name == "reference_wide" else settings:
+            print(f"[{name} {setting}] running ...", file=sys.stderr, flush=True)
+            rows.append(_run_subprocess(name, setting, args))
     for r in rows:
         r["train_peak_share"] = r["train_gflop_s"] / args.peak_gflops
         r["embed_peak_share"] = r["embed_gflop_s"] / args.peak_gflops

@@ -441,7 +441,7 @@ def _add_demo(subparsers) -> None:
         help="both papers' main results on the embedded reference world -> OUT/report/index.html",
         description=(
             "Build the reference cell world (all 384 proteins x 4 fields of view), prepare its crops, then -- with "
-            "the shipped tiny weights, or with --train from their recipes -- embed the test crops with cytoself, "
+            "the shipped weights, or with --train from their recipes -- embed the test crops with cytoself, "
             "draw the UMAP atlas, feature spectra and feature zeroing, evaluate CELL-E on held-out proteins beside "
             "the VQGAN ceiling and a sequence-only baseline, predict a gallery of held-out proteins, run the GFP / "
             "GFP+NLS experiment and two in-silico screens, and write a self-contained HTML report with PNGs and "
@@ -538,11 +538,13 @@ def _add_weights(subparsers) -> None:
     p = _sub(
         subparsers,
         "weights",
-        help="list the shipped tiny models (or show one's recipe)",
+        help="list the shipped models (or show one's recipe)",
         description=(
-            "protloc ships four small models trained on the reference cell world: cytoself-tiny, "
-            "vqgan-nucleus-tiny, vqgan-threshold-tiny and celle-tiny. They are the default --checkpoint of embed, "
-            "interpret, predict, screen and evaluate, and what `protloc demo` uses unless --train. With NAME, print "
+            "protloc ships small models trained on the reference cell world and on Swiss-Prot: cytoself-small "
+            "(the default --checkpoint of embed and interpret), cytoself-tiny, the CELL-E tokenizers "
+            "vqgan-nucleus-tiny and vqgan-threshold-tiny, celle-tiny (the default of predict, screen and "
+            "evaluate) with its ablations, and encoder-small (localize). They are what `protloc demo` uses unless "
+            "--train. With NAME, print "
             "its recipe.json: training configuration, the command that reproduces it, the world it saw, its "
             "validation numbers and how close the float16-stored copy is to the float32 original."
         ),
@@ -657,7 +659,7 @@ def _add_train(subparsers) -> None:
         protloc train cytoself --store prep/cytoself.zarr --out run --resume
         """,
     )
-    _common_train_args(c, "crop store (OUT/cytoself.zarr of protloc prepare)")
+    _common_train_args(c, "crop store (OUT/cytoself.zarr of protloc prepare)", presets=("tiny", "small", "paper"))
     c.set_defaults(func=_cmd_train_cytoself)
 
     v = _sub(
@@ -761,7 +763,7 @@ def _add_embed(subparsers) -> None:
         ),
         example="protloc embed --checkpoint runs/cytoself --store runs/prepared/cytoself.zarr --out runs/emb.h5ad",
     )
-    p.add_argument("--checkpoint", default=None, help=_CKPT_HELP.format(default="cytoself-tiny"))
+    p.add_argument("--checkpoint", default=None, help=_CKPT_HELP.format(default="cytoself-small"))
     p.add_argument("--store", required=True, type=Path, help="crop store")
     p.add_argument("--out", required=True, type=Path, help="output .h5ad")
     p.add_argument("--split", default=None, help="only this split (train/val/test)")
@@ -881,7 +883,7 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
     from protloc.commands.interpret import run_interpret
 
     summary = run_interpret(
-        _checkpoint(args.checkpoint, "cytoself-tiny"),
+        _checkpoint(args.checkpoint, "cytoself-small"),
         args.store,
         args.out,
         protein=args.protein,
@@ -907,7 +909,7 @@ def _add_interpret(subparsers) -> None:
         example="protloc interpret --checkpoint runs/cytoself --store runs/prepared/cytoself.zarr --protein NPM1 "
         "--out runs/interpret",
     )
-    p.add_argument("--checkpoint", default=None, help=_CKPT_HELP.format(default="cytoself-tiny"))
+    p.add_argument("--checkpoint", default=None, help=_CKPT_HELP.format(default="cytoself-small"))
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--protein", required=True)

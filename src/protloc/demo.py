@@ -270,7 +270,7 @@ def _train_models(
         "tokenizers.threshold": runs["vqgan_threshold"],
     }
     specs = [
-        ("cytoself", "cytoself-tiny", TrainCytoselfConfig, {"data.store": prepared / "cytoself.zarr"}),
+        ("cytoself", "cytoself-small", TrainCytoselfConfig, {"data.store": prepared / "cytoself.zarr"}),
         ("vqgan_nucleus", "vqgan-nucleus-tiny", TrainVQGANConfig, {"data.store": celle_prepared / "celle.zarr"}),
         ("vqgan_threshold", "vqgan-threshold-tiny", TrainVQGANConfig, {"data.store": celle_prepared / "celle.zarr"}),
         ("celle", "celle-tiny", TrainCelleConfig, celle_paths),
@@ -306,7 +306,7 @@ def _models(
         )
         t = out / "train"
         return result or {k: t / k for k in ("cytoself", "vqgan_nucleus", "vqgan_threshold", "celle")}
-    return {"cytoself": pretrained_path("cytoself-tiny"), "celle": pretrained_path("celle-tiny")}
+    return {"cytoself": pretrained_path("cytoself-small"), "celle": pretrained_path("celle-tiny")}
 
 
 def _query_protein(obs: Any) -> str:

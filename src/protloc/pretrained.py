@@ -1,8 +1,11 @@
 """Weights shipped with protloc: small models trained on the reference cell world and on Swiss-Prot.
 
-Eight checkpoints live in ``protloc/weights/`` (installed with the package, no download):
+Nine checkpoints live in ``protloc/weights/`` (installed with the package, no download):
 
-- ``cytoself-tiny``: cytoself (``tiny`` preset) for ``protloc embed`` / ``atlas`` / ``interpret``;
+- ``cytoself-small``: cytoself (``small`` preset, its protein-ID heads left out), the default of
+  ``protloc embed`` / ``atlas`` / ``spectrum`` / ``interpret``: the atlas model of the README;
+- ``cytoself-tiny``: the earlier, smaller cytoself (``tiny`` preset), kept for quick tests and as the
+  benchmark's "before";
 - ``vqgan-nucleus-tiny`` and ``vqgan-threshold-tiny``: CELL-E's two image tokenizers;
 - ``celle-tiny``: the CELL-E transformer (``tiny`` preset) on the frozen per-residue vectors of
   ``encoder-small``, trained on the train partition of a 4,400-protein proteome world; it finds its two
@@ -35,7 +38,15 @@ from typing import Any
 
 from protloc.errors import InputError
 
-__all__ = ["PREFIX", "PRETRAINED", "list_pretrained", "pretrained_path", "resolve_checkpoint", "weights_dir"]
+__all__ = [
+    "DEFAULT_CYTOSELF",
+    "PREFIX",
+    "PRETRAINED",
+    "list_pretrained",
+    "pretrained_path",
+    "resolve_checkpoint",
+    "weights_dir",
+]
 
 #: Prefix that names a shipped checkpoint wherever a checkpoint path is accepted.
 PREFIX = "pretrained:"
@@ -51,6 +62,10 @@ PRETRAINED: dict[str, str] = {
     "celle-tiny-noseq": "celle",
     "encoder-small": "encoder",
 }
+
+
+#: The shipped cytoself used when no checkpoint is given.
+DEFAULT_CYTOSELF = "cytoself-tiny"
 
 
 def weights_dir() -> Path:

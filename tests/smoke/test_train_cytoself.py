@@ -18,7 +18,7 @@ from protloc.errors import ConfigError, InputError
 from protloc.models.checkpoint import load_checkpoint, load_trainer_state
 from protloc.models.cytoself import Cytoself, CytoselfConfig
 from protloc.train.cytoself import TrainCytoselfConfig, train_cytoself
-from protloc.train.loop import MetricsLogger
+from protloc.train.loop import MetricsLogger, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[2]
 S = 32  # the tiny model at 32 px keeps each step around 0.1 s on a laptop CPU
@@ -139,7 +139,70 @@ def test_bad_inputs_are_explained(store, tmp_path):
         train_cytoself(cfg, run_dir=tmp_path / "e", resume=True, progress=False)
 
 
-@pytest.mark.parametrize("name", ["tiny", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
 def test_shipped_configs_match_presets(name):
     cfg = load_config(TrainCytoselfConfig, path=ROOT / "configs" / "cytoself" / f"{name}.yaml")
     assert cfg == getattr(TrainCytoselfConfig, name)()
+
+
+def test_cosine_schedule_with_warmup_resumes_exactly(store, tmp_path):
+    cfg = _config(store, max_steps=6, lr_decay="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    run = tmp_path / "run"
+    train_cytoself(
+        dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, max_steps=6)), run_dir=run, progress=False
+    )
+    lrs = [r["lr"] for r in MetricsLogger.read(run / "metrics.jsonl") if r["split"] == "train"]
+    expected = [warmup_cosine(s, 4e-4, warmup_steps=2, max_steps=6, min_ratio=0.1) for s in range(1, 7)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[0] == pytest.approx(2e-4) and lrs[1] == pytest.approx(4e-4) and lrs[-1] == pytest.approx(4e-5)
+    with pytest.raises(ConfigError, match="max_steps"):
+        dataclasses.replace(cfg.schedule, max_steps=0)
+    # killed at step 5 (last/ holds step 4) and resumed: the same curve and the same weights
+    from protloc.train.engine import Run
+
+    step_done = Run.step_done
+
+    def crash(self, *args, **kwargs):
+        step_done(self, *args, **kwargs)
+        if self.step == 5:
+            raise RuntimeError("simulated crash")
+
+    part = tmp_path / "part"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Run, "step_done", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train_cytoself(cfg, run_dir=part, progress=False)
+    assert load_trainer_state(part / "last")["step"] == 4
+    train_cytoself(cfg, run_dir=part, resume=True, progress=False)
+    resumed = [r["lr"] for r in MetricsLogger.read(part / "metrics.jsonl") if r["split"] == "train" and r["step"] > 4]
+    assert resumed == pytest.approx(expected[4:])
+    a = load_file(str(run / "last" / "model.safetensors"))
+    b = load_file(str(part / "last" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_autocast_on_cpu(store, tmp_path, monkeypatch):
+    from protloc.train import loop
+
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    cfg = dataclasses.replace(_config(store, max_steps=2), mixed_precision="bf16")
+    summary = train_cytoself(cfg, run_dir=tmp_path / "run", progress=False)
+    assert summary["steps"] == 2
+    val = [r for r in MetricsLogger.read(tmp_path / "run" / "metrics.jsonl") if r["split"] == "val"]
+    assert np.isfinite(val[-1]["loss"])
+    # the weights stay float32 (autocast computes in bf16, the optimizer updates float32 masters)
+    state = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_uniform_batches_from_memory_resume_exactly(store, tmp_path):
+    def cfg(steps: int) -> TrainCytoselfConfig:
+        c = _config(store, max_steps=steps)
+        return dataclasses.replace(c, data=dataclasses.replace(c.data, shuffle="random", in_memory=True))
+
+    train_cytoself(cfg(4), run_dir=tmp_path / "straight", progress=False)
+    train_cytoself(cfg(2), run_dir=tmp_path / "part", progress=False)
+    train_cytoself(cfg(4), run_dir=tmp_path / "part", resume=True, progress=False)
+    a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "last" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

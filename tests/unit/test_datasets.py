@@ -109,7 +109,7 @@ def test_store_without_split_column(tmp_path):
 
 
 def test_getitems_matches_getitem_in_request_order(store):
-    for cache in (0, 3):
+    for cache in (0, 3, "all"):
         ds = CropDataset(store, split=None, channels=("protein", "nucleus"), label_map=None, cache_chunks=cache)
         order = [57, 3, 99, 3, 16, 15, 0]
         items = ds.__getitems__(order)
@@ -121,6 +121,19 @@ def test_getitems_matches_getitem_in_request_order(store):
         np.testing.assert_allclose(batch["image"][:, 1, 0, 0].numpy(), np.array(order) / N, atol=1e-3)
     with pytest.raises(IndexError):
         ds[N]
+
+
+def test_cache_all_keeps_every_chunk_after_one_pass(store):
+    ds = CropDataset(store, split=None, channels=("protein", "nucleus"), label_map=None, cache_chunks="all")
+    n_chunks = -(-N // ds.chunk_size)
+    assert ds.cache_chunks == n_chunks
+    first = ds.read_batch(np.random.default_rng(0).permutation(N))
+    assert len(ds._cache) == 2 * n_chunks  # both channels of every chunk
+    again = ds.read_batch(np.arange(N))
+    order = np.argsort(first["index"].numpy())
+    np.testing.assert_array_equal(first["image"].numpy()[order], again["image"].numpy())
+    with pytest.raises(ValueError, match="'all'"):
+        CropDataset(store, split=None, channels=("protein",), label_map=None, cache_chunks=-1)
 
 
 def test_d4_codes_are_uniform_and_reproducible():

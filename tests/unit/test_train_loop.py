@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from protloc.train import loop
 from protloc.train.loop import (
     MetricsLogger,
     PlateauController,
@@ -116,11 +117,19 @@ def test_seed_everything_is_reproducible():
     assert a[:2] == b[:2] and torch.equal(a[2], b[2])
 
 
-def test_make_accelerator_falls_back_to_float32_on_cpu(caplog):
+def test_make_accelerator_cpu_precision(caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="protloc.train.loop"):
-        acc = make_accelerator("bf16", cpu=True)
+        acc = make_accelerator("fp16", cpu=True)
     assert acc.device.type == "cpu" and acc.mixed_precision == "no"
     assert "needs a GPU" in caplog.text
+    # bf16 on CPU only where the CPU has native bfloat16 instructions.
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    assert make_accelerator("bf16", cpu=True).mixed_precision == "no"
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    acc = make_accelerator("bf16", cpu=True)
+    assert acc.mixed_precision == "bf16"
+    with acc.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="mixed_precision"):
         make_accelerator("fp8")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import anndata as ad
 
-from protloc.pretrained import resolve_checkpoint
+from protloc.pretrained import DEFAULT_CYTOSELF, resolve_checkpoint
 
 __all__ = ["embed", "run_embed"]
 
@@ -44,7 +44,7 @@ def run_embed(
         Output ``.h5ad`` path (written atomically; an existing one is refused unless ``overwrite``).
     checkpoint
         A ``protloc train cytoself`` run / checkpoint folder, ``pretrained:NAME`` or ``None`` (the shipped
-        ``cytoself-tiny``).
+        ``cytoself-small``).
     split, batch_size, include_local, device, overwrite, progress, shard_size
         As :func:`protloc.eval.embed.embed`.
 
@@ -56,7 +56,7 @@ def run_embed(
     from protloc.eval.embed import embed as embed_store
 
     return embed_store(
-        resolve_checkpoint(checkpoint, default="cytoself-tiny"),
+        resolve_checkpoint(checkpoint, default=DEFAULT_CYTOSELF),
         store,
         out,
         split=split,
@@ -92,7 +92,7 @@ def embed(
     store
         Crop store written by ``protloc prepare`` (``cytoself.zarr``).
     checkpoint
-        cytoself run / checkpoint folder, ``pretrained:NAME`` or ``None`` (the shipped ``cytoself-tiny``).
+        cytoself run / checkpoint folder, ``pretrained:NAME`` or ``None`` (the shipped ``cytoself-small``).
     out
         Keep the ``.h5ad`` here.
     split

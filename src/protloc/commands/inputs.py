@@ -21,7 +21,7 @@ from protloc.data.io import read_image
 from protloc.data.preprocess import PrepareParams, nucleus_to_model, reference_nucleus, threshold_to_model
 from protloc.data.sequences import STANDARD, read_fasta, validate_sequence
 from protloc.errors import ConfigError, InputError
-from protloc.pretrained import resolve_checkpoint
+from protloc.pretrained import DEFAULT_CYTOSELF, resolve_checkpoint
 
 if TYPE_CHECKING:
     from protloc.eval.load import CelleRun
@@ -73,13 +73,13 @@ def load_cytoself(checkpoint: str | os.PathLike | None = None, *, device: str = 
     ----------
     checkpoint
         A ``protloc train cytoself`` run folder (``best/``, else ``last/``), a checkpoint folder,
-        ``pretrained:NAME``, or ``None`` (the shipped ``cytoself-tiny``).
+        ``pretrained:NAME``, or ``None`` (the shipped ``cytoself-small``).
     device
         Torch device.
     """
     from protloc.eval.load import load_cytoself as load_checkpoint
 
-    return load_checkpoint(resolve_checkpoint(checkpoint, default="cytoself-tiny"), device=device)
+    return load_checkpoint(resolve_checkpoint(checkpoint, default=DEFAULT_CYTOSELF), device=device)
 
 
 def load_celle(

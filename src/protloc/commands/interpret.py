@@ -50,7 +50,7 @@ def feature_zeroing(
         The ``protein_id`` whose crops are analysed.
     checkpoint
         A ``protloc train cytoself`` run / checkpoint folder, ``pretrained:NAME`` or ``None`` (the shipped
-        ``cytoself-tiny``).
+        ``cytoself-small``).
     top
         Codes to zero.
     n_crops

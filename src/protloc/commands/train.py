@@ -24,8 +24,9 @@ __all__ = ["MODELS", "PRESETS", "run_train", "train_config"]
 MODELS = ("cytoself", "vqgan", "celle", "encoder")
 #: The starting configurations: the quick one the shipped weights came from, and the papers'.
 PRESETS = ("tiny", "paper")
-#: Models whose presets differ from :data:`PRESETS` (the protein encoder: ``tiny`` and the shipped ``small``).
-MODEL_PRESETS = {"encoder": ("tiny", "small")}
+#: Models whose presets differ from :data:`PRESETS` (the protein encoder: ``tiny`` and the shipped ``small``;
+#: cytoself adds ``small``, the CPU recipe of the shipped ``cytoself-small``).
+MODEL_PRESETS = {"encoder": ("tiny", "small"), "cytoself": ("tiny", "small", "paper")}
 
 
 def _config_class(model: str) -> Any:

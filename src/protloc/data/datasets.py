@@ -209,7 +209,8 @@ class CropDataset(Dataset):
     cache_chunks
         Keep up to this many decompressed Zarr chunks per channel in memory (per process). Pays off
         with :class:`CropBatchSampler`'s chunk-shuffled order (use at least its ``window``); 0 reads
-        only the crops asked for, chunk by chunk.
+        only the crops asked for, chunk by chunk; ``"all"`` keeps every chunk once read (the whole
+        store in memory after one pass: uniform shuffling at memory speed).
 
     Raises
     ------
@@ -234,7 +235,7 @@ class CropDataset(Dataset):
         label_map: Mapping[str, int] | None,
         augment: bool = False,
         seed: int = 0,
-        cache_chunks: int = 0,
+        cache_chunks: int | Literal["all"] = 0,
     ) -> None:
         opened = store if isinstance(store, CropStore) else CropStore.open(store)
         self.store_path: Path = opened.path
@@ -286,8 +287,10 @@ class CropDataset(Dataset):
         self.augment = bool(augment)
         self.seed = int(seed)
         self.epoch = 0
-        if cache_chunks < 0:
-            raise ValueError(f"cache_chunks must be >= 0, got {cache_chunks}")
+        if cache_chunks == "all":
+            cache_chunks = -(-self.n_store // self.chunk_size)
+        if isinstance(cache_chunks, str) or cache_chunks < 0:
+            raise ValueError(f"cache_chunks must be >= 0 or 'all', got {cache_chunks!r}")
         self.cache_chunks = int(cache_chunks)
         # The opened store's arrays serve this process; other processes open their own.
         self._pid: int | None = os.getpid()
@@ -688,7 +691,7 @@ class CelleDataset(_CropView):
         eval_window: str = "start",
         seed: int = 0,
         with_protein: bool = False,
-        cache_chunks: int = 0,
+        cache_chunks: int | Literal["all"] = 0,
     ) -> None:
         opened = store if isinstance(store, CropStore) else CropStore.open(store)
         check_celle_store(opened)
@@ -856,7 +859,7 @@ class VQGANCrops(_CropView):
         augment: bool = False,
         seed: int = 0,
         with_nucleus: bool = False,
-        cache_chunks: int = 0,
+        cache_chunks: int | Literal["all"] = 0,
     ) -> None:
         opened = store if isinstance(store, CropStore) else CropStore.open(store)
         check_celle_store(opened)

@@ -54,6 +54,7 @@ from protloc.train.engine import (
     LossModule,
     Run,
     ScheduleConfig,
+    chunk_cache,
     crop_samplers,
     eval_mode,
     open_crop_store,
@@ -521,7 +522,7 @@ def train_celle(
         max_residues=cfg.model.max_residues,
         eval_window=dcfg.eval_window,
         seed=cfg.seed,
-        cache_chunks=dcfg.chunk_window + 1,
+        cache_chunks=chunk_cache(dcfg),
     )
     train_ds = CelleDataset(store, split=dcfg.train_split, augment=dcfg.augment, **common)
     val_ds = CelleDataset(store, split=dcfg.val_split, augment=False, **common)

@@ -21,9 +21,9 @@ terms (masked inputs, a fixed masking), then on the unmasked inputs the AUROC of
 lowest ``val_score = 1 - val_macro_auroc``; ``schedule.stop_patience`` checks without improvement stop
 the run. With several processes every process validates the whole split (the same numbers everywhere).
 
-``mixed_precision="bf16"`` trains under bfloat16 autocast, on a GPU through Accelerate and on a CPU with
-``torch.autocast("cpu")`` (this model is faster so on CPUs with AVX512-BF16 / AMX; see
-``benchmarks/encoder_speed.py``). Torch's thread count is left as the environment sets it.
+``mixed_precision="bf16"`` trains under bfloat16 autocast through Accelerate, on a GPU and on a CPU with
+native bfloat16 (AVX512-BF16 / AMX, where this model is faster; see ``benchmarks/encoder_speed.py``;
+other CPUs train in float32). Torch's thread count is left as the environment sets it.
 
 A run folder holds ``config.yaml``, ``metrics.jsonl``, ``last/`` and ``best/`` (``model.safetensors`` +
 ``config.json``, whose ``extra`` records the corpus and its SHA-256); ``resume=True`` continues exactly.
@@ -50,7 +50,7 @@ from protloc.data.sequence_data import ProteinDataset, TokenBudgetBatchSampler
 from protloc.errors import ConfigError, InputError
 from protloc.models.encoder import N_COMPARTMENTS, EncoderConfig, ProteinEncoder
 from protloc.train.engine import LossModule, Run, ScheduleConfig, eval_mode
-from protloc.train.loop import check_adam_options, clip_gradients, seed_process, set_lr
+from protloc.train.loop import check_adam_options, clip_gradients, seed_process, set_lr, warmup_cosine
 from protloc.train.loop import check_config as _check
 
 __all__ = [
@@ -235,12 +235,9 @@ class EncoderTrainConfig:
 
 def lr_at(step: int, optim: EncoderOptimConfig, max_steps: int) -> float:
     """The learning rate of optimizer step ``step`` (1-based): linear warm-up, then cosine decay."""
-    if optim.warmup_steps and step <= optim.warmup_steps:
-        return optim.lr * step / optim.warmup_steps
-    if not max_steps or max_steps <= optim.warmup_steps:
-        return optim.lr
-    t = min(1.0, (step - optim.warmup_steps) / (max_steps - optim.warmup_steps))
-    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return warmup_cosine(
+        step, optim.lr, warmup_steps=optim.warmup_steps, max_steps=max_steps, min_ratio=optim.min_lr_ratio
+    )
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -254,10 +251,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def _auroc(y: np.ndarray, p: np.ndarray) -> float | None:
@@ -400,7 +393,6 @@ def train_encoder(
         best="val_score",
         progress=progress,
     )
-    cpu_bf16 = cfg.mixed_precision == "bf16" and run.device.type == "cpu"
     train_rows, val_rows = _rows(cfg)
     run.check_resume_model(cfg.model, config_cls=EncoderConfig, model_cls=ProteinEncoder)
     dcfg, ocfg, scfg = cfg.data, cfg.optim, cfg.schedule
@@ -457,8 +449,7 @@ def train_encoder(
         optimizer.load_state_dict(state["optimizer"])
         counters["checks_without_improvement"] = int(state.get("checks_without_improvement", 0))
 
-    def autocast() -> contextlib.AbstractContextManager:
-        return _autocast(True) if cpu_bf16 else run.accelerator.autocast()
+    autocast = run.accelerator.autocast  # bf16 on GPUs and on CPUs with native bfloat16 (make_accelerator)
 
     # ---- loop ----------------------------------------------------------------------------------
     wrapped.train()

@@ -70,6 +70,7 @@ from protloc.train.engine import (
     CropDataConfig,
     Run,
     ScheduleConfig,
+    chunk_cache,
     crop_samplers,
     eval_mode,
     open_crop_store,
@@ -671,7 +672,7 @@ def train_vqgan(
     run.setup(cfg)
 
     # ---- data ----------------------------------------------------------------------------------
-    read = dict(kind=cfg.kind, image_size=dcfg.image_size, cache_chunks=dcfg.chunk_window + 1)
+    read = dict(kind=cfg.kind, image_size=dcfg.image_size, cache_chunks=chunk_cache(dcfg))
     train_ds = VQGANCrops(store, split=dcfg.train_split, augment=dcfg.augment, seed=cfg.seed, **read)
     val_ds = VQGANCrops(store, split=dcfg.val_split, with_nucleus=cfg.kind == "threshold", **read)
     sampler, val_sampler = crop_samplers(run, dcfg, train_ds.base, val_ds.base)
