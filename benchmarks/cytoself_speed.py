@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python benchmarks/cytoself_speed.py [--configs tiny,small,paper] [--settings ...]
 [--steps N] [--batch 32] [--embed-batch 256] [--store runs/demo/prepared/cytoself.zarr] [--device cpu|cuda]
-[--peak-gflops 190] [--json out.json]``
+[--peak-gflops G] [--json out.json]``
 
 For each preset and each training setting, in a fresh subprocess (so peak resident memory does not mix):
 
@@ -21,8 +21,11 @@ For each preset and each training setting, in a fresh subprocess (so peak reside
 - data loading: with ``--store``, the time to read and augment one training batch from a crop store
   (``CropDataset.read_batch`` on the trainer's chunk-window order), as a share of a training step --
   whether overlapping loading with compute (``data.num_workers``) can pay on this machine;
-- achieved GFLOP/s and its share of ``--peak-gflops`` (default 190: a stated fp32 peak for the 2-core
-  machine these numbers were taken on; bf16 rows are compared with the same number), and peak RSS.
+- achieved GFLOP/s and its share of ``--peak-gflops`` (default: measured in the same run, a 2048^3
+  float32 matmul on all threads; bf16 rows are compared with the same number), and peak RSS.
+
+On a CPU without native bfloat16 the bf16 settings are skipped (emulated bfloat16 is slower than
+float32, and the trainer falls back to float32 there); the JSON names the CPU.
 
 ``paper`` is the published configuration (decoder1 64 wide), ``small`` the CPU training preset,
 ``reference_wide`` what the PyTorch reference runs (decoder1 640 wide, decoder2 576, two 3x3 convolutions
@@ -47,6 +50,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from protloc.models.cytoself import Cytoself, CytoselfConfig
+from protloc.train.loop import cpu_has_bf16
 
 PRESETS = {
     "tiny": CytoselfConfig.tiny,
@@ -290,6 +294,29 @@ def _print_table(rows: list[dict[str, Any]], peak: float) -> None:
         )
 
 
+def _matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """Achieved float32 GFLOP/s of an n x n x n matmul: the practical peak the %peak columns divide by."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -309,7 +336,10 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=1311)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--peak-gflops", type=float, default=190.0, help="stated fp32 peak of the machine, for the %%peak columns"
+        "--peak-gflops",
+        type=float,
+        default=None,
+        help="fp32 peak of the machine for the %%peak columns (default: measured, a 2048^3 float32 matmul)",
     )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/cytoself_speed.json"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -327,6 +357,13 @@ def main() -> None:
     unknown = [n for n in settings if n not in SETTINGS]
     if unknown:
         parser.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+    native_bf16 = torch.cuda.is_available() if args.device.startswith("cuda") else cpu_has_bf16()
+    if not native_bf16 and any(SETTINGS[s][2] for s in settings):
+        # Emulated bfloat16 is slower than float32: the trainer itself falls back to float32 there.
+        print("this CPU has no native bfloat16: skipping the bf16 settings", file=sys.stderr)
+        settings = [s for s in settings if not SETTINGS[s][2]]
+    if args.peak_gflops is None:
+        args.peak_gflops = _matmul_gflops(torch.device(args.device))
     rows = []
     for name in names:
         # The wide reference model: float32 only (each step is about 15 TFLOP).
@@ -344,6 +381,8 @@ def main() -> None:
             "torch": torch.__version__,
             "platform": platform.platform(),
             "peak_gflops": args.peak_gflops,
+            "cpu": _cpu_name(),
+            "native_bf16": native_bf16,
         },
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
         "rows": rows,

@@ -89,7 +89,7 @@ def _card(recipe: dict[str, Any], row: dict[str, Any] | None, baselines: list[di
         f"- run: `{recipe['command']}`",
         f"- {recipe['steps']} steps of batch {cfg['data']['batch_size']}: uniformly shuffled batches from memory, "
         f"Adam {cfg['optim']['lr']} with {cfg['schedule']['warmup_steps']} warm-up steps and cosine decay, "
-        f"bf16 autocast, {recipe.get('train_hours', '?')} h on one CPU core.",
+        f"bf16 autocast, {recipe.get('train_hours', '?')} h on two CPU cores.",
         "",
         "## Held-out results",
     ]
@@ -169,7 +169,7 @@ def main() -> None:
             "kind": "cytoself",
             "steps": extra.get("step"),
             "summary": "cytoself small (2 channels, split quantization, protein-ID heads over 384 proteins during "
-            "training), trained on one CPU core",
+            "training), trained on two CPU cores",
             "trained_on": {**pw.WORLD, "description": pw.WORLD["description"]},
             "command": COMMAND,
             "training_config": pw._placeholder_paths(train_cfg),

@@ -229,7 +229,7 @@ def _scaled(cfg: dict[str, Any], scale: float) -> dict[str, Any]:
     """A training config with every schedule length (steps, evaluation and save intervals, warm-up,
     discriminator start) multiplied by ``scale`` (at least 1 step each)."""
     sched = cfg.get("schedule", {})
-    for key in ("max_steps", "eval_every"):
+    for key in ("max_steps", "eval_every", "warmup_steps"):
         if sched.get(key):
             sched[key] = max(1, round(sched[key] * scale))
     if cfg.get("save_every"):

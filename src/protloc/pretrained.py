@@ -53,6 +53,7 @@ PREFIX = "pretrained:"
 
 #: Shipped checkpoint name -> model kind.
 PRETRAINED: dict[str, str] = {
+    "cytoself-small": "cytoself",
     "cytoself-tiny": "cytoself",
     "vqgan-nucleus-tiny": "vqgan",
     "vqgan-threshold-tiny": "vqgan",
@@ -65,7 +66,7 @@ PRETRAINED: dict[str, str] = {
 
 
 #: The shipped cytoself used when no checkpoint is given.
-DEFAULT_CYTOSELF = "cytoself-tiny"
+DEFAULT_CYTOSELF = "cytoself-small"
 
 
 def weights_dir() -> Path:

@@ -105,11 +105,13 @@ def test_demo_trains_the_four_models_from_the_shipped_recipes(demo_dir: Path, tm
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["weights"] == "trained here" and metrics["mismatch"] is False
     assert set(metrics["models"]) == {"cytoself", "vqgan_nucleus", "vqgan_threshold", "celle"}
-    for name, steps in (("cytoself", 12), ("vqgan_nucleus", 6), ("vqgan_threshold", 6), ("celle", 20)):
+    for name, steps in (("cytoself", 18), ("vqgan_nucleus", 6), ("vqgan_threshold", 6), ("celle", 20)):
         assert (out / "train" / name / "done.json").is_file()
         recipe = yaml.safe_load((out / "train" / f"{name}.recipe.yaml").read_text())
         assert recipe["schedule"]["max_steps"] == steps, name  # the shipped recipe, scaled
         assert Path(metrics["models"][name]).parent == out / "train"
+    # the small cytoself's warm-up shrinks with its schedule (100 steps of 4,500 -> 1 of 18)
+    assert yaml.safe_load((out / "train" / "cytoself.recipe.yaml").read_text())["schedule"]["warmup_steps"] == 1
     assert "some “held-out” proteins" not in (out / "report" / "index.html").read_text()
 
 

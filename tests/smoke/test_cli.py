@@ -134,7 +134,7 @@ def test_interrupt_says_how_to_continue(monkeypatch, capsys, tmp_path):
 def test_weights_lists_the_shipped_models(capsys):
     assert main(["weights"]) == 0
     out = capsys.readouterr().out
-    for name in ("cytoself-tiny", "vqgan-nucleus-tiny", "vqgan-threshold-tiny", "celle-tiny"):
+    for name in ("cytoself-small", "cytoself-tiny", "vqgan-nucleus-tiny", "vqgan-threshold-tiny", "celle-tiny"):
         assert name in out
     assert main(["weights", "celle-tiny"]) == 0
     assert json.loads(capsys.readouterr().out)["command"].startswith("protloc train celle")

@@ -1,4 +1,4 @@
-"""The shipped tiny weights: present, small, strictly loadable, self-describing and tamper-evident."""
+"""The shipped weights: present, small, strictly loadable, self-describing and tamper-evident."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_all_shipped_models_are_present_and_small() -> None:
     assert [r["name"] for r in rows] == list(PRETRAINED)
     assert all(r["available"] for r in rows)
     total = sum(r["megabytes"] for r in rows)
-    assert 1.0 < total < 10.0, total  # "a few MB in all" (float16 storage)
+    assert 1.0 < total < 20.0, total  # "a few MB in all" (float16 storage, cytoself-small without its ID heads)
 
 
 def test_resolve_checkpoint() -> None:
@@ -43,6 +43,16 @@ def test_shipped_models_load_strictly_into_float32() -> None:
     assert all(p.dtype == torch.float32 for p in cyto.parameters())
     stored = load_file(str(pretrained_path("cytoself-tiny") / "model.safetensors"))
     assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
+    # the default cytoself ships without its protein-ID heads (they only name the training proteins)
+    small = load_cytoself(pretrained_path("cytoself-small"))
+    assert small.config.global_dim == 288 and not small.config.use_fc and small.fc1 is None
+    assert read_recipe("cytoself-small")["training_config"]["model"]["use_fc"] is True
+    assert (
+        len(json.loads((pretrained_path("cytoself-small") / "config.json").read_text())["extra"]["training_proteins"])
+        > 300
+    )
+    enc = small.encode(torch.rand(2, 2, 100, 100))
+    assert enc.q2.shape == (2, 288, 4, 4) and enc.idx1.shape == (2, 1, 25, 25)
     for kind in ("nucleus", "threshold"):
         vq, _, _ = load_tokenizer(pretrained_path(f"vqgan-{kind}-tiny"), kind)
         assert vq.config.image_size == 64
@@ -55,6 +65,7 @@ def test_shipped_models_load_strictly_into_float32() -> None:
 @pytest.mark.parametrize(
     ("name", "cls"),
     [
+        ("cytoself-small", TrainCytoselfConfig),
         ("cytoself-tiny", TrainCytoselfConfig),
         ("vqgan-nucleus-tiny", TrainVQGANConfig),
         ("vqgan-threshold-tiny", TrainVQGANConfig),

@@ -1,7 +1,7 @@
 """The inputs several commands read the same way: checkpoints, sequences, and the images a CELL-E sees.
 
 - :func:`load_cytoself`, :func:`load_celle`: a trained model from a run / checkpoint folder,
-  ``pretrained:NAME`` or ``None`` (the shipped ``tiny`` model); :func:`resolve_device`.
+  ``pretrained:NAME`` or ``None`` (the shipped default); :func:`resolve_device`.
 - :func:`gather_sequences`: ``(name, sequence)`` records from a mapping, one string or a FASTA file.
 - :func:`model_nucleus`, :func:`model_threshold`: a user's nucleus / threshold image (file or array) as
   the ``[S, S]`` crop a loaded CELL-E takes (:mod:`protloc.data.preprocess`), with where it came from.
