@@ -10,8 +10,9 @@
 Conventions (as in scanpy): every argument after the first is keyword-only; functions that compute on an
 ``AnnData`` add their result to it (``obsm["X_umap"]``) and return the scores; ``plot_*`` functions take
 ``ax=`` and return the :class:`~matplotlib.figure.Figure`. A ``checkpoint`` of ``None`` means the shipped
-default (``cytoself-small``, ``celle-tiny``, ``encoder-small``: :mod:`protloc.pretrained`); ``"pretrained:NAME"`` names one explicitly. Commands that
-write a results folder (``evaluate``, ``demo``) take ``out=`` and return what they wrote.
+default (``cytoself-small``, ``celle-tiny``, ``encoder-small``: :mod:`protloc.pretrained`);
+``"pretrained:NAME"`` names one explicitly. Commands that write a results folder (``evaluate``, ``demo``)
+take ``out=`` and return what they wrote.
 
 Everything here is a re-export of :mod:`protloc.commands` (the functions the command line runs) and the
 lower layers, or a thin wrapper that only converts arguments (sampling keywords into a
