@@ -143,7 +143,7 @@ def _load_time(store_path: Path, cfg: CytoselfConfig, batch_size: int, batches: 
     from protloc.data.io import CropStore
 
     store = CropStore.open(store_path)
-    ds = CropDataset(store, split="train", channels=cfg.channels, augment=True, cache_chunks=17)
+    ds = CropDataset(store, split="train", channels=cfg.channels, label_map=None, augment=True, cache_chunks=17)
     rng = np.random.default_rng(0)
     start = int(rng.integers(0, max(1, len(ds) - batch_size * batches)))
     window = np.arange(start, min(len(ds), start + batch_size * batches))

@@ -98,7 +98,9 @@ def _card(recipe: dict[str, Any], row: dict[str, Any] | None, baselines: list[di
             f"On the held-out test fields of view of the demo world ({row.get('n_crops', 'all')} crops; "
             "`benchmarks/cytoself_quality.py`; a crop's k-NN neighbours never come from its own protein):",
             "",
-            "| metric | this model | " + " | ".join(b["method"] for b in baselines) + " |",
+            "| metric | this model | "
+            + " | ".join(b["method"] + (f" ({b['images'] // 1000}k img)" if b.get("images") else "") for b in baselines)
+            + " |",
             "|---|---|" + "---|" * len(baselines),
         ]
         for key, label in SCORES.items():
