@@ -392,7 +392,7 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, **kwa
     mixed_precision
         ``"no"``, ``"bf16"`` or ``"fp16"``. On CPU, ``"bf16"`` autocast is used where the CPU has
         native bfloat16 instructions (AVX512-BF16 / AMX: oneDNN runs the convolutions in bfloat16,
-        1.7x faster for the ``paper`` cytoself, ``benchmarks/cytoself_speed.py``); elsewhere, and for
+        about 1.7x faster for the ``paper`` cytoself in a probe on an AVX512-BF16 CPU); elsewhere, and for
         ``"fp16"`` (unsupported on CPU), the accelerator falls back to ``"no"`` and says so in the log.
     cpu
         Force the CPU (``True``), or let Accelerate pick the device (``False``); ``None`` = CPU
