@@ -65,7 +65,7 @@ from protloc.eval.embed import embed, read_obsm
 from protloc.eval.load import load_cytoself
 from protloc.models.cytoself import CytoselfConfig
 from protloc.train.cytoself import TrainCytoselfConfig, train_cytoself
-from protloc.train.loop import cpu_has_bf16
+from protloc.train.loop import cpu_has_bf16, cpu_name, resolve_precision
 
 Cfg = TrainCytoselfConfig
 
@@ -253,22 +253,10 @@ def _summary_of(run: Path) -> dict:
 
 
 def _precision(run: Path) -> str:
-    """The precision the run trained in: bf16 autocast only on a GPU or a CPU with native bfloat16."""
+    """The precision the run trained in (what the trainer's accelerator resolved its config to)."""
     asked = yaml.safe_load((run / "config.yaml").read_text()).get("mixed_precision", "no")
-    if asked == "bf16" and (torch.cuda.is_available() or cpu_has_bf16()):
-        return "bf16"
-    return "fp16" if asked == "fp16" and torch.cuda.is_available() else "fp32"
-
-
-def _cpu_name() -> str:
-    """The CPU model (throughputs are comparable only between rows of the same machine)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + (" (native bf16)" if cpu_has_bf16() else "")
-    except OSError:
-        pass
-    return "unknown"
+    got = resolve_precision(asked, cpu=not torch.cuda.is_available())
+    return "fp32" if got == "no" else got
 
 
 def _score(
@@ -294,7 +282,7 @@ def _score(
         "img_s": summary.get("images_per_s"),
         "threads": torch.get_num_threads(),
         "precision": _precision(run),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name() + (" (native bf16)" if cpu_has_bf16() else ""),
         **_scores(feats, test_obs, seed=args.seed),
         **_id_accuracy(run, store, test_rows),
         **_family_first(read_obsm(emb, "local_indices"), test_obs, mcfg.codebook_size1),

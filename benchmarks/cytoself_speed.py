@@ -50,7 +50,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from protloc.models.cytoself import Cytoself, CytoselfConfig
-from protloc.train.loop import cpu_has_bf16
+from protloc.train.loop import cpu_has_bf16, cpu_name
 
 PRESETS = {
     "tiny": CytoselfConfig.tiny,
@@ -307,16 +307,6 @@ def _matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -381,7 +371,7 @@ def main() -> None:
             "torch": torch.__version__,
             "platform": platform.platform(),
             "peak_gflops": args.peak_gflops,
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "native_bf16": native_bf16,
         },
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},

@@ -172,7 +172,7 @@ def main() -> None:
             "steps": extra.get("step"),
             "summary": "cytoself small (2 channels, split quantization, protein-ID heads over 384 proteins during "
             "training), trained on two CPU cores",
-            "trained_on": {**pw.WORLD, "description": pw.WORLD["description"]},
+            "trained_on": dict(pw.WORLD),
             "command": COMMAND,
             "training_config": pw._placeholder_paths(train_cfg),
             "train_hours": hours,

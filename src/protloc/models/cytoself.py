@@ -259,8 +259,8 @@ class CytoselfConfig:
         EfficientNet-B0's expansion ratio 6 and kernels with fewer, narrower blocks (encoder1 16-24-40,
         encoder2 80-112-192-320), 32-d codes (global 9 x 32 = 288), 512-code codebooks, decoders 32
         and 64 wide, 512 hidden fc units: 15 M parameters (10 M of them in fc1), 0.46 GFLOP per image
-        forward, about 55 images/s (batch 32, bf16 autocast) on a 2-core AVX512-BF16 CPU
-        (``benchmarks/cytoself_speed.py``).
+        forward; trains at 34 images/s (batch 32, float32) on a 2-core AMD EPYC
+        (``benchmarks/cytoself_speed.py``), about 55 with bf16 autocast on a 2-core AVX512-BF16 CPU.
         """
         return cls(
             num_classes=num_classes,

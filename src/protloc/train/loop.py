@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import platform
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -37,10 +38,13 @@ __all__ = [
     "check_config",
     "check_run_options",
     "clip_gradients",
+    "cpu_has_bf16",
+    "cpu_name",
     "infinite_loader",
     "make_accelerator",
     "mean_over_processes",
     "process_rng_states",
+    "resolve_precision",
     "restore_process_rng",
     "seed_everything",
     "seed_process",
@@ -384,6 +388,37 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (throughputs compare only between runs on one machine)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def resolve_precision(mixed_precision: str, *, cpu: bool) -> str:
+    """The precision a run asking for ``mixed_precision`` gets on this machine (logged when it differs).
+
+    ``"bf16"`` stays bf16 on GPUs that support it and on CPUs with native bfloat16, becomes ``"fp16"``
+    on older GPUs and ``"no"`` (float32) on other CPUs; ``"fp16"`` needs a GPU.
+    """
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
+    if cpu and mixed_precision == "bf16" and not cpu_has_bf16():
+        logger.info("this CPU has no native bfloat16 instructions; training in float32")
+        return "no"
+    if cpu and mixed_precision == "fp16":
+        logger.info("mixed_precision='fp16' needs a GPU; training on CPU in float32")
+        return "no"
+    if mixed_precision == "bf16" and not cpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        logger.info("this GPU has no bfloat16 support; using fp16 mixed precision instead")
+        return "fp16"
+    return mixed_precision
+
+
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, **kwargs: Any) -> Any:
     """Build an :class:`accelerate.Accelerator`, falling back to full precision on CPU.
 
@@ -406,19 +441,9 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, **kwa
     """
     from accelerate import Accelerator
 
-    if mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
     if cpu is None:
         cpu = not torch.cuda.is_available()
-    if cpu and mixed_precision == "bf16" and not cpu_has_bf16():
-        logger.info("this CPU has no native bfloat16 instructions; training in float32")
-        mixed_precision = "no"
-    if cpu and mixed_precision == "fp16":
-        logger.info("mixed_precision='fp16' needs a GPU; training on CPU in float32")
-        mixed_precision = "no"
-    if mixed_precision == "bf16" and not cpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        logger.info("this GPU has no bfloat16 support; using fp16 mixed precision instead")
-        mixed_precision = "fp16"
+    mixed_precision = resolve_precision(mixed_precision, cpu=cpu)
     from accelerate.state import AcceleratorState
 
     state = AcceleratorState._shared_state
